@@ -1,0 +1,5 @@
+import sys
+
+from padmmirnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,282 @@
+"""One small pure function per ADMMiRNN block update (DESIGN.md section 3).
+
+Notation (row form, time-major; "hat" variables fold in the scaled multipliers):
+
+    a_hat_t = a_t + lambda1_t / rho1,    o_hat_t = o_t + lambda3_t / rho3.
+
+The augmented Lagrangian, with means over the N global samples, is
+
+    L = 1/N sum_i [ sum_{t in O} l(o_t, y_t)
+                    + sum_t (lambda1.r1 + rho1/2 |r1|^2) + sum_t (lambda2.r2 + rho2/2 |r2|^2)
+                    + sum_{t in O} (lambda3.r3 + rho3/2 |r3|^2) ]
+        + nu/2 (|U|^2 + |W|^2 + |V|^2),
+    r1 = a_t - U x_t - W s_{t-1} - b,  r2 = s_t - f(a_t),  r3 = o_t - V s_t - c.
+
+Every update below minimises L exactly over its block (weights, s) or never
+increases it (a, o: safeguarded), the property the tests check with
+multipliers 'none'. Weight solves take *global* statistics (already reduced);
+everything else is local to a rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from padmmirnn import kernels
+from padmmirnn.data import LocalData
+from padmmirnn.model import ACTIVATIONS, LOSSES, Params, activate, input_projection
+from padmmirnn.stats import colsum, gram
+
+EMPTY = np.zeros((0, 0))
+
+
+@dataclass
+class AdmmState:
+    """Per-sample auxiliaries and multipliers of one rank (time-major).
+
+    ``A`` ``[T, n, h]``; ``S`` ``[T + 1, n, h]`` with ``S[0] = 0``; ``O`` ``[|O|, n, K]``;
+    multipliers of the same shapes, or empty arrays when the mode has none.
+    """
+
+    A: np.ndarray
+    S: np.ndarray
+    O: np.ndarray
+    L1: np.ndarray
+    L2: np.ndarray
+    L3: np.ndarray
+
+    def a_hat(self, rho1: float) -> np.ndarray:
+        return self.A + self.L1 / rho1 if self.L1.size else self.A
+
+    def o_hat(self, rho3: float) -> np.ndarray:
+        return self.O + self.L3 / rho3 if self.L3.size else self.O
+
+    def out_states(self, many_to_many: bool) -> np.ndarray:
+        """s_t for t in O: ``[|O|, n, h]`` (a view)."""
+        return self.S[1:] if many_to_many else self.S[-1:]
+
+
+@dataclass(frozen=True)
+class Penalty:
+    rho1: float
+    rho2: float
+    rho3: float
+    nu: float
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def constant_stats(data: LocalData) -> dict[str, np.ndarray]:
+    """Local sums x x^T and sum x (dense) or token counts (tokens)."""
+    d = data.info.dim
+    if data.info.kind == "tokens":
+        return {"sX": kernels.token_counts(data.inputs.reshape(-1), d)}
+    x = _rows(data.inputs)
+    return {"XX": gram(x, x), "sX": colsum(x)}
+
+
+def input_stats(state: AdmmState, data: LocalData, rho1: float) -> dict[str, np.ndarray]:
+    """Local sums over all (i, t) of x s_{t-1}^T, x a_hat^T, s_{t-1} s_{t-1}^T,
+    s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1)."""
+    steps = state.A.shape[0]
+    sp = _rows(state.S[:steps])
+    ah = _rows(state.a_hat(rho1))
+    if data.info.kind == "tokens":
+        tok = data.inputs.reshape(-1)
+        d = data.info.dim
+        xsp, xa = kernels.segment_sum(tok, sp, d), kernels.segment_sum(tok, ah, d)
+    else:
+        x = _rows(data.inputs)
+        xsp, xa = gram(x, sp), gram(x, ah)
+    return {
+        "XSp": xsp, "XA": xa, "SpSp": gram(sp, sp), "SpA": gram(sp, ah),
+        "sSp": colsum(sp), "sA": colsum(ah),
+    }
+
+
+def output_stats(state: AdmmState, many_to_many: bool, rho3: float) -> dict[str, np.ndarray]:
+    """Local sums over (i, t in O) of s s^T, s o_hat^T, s, o_hat (DESIGN.md block 2)."""
+    s = _rows(state.out_states(many_to_many))
+    oh = _rows(state.o_hat(rho3))
+    return {"SS": gram(s, s), "SO": gram(s, oh), "sS": colsum(s), "sO": colsum(oh)}
+
+
+# ----------------------------------------------------------------------------- weight blocks
+
+
+def _spd_solve_right(G: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """X with X G = R for symmetric positive semi-definite G (minimum norm if singular)."""
+    try:
+        L = np.linalg.cholesky(G)
+        return np.linalg.solve(L.T, np.linalg.solve(L, R.T)).T
+    except np.linalg.LinAlgError:
+        return R @ np.linalg.pinv(G, hermitian=True)
+
+
+def solve_U(W, b, st, const, reg, tokens: bool) -> np.ndarray:
+    """U (sum x x^T + reg I) = sum (a_hat - W s_{t-1} - b) x^T,  reg = N nu / rho1.
+
+    Token inputs: sum x x^T is diag(counts), so each column solves by itself.
+    A column with zero count and reg = 0 is any value: the old one is kept by
+    the caller (NaN marks it here)."""
+    rhs = st["XA"].T - W @ st["XSp"].T - np.outer(b, const["sX"])
+    if tokens:
+        den = const["sX"] + reg
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, rhs / np.where(den > 0, den, 1.0), np.nan)
+    return _spd_solve_right(const["XX"] + reg * np.eye(len(const["sX"])), rhs)
+
+
+def solve_W(U, b, st, reg) -> np.ndarray:
+    """W (sum s_{t-1} s_{t-1}^T + reg I) = sum (a_hat - U x - b) s_{t-1}^T."""
+    rhs = st["SpA"].T - U @ st["XSp"] - np.outer(b, st["sSp"])
+    return _spd_solve_right(st["SpSp"] + reg * np.eye(rhs.shape[0]), rhs)
+
+
+def solve_b(U, W, st, const, count: float) -> np.ndarray:
+    """b = sum (a_hat - U x - W s_{t-1}) / (N T)."""
+    return (st["sA"] - U @ const["sX"] - W @ st["sSp"]) / count
+
+
+def solve_V(c, st, reg) -> np.ndarray:
+    """V (sum s s^T + reg I) = sum (o_hat - c) s^T over t in O,  reg = N nu / rho3."""
+    rhs = st["SO"].T - np.outer(c, st["sS"])
+    return _spd_solve_right(st["SS"] + reg * np.eye(rhs.shape[1]), rhs)
+
+
+def solve_c(V, st, count: float) -> np.ndarray:
+    """c = sum (o_hat - V s) / (N |O|)."""
+    return (st["sO"] - V @ st["sS"]) / count
+
+
+def update_input_weights(p: Params, st, const, pen: Penalty, n_global: int, steps: int,
+                         tokens: bool) -> None:
+    """Blocks U, W, b one after the other (each an exact minimiser), in place."""
+    reg = n_global * pen.nu / pen.rho1
+    U = solve_U(p.W, p.b, st, const, reg, tokens)
+    p.U = np.where(np.isnan(U), p.U, U)
+    p.W = solve_W(p.U, p.b, st, reg)
+    p.b = solve_b(p.U, p.W, st, const, n_global * steps)
+
+
+def update_output_weights(p: Params, st, pen: Penalty, n_global: int, out_steps: int) -> None:
+    """Blocks V, c one after the other (each an exact minimiser), in place."""
+    p.V = solve_V(p.c, st, n_global * pen.nu / pen.rho3)
+    p.c = solve_c(p.V, st, n_global * out_steps)
+
+
+# ----------------------------------------------------------------------------- local blocks
+
+
+def _preactivation(p: Params, state: AdmmState, data: LocalData, out: np.ndarray) -> np.ndarray:
+    """``out[t] = U x_t + W s_{t-1} + b`` for all t with the current states."""
+    steps = state.A.shape[0]
+    input_projection(p.U, p.b, data, out)
+    if steps > 1:
+        _rows(out[1:])[...] += _rows(state.S[1:steps]) @ p.W.T
+    return out
+
+
+def update_a(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
+             newton_steps: int, work: np.ndarray) -> None:
+    """Block a: elementwise min rho1/2 (a - m)^2 + rho2/2 (q - f(a))^2 (kernel)."""
+    m = _preactivation(p, state, data, work)
+    if state.L1.size:
+        m -= state.L1 / pen.rho1
+    kernels.a_update(_rows(state.A), _rows(m), _rows(state.S[1:]), _rows(state.L2) if
+                     state.L2.size else EMPTY.astype(state.A.dtype), pen.rho1, pen.rho2,
+                     ACTIVATIONS[act], newton_steps)
+
+
+def _solve_inverse(M: np.ndarray) -> np.ndarray:
+    L = np.linalg.cholesky(M)
+    Linv = np.linalg.solve(L, np.eye(M.shape[0]))
+    return Linv.T @ Linv
+
+
+def update_s(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
+             work: np.ndarray) -> None:
+    """Block s: separable in t; for each kind of step one SPD system
+
+        (rho2 I + rho1 W^T W [t<T] + rho3 V^T V [t in O]) s_t
+            = rho2 f(a_t) - lambda2_t + rho1 W^T (a_hat_{t+1} - U x_{t+1} - b) [t<T]
+              + rho3 V^T (o_hat_t - c) [t in O],
+
+    solved for all samples at once with the inverse of each (at most 3) h x h matrix."""
+    steps, n, h = state.A.shape
+    m2m = data.info.many_to_many
+    dt = state.A.dtype
+    rhs = activate(state.A, act)
+    rhs *= pen.rho2
+    if state.L2.size:
+        rhs -= state.L2
+    if steps > 1:
+        nxt = input_projection(p.U, p.b, data, work)[1:]
+        np.subtract(state.a_hat(pen.rho1)[1:], nxt, out=nxt)
+        _rows(rhs[:-1])[...] += _rows(nxt) @ (pen.rho1 * p.W)
+    out_rhs = rhs if m2m else rhs[-1:]
+    _rows(out_rhs)[...] += (_rows(state.o_hat(pen.rho3)) - p.c) @ (pen.rho3 * p.V)
+    eye = pen.rho2 * np.eye(h)
+    vtv = pen.rho3 * (p.V.T @ p.V)
+    last = _solve_inverse(eye + vtv).astype(dt)
+    np.matmul(rhs[-1], last, out=state.S[steps])
+    if steps > 1:
+        mid = eye + pen.rho1 * (p.W.T @ p.W) + (vtv if m2m else 0.0)
+        np.matmul(_rows(rhs[:-1]), _solve_inverse(mid).astype(dt), out=_rows(state.S[1:steps]))
+
+
+def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: str,
+             newton_steps: int) -> None:
+    """Block o: per row min l(o, y) + rho3/2 |o - (V s + c - lambda3/rho3)|^2 (kernel)."""
+    target = state.out_states(data.info.many_to_many) @ p.V.T + p.c
+    if state.L3.size:
+        target -= state.L3 / pen.rho3
+    kernels.o_update(_rows(state.O), _rows(target), data.targets.reshape(-1), pen.rho3,
+                     LOSSES[loss], newton_steps)
+
+
+# ----------------------------------------------------------------------------- residuals
+
+
+RESIDUAL_FIELDS = ("loss", "r1_sq", "l1_r1", "r2_sq", "l2_r2", "r3_sq", "l3_r3")
+
+
+def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
+                  loss: str, work: np.ndarray, update: tuple[bool, bool, bool]) -> np.ndarray:
+    """Local sums of the augmented Lagrangian pieces (RESIDUAL_FIELDS), with the
+    multipliers *before* this call; then lambda_j += rho_j r_j where ``update[j]``."""
+    out = np.zeros(len(RESIDUAL_FIELDS))
+    r1 = _preactivation(p, state, data, work)
+    np.subtract(state.A, r1, out=r1)
+    out[1] = np.vdot(r1, r1)
+    if state.L1.size:
+        out[2] = np.vdot(state.L1, r1)
+        if update[0]:
+            state.L1 += pen.rho1 * r1
+    lam2 = _rows(state.L2) if state.L2.size else EMPTY.astype(state.A.dtype)
+    out[3], out[4] = kernels.activation_residual(_rows(state.S[1:]), _rows(state.A), lam2,
+                                                 pen.rho2, ACTIVATIONS[act], update[1])
+    r3 = state.O - (state.out_states(data.info.many_to_many) @ p.V.T + p.c)
+    out[5] = np.vdot(r3, r3)
+    if state.L3.size:
+        out[6] = np.vdot(state.L3, r3)
+        if update[2]:
+            state.L3 += pen.rho3 * r3
+    out[0], _ = kernels.loss_and_correct(_rows(state.O), data.targets.reshape(-1), LOSSES[loss])
+    return out
+
+
+def lagrangian_from_sums(sums: np.ndarray, p: Params, pen: Penalty, n_global: int) -> float:
+    """L from globally reduced RESIDUAL_FIELDS sums (see module docstring)."""
+    loss, r1, l1, r2, l2, r3, l3 = sums
+    data_term = (loss + l1 + 0.5 * pen.rho1 * r1 + l2 + 0.5 * pen.rho2 * r2
+                 + l3 + 0.5 * pen.rho3 * r3) / n_global
+    reg = 0.5 * pen.nu * (np.vdot(p.U, p.U) + np.vdot(p.W, p.W) + np.vdot(p.V, p.V))
+    return float(data_term + reg)

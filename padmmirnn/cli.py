@@ -1,0 +1,126 @@
+"""The ``padmmirnn`` command line: the only module that parses argv.
+
+    padmmirnn train [--config FILE.toml] [--set key=value ...] [--dataset NAME|PATH]
+                    [--algo admm] [--iterations N] [--seed S] [--out DIR]
+    padmmirnn evaluate --weights FILE [--dataset NAME|PATH]
+    padmmirnn --version
+
+A user error (bad config, bad data) prints one line ``padmmirnn: error: ...`` and
+exits 2 on every rank; any other exception prints the rank's traceback and, under
+MPI, aborts the whole job so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from padmmirnn._version import __version__
+from padmmirnn.errors import PadmmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="padmmirnn", description="Train recurrent neural networks with ADMM over MPI.")
+    parser.add_argument("--version", action="version", version=f"padmmirnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model")
+    train.add_argument("--config", help="TOML configuration file")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable)")
+    train.add_argument("--dataset", help="built-in name or path of a dataset .h5 file")
+    train.add_argument("--algo", help="training algorithm (admm)")
+    train.add_argument("--iterations", type=int, help="number of iterations")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--parallel", help="auto (default), none or sync")
+    train.add_argument("--out", help="output folder (default runs/ALGO-TIMESTAMP)")
+    train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    ev = sub.add_parser("evaluate", help="evaluate a weights file on a dataset")
+    ev.add_argument("--weights", required=True, help="weights.h5 written by train")
+    ev.add_argument("--dataset", default="default", help="built-in name or dataset .h5 path")
+    ev.add_argument("--split", choices=("test", "train"), default="test",
+                    help="which split of a built-in dataset (default test)")
+    return parser
+
+
+FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "train.iterations",
+             "seed": "train.seed", "parallel": "train.parallel", "out": "output.dir"}
+
+
+def _train(args, comm) -> int:
+    from padmmirnn.config import load_config, parse_override
+    from padmmirnn.logs import get_logger
+    from padmmirnn.train import run_training
+
+    overrides = dict(parse_override(s) for s in args.set)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    cfg = load_config(args.config, overrides)
+    get_logger().info("padmmirnn %s, %d rank(s); configuration:\n%s", __version__, comm.size,
+                      cfg.to_toml().rstrip())
+    run_training(cfg, comm)
+    return 0
+
+
+def _evaluate(args, comm) -> int:
+    import numpy as np
+
+    from padmmirnn import data as datasets
+    from padmmirnn.checkpoint import load_weights
+    from padmmirnn.model import loss_sums
+
+    params, meta = load_weights(args.weights)
+    train_path, test_path = datasets.resolve(args.dataset)
+    path = test_path if args.split == "test" and test_path else train_path
+    info = datasets.read_info(path)
+    if (info.kind, info.dim, info.classes) != (meta["input_kind"], meta["input_dim"],
+                                               meta["classes"]):
+        raise PadmmError(f"{path}: dataset ({info.kind}, input size {info.dim}, {info.classes} "
+                         f"classes) does not fit the weights {args.weights}")
+    start, stop = datasets.partition(info.n, comm.size, comm.rank)
+    local = datasets.read_slice(info, start, stop, np.float64)
+    sums = comm.allreduce_sum(loss_sums(params, local, meta["activation"], meta["loss"]))
+    if comm.rank == 0:
+        print(json.dumps({"dataset": path, "samples": info.n, "loss": sums[0] / sums[2],
+                          "accuracy": sums[1] / sums[2]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from padmmirnn.comm import abort_on_exception, make_comm
+    from padmmirnn.logs import setup_logging
+
+    parallel = getattr(args, "parallel", None) or "auto"
+    comm = None
+    rank, size = 0, 1
+    try:
+        if parallel not in ("auto", "none", "sync"):
+            raise PadmmError(f"--parallel must be auto, none or sync; got {parallel!r}")
+        comm = make_comm(parallel)
+        rank, size = comm.rank, comm.size
+        setup_logging(rank, size, getattr(args, "verbose", False))
+        handler = {"train": _train, "evaluate": _evaluate}[args.command]
+        return handler(args, comm)
+    except PadmmError as exc:
+        if rank == 0:
+            print(f"padmmirnn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"[{rank}/{size}] interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        abort_on_exception(rank, size)
+        return 1
+    finally:
+        if comm is not None:
+            comm.free()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Communication: the only module that imports mpi4py.
+
+Algorithms receive a communicator object and call its methods; they never reach
+for ``MPI.COMM_WORLD``. :class:`SerialComm` (one process, no MPI imported) and
+:class:`MPIComm` (a ``Dup`` of a communicator) offer the same calls. Arrays go
+through buffer collectives (``Allreduce`` on contiguous float64), small Python
+objects (error messages, paths) through the pickle-based lower-case calls.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from padmmirnn.errors import PadmmError
+
+_MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+            "HYDI_CONTROL_FD")
+
+
+def launched_by_mpi() -> bool:
+    """True when the process was started by an MPI launcher (mpiexec, srun --mpi)."""
+    return any(k in os.environ for k in _MPI_ENV)
+
+
+class SerialComm:
+    """The communicator of a run on one process: every collective is the identity."""
+
+    rank = 0
+    size = 1
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allreduce_max(self, value: float) -> float:
+        return value
+
+    def bcast(self, obj, root: int = 0):
+        return obj
+
+    def allgather(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def free(self) -> None:
+        pass
+
+
+class MPIComm:
+    """A private duplicate of an MPI communicator (default ``COMM_WORLD``)."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` (contiguous float64) over ranks, in place."""
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def allreduce_max(self, value: float) -> float:
+        buf = np.array([value], dtype=np.float64)
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        return float(buf[0])
+
+    def bcast(self, obj, root: int = 0):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def free(self) -> None:
+        if self.comm is not None and not self._MPI.Is_finalized():
+            self.comm.Free()
+        self.comm = None
+
+
+def make_comm(parallel: str):
+    """The communicator for ``--parallel``: serial unless launched by MPI with >1 rank
+    (``auto``) or asked for (``sync``)."""
+    if parallel == "none" or (parallel == "auto" and not launched_by_mpi()):
+        return SerialComm()
+    comm = MPIComm()
+    if comm.size == 1 and parallel == "auto":
+        comm.free()
+        return SerialComm()
+    return comm
+
+
+def agree(comm, check) -> object:
+    """Run ``check()`` on every rank; if it raises :class:`PadmmError` on any rank,
+    raise the first rank's error on *all* ranks (so no rank waits in a collective
+    for one that has given up). Returns ``check()``'s value."""
+    try:
+        value, message = check(), None
+    except PadmmError as exc:
+        value, message = None, (type(exc), str(exc))
+    errors = [(r, m) for r, m in enumerate(comm.allgather(message)) if m is not None]
+    if errors:
+        rank, (kind, text) = errors[0]
+        prefix = f"rank {rank}: " if comm.size > 1 and rank != comm.rank else ""
+        raise kind(prefix + text)
+    return value
+
+
+def abort_on_exception(rank: int, size: int) -> None:
+    """Print this rank's traceback and end the whole MPI job (no hang on the others)."""
+    sys.stderr.write(f"[rank {rank}/{size}] unhandled exception:\n")
+    traceback.print_exc()
+    sys.stderr.flush()
+    if size > 1 and "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(1)

@@ -1,0 +1,236 @@
+"""The run configuration: frozen dataclasses, loaded from TOML, validated on load.
+
+One :class:`Config` is the single source of truth of a run. It is built from
+defaults, an optional TOML file and ``--set section.key=value`` overrides, in that
+order, validated before any work starts (identically on every rank, so a bad
+value fails everywhere at once), printed at start and saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from padmmirnn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 64
+    activation: str = "tanh"
+    loss: str = "ce"
+    w_init: str = "orthogonal"
+    init_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "default"
+    test: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algo: str = "admm"
+    iterations: int = 30
+    seed: int = 0
+    dtype: str = "float64"
+    parallel: str = "auto"
+    eval_every: int = 1
+
+
+@dataclass(frozen=True)
+class AdmmConfig:
+    rho1: float = 1.0
+    rho2: float = 1.0
+    rho3: float = 1.0
+    nu: float = 1e-3
+    multipliers: str = "none"
+    warmup: int = 5
+    rho_schedule: str = "constant"
+    rho_growth: float = 1.1
+    rho_max_scale: float = 100.0
+    schedule: str = "fused"
+    a_newton_steps: int = 3
+    o_newton_steps: int = 20
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = ""
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def hash(self) -> str:
+        """SHA-256 of the configuration, without the output settings."""
+        d = self.to_dict()
+        d.pop("output")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.activation": ("tanh", "relu"),
+    "model.loss": ("ce", "mse"),
+    "model.w_init": ("orthogonal", "gaussian"),
+    "train.algo": ("admm",),
+    "train.dtype": ("float64", "float32"),
+    "train.parallel": ("auto", "none", "sync"),
+    "admm.multipliers": ("all", "output", "none"),
+    "admm.rho_schedule": ("constant", "geometric"),
+    "admm.schedule": ("fused", "paper"),
+}
+
+# (minimum, strict): a value must be > minimum when strict, >= minimum otherwise.
+BOUNDS: dict[str, tuple[float, bool]] = {
+    "model.hidden": (1, False),
+    "model.init_scale": (0.0, True),
+    "train.iterations": (0, False),
+    "train.seed": (0, False),
+    "train.eval_every": (1, False),
+    "admm.rho1": (0.0, True),
+    "admm.rho2": (0.0, True),
+    "admm.rho3": (0.0, True),
+    "admm.nu": (0.0, False),
+    "admm.warmup": (0, False),
+    "admm.rho_growth": (1.0, False),
+    "admm.rho_max_scale": (1.0, False),
+    "admm.a_newton_steps": (0, False),
+    "admm.o_newton_steps": (0, False),
+    "output.log_every": (1, False),
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"config key '{key}' must be of type {kind.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _validate(cfg: Config) -> None:
+    d = cfg.to_dict()
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if d[section][name] not in allowed:
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(allowed)}; got {d[section][name]!r}"
+            )
+    for key, (low, strict) in BOUNDS.items():
+        section, name = key.split(".")
+        v = d[section][name]
+        if v != v or (v <= low if strict else v < low):
+            rel = ">" if strict else ">="
+            raise ConfigError(f"config key '{key}' must be {rel} {low}; got {v!r}")
+
+
+def build_config(
+    mapping: dict[str, dict[str, Any]] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Build a validated :class:`Config` from a nested mapping and dotted overrides."""
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in (mapping or {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a table")
+        merged.setdefault(section, {}).update(values)
+    for dotted, value in (overrides or {}).items():
+        if "." not in dotted:
+            raise ConfigError(f"config key '{dotted}' must be written section.key")
+        section, name = dotted.split(".", 1)
+        merged.setdefault(section, {})[name] = value
+    sections = _sections()
+    built = {}
+    for section, values in merged.items():
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config section '{section}' (known: {', '.join(sections)})"
+            )
+        defaults = sections[section]()
+        known = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(
+                    f"unknown config key '{section}.{name}' (known in [{section}]: "
+                    f"{', '.join(known)})"
+                )
+            kwargs[name] = _coerce(f"{section}.{name}", value, known[name])
+        built[section] = sections[section](**kwargs)
+    cfg = Config(**built)
+    _validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as a TOML value, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a TOML file (optional) and apply overrides; raises :class:`ConfigError`."""
+    mapping: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            mapping = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    return build_config(mapping, overrides)

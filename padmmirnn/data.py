@@ -1,0 +1,209 @@
+"""Datasets in the canonical HDF5 format (DESIGN.md section 7) and rank slices.
+
+A dataset split is one HDF5 file with
+
+* ``inputs``: ``[N, T, d]`` float32 (dense) or ``[N, T]`` int32 tokens;
+* ``targets``: ``[N]`` int (one label per sequence, output at t = T) or
+  ``[N, T]`` int (a label per step);
+* attributes ``kind`` ("dense" or "tokens"), ``classes``, ``vocab`` (tokens),
+  ``source``, ``license``.
+
+Each rank reads only its contiguous slice ``[r N / p, (r + 1) N / p)`` of the
+global sample order, converted to time-major arrays for the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from padmmirnn.errors import DataError
+
+BUILTIN = {
+    "default": ("mnist_rows_train.h5", "mnist_rows_test.h5"),
+    "mnist-rows": ("mnist_rows_train.h5", "mnist_rows_test.h5"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset file holds, read from its header (no sample data)."""
+
+    path: str
+    n: int
+    steps: int
+    dim: int
+    classes: int
+    kind: str
+    many_to_many: bool
+
+
+@dataclass
+class LocalData:
+    """One rank's slice of a split, time-major.
+
+    ``inputs`` is ``[T, n, d]`` (dense) or ``[T, n]`` int32 (tokens); ``targets``
+    is ``[1, n]`` for many-to-one (the output step is t = T) or ``[T, n]``.
+    """
+
+    info: DatasetInfo
+    inputs: np.ndarray
+    targets: np.ndarray
+    start: int
+    stop: int
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+
+def partition(n: int, size: int, rank: int) -> tuple[int, int]:
+    """Contiguous block ``[start, stop)`` of rank ``rank`` out of ``size`` over ``n``."""
+    return (rank * n) // size, ((rank + 1) * n) // size
+
+
+def builtin_path(filename: str) -> Path:
+    return Path(str(resources.files("padmmirnn.datasets").joinpath(filename)))
+
+
+def resolve(dataset: str, test: str = "") -> tuple[str, str | None]:
+    """Map a dataset name or path to (train file, test file or None).
+
+    A path ``X_train.h5`` pairs with ``X_test.h5`` beside it when that exists and
+    no test file is named.
+    """
+    if dataset in BUILTIN:
+        train_name, test_name = BUILTIN[dataset]
+        return str(builtin_path(train_name)), test or str(builtin_path(test_name))
+    path = Path(dataset)
+    if not path.exists():
+        known = ", ".join(BUILTIN)
+        raise DataError(f"dataset not found: {dataset} (not a file, nor a built-in: {known})")
+    if test:
+        return str(path), test
+    if path.name.endswith("_train.h5"):
+        sibling = path.with_name(path.name[: -len("_train.h5")] + "_test.h5")
+        if sibling.exists():
+            return str(path), str(sibling)
+    return str(path), None
+
+
+def read_info(path: str) -> DatasetInfo:
+    """Open ``path`` and check its structure; raises :class:`DataError` naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    if p.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with f:
+        for name in ("inputs", "targets"):
+            if name not in f:
+                raise DataError(f"{path}: missing dataset '{name}'")
+        x, y = f["inputs"], f["targets"]
+        kind = str(f.attrs.get("kind", "tokens" if x.ndim == 2 else "dense"))
+        if kind not in ("dense", "tokens"):
+            raise DataError(f"{path}: attribute kind must be 'dense' or 'tokens', got {kind!r}")
+        want = 3 if kind == "dense" else 2
+        if x.ndim != want:
+            raise DataError(
+                f"{path}: inputs must be {'[N, T, d]' if want == 3 else '[N, T]'} for kind "
+                f"'{kind}', got shape {x.shape}"
+            )
+        if kind == "dense" and x.dtype.kind != "f":
+            raise DataError(f"{path}: dense inputs must be floating point, got {x.dtype}")
+        if kind == "tokens" and x.dtype.kind not in "iu":
+            raise DataError(f"{path}: token inputs must be integers, got {x.dtype}")
+        if y.dtype.kind not in "iu":
+            raise DataError(f"{path}: targets must be integer class labels, got {y.dtype}")
+        n, steps = x.shape[0], x.shape[1]
+        if n == 0 or steps == 0:
+            raise DataError(f"{path}: inputs are empty, shape {x.shape}")
+        if y.shape not in ((n,), (n, steps)):
+            raise DataError(
+                f"{path}: targets shape {y.shape} does not match inputs {x.shape} "
+                f"(expected ({n},) or ({n}, {steps}))"
+            )
+        if "classes" not in f.attrs:
+            raise DataError(f"{path}: missing attribute 'classes'")
+        classes = int(f.attrs["classes"])
+        if kind == "tokens":
+            if "vocab" not in f.attrs:
+                raise DataError(f"{path}: token dataset is missing attribute 'vocab'")
+            dim = int(f.attrs["vocab"])
+        else:
+            dim = int(x.shape[2])
+        if classes < 2 or dim < 1:
+            raise DataError(f"{path}: needs classes >= 2 and input size >= 1")
+        return DatasetInfo(str(p), n, steps, dim, classes, kind, y.ndim == 2)
+
+
+def read_slice(info: DatasetInfo, start: int, stop: int, dtype: np.dtype) -> LocalData:
+    """Read samples ``[start, stop)`` of a checked file and validate their values."""
+    path = info.path
+    with h5py.File(path, "r") as f:
+        x = f["inputs"][start:stop]
+        y = f["targets"][start:stop]
+    if info.kind == "dense":
+        if not np.isfinite(x).all():
+            bad = start + int(np.argwhere(~np.isfinite(x))[0][0])
+            raise DataError(f"{path}: inputs contain NaN or inf (first at sample {bad})")
+        inputs = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=dtype)
+    else:
+        if x.size and (x.min() < 0 or x.max() >= info.dim):
+            raise DataError(f"{path}: token ids must lie in [0, {info.dim}), found "
+                            f"[{x.min()}, {x.max()}]")
+        inputs = np.ascontiguousarray(x.T, dtype=np.int32)
+    if y.size and (y.min() < 0 or y.max() >= info.classes):
+        raise DataError(
+            f"{path}: labels must lie in [0, {info.classes}), found [{y.min()}, {y.max()}]"
+        )
+    targets = np.ascontiguousarray(y.T if y.ndim == 2 else y[None, :], dtype=np.int32)
+    return LocalData(info, inputs, targets, start, stop)
+
+
+def write_dataset(
+    path: str | Path,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    *,
+    classes: int,
+    vocab: int | None = None,
+    source: str = "",
+    license: str = "",
+    extra: dict | None = None,
+) -> None:
+    """Write a split atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    kind = "tokens" if inputs.ndim == 2 else "dense"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with h5py.File(tmp, "w") as f:
+            opts = dict(compression="gzip", compression_opts=6, shuffle=True)
+            f.create_dataset("inputs", data=inputs, chunks=True, **opts)
+            f.create_dataset("targets", data=targets, chunks=True, **opts)
+            f.attrs["kind"] = kind
+            f.attrs["classes"] = int(classes)
+            if vocab is not None:
+                f.attrs["vocab"] = int(vocab)
+            f.attrs["source"] = source
+            f.attrs["license"] = license
+            for key, value in (extra or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,60 @@
+"""What a run writes under ``--out``: metrics.jsonl, summary.json, config.toml.
+
+Only rank 0 writes. ``summary.json`` and ``config.toml`` are written atomically;
+``metrics.jsonl`` is a log, one flushed JSON line per evaluated iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunOutput:
+    """The output folder of one run (a no-op on ranks other than 0)."""
+
+    def __init__(self, directory: str | Path, active: bool):
+        self.dir = Path(directory)
+        self.active = active
+        self._metrics = None
+        if active:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._metrics = open(self.dir / "metrics.jsonl", "w")
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def write_config(self, toml_text: str) -> None:
+        if self.active:
+            atomic_write_text(self.dir / "config.toml", toml_text)
+
+    def metrics(self, record: dict) -> None:
+        if self.active:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+
+    def summary(self, record: dict) -> None:
+        if self.active:
+            atomic_write_text(self.dir / "summary.json", json.dumps(record, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None

@@ -1,0 +1,102 @@
+"""Sufficient statistics of the weight blocks, packed for one reduction.
+
+The weight blocks (DESIGN.md section 3, blocks 1-2) need only sums over samples
+of outer products, so each rank computes its local sums, they are packed into
+one contiguous float64 buffer (symmetric blocks as upper triangles), summed over
+ranks, and every rank unpacks the same global sums and solves the same systems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    shape: tuple[int, ...]
+    symmetric: bool = False
+
+    @property
+    def size(self) -> int:
+        if self.symmetric:
+            n = self.shape[0]
+            return n * (n + 1) // 2
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class Layout:
+    """Ordered named fields of one packed float64 buffer."""
+
+    def __init__(self, fields: list[Field]):
+        self.fields = fields
+        self.offsets = np.cumsum([0] + [f.size for f in fields])
+
+    @property
+    def size(self) -> int:
+        return int(self.offsets[-1])
+
+    def pack(self, values: dict[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+        buf = np.empty(self.size) if out is None else out
+        for f, lo, hi in zip(self.fields, self.offsets[:-1], self.offsets[1:], strict=True):
+            v = values[f.name]
+            buf[lo:hi] = v[np.triu_indices(f.shape[0])] if f.symmetric else v.reshape(-1)
+        return buf
+
+    def unpack(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for f, lo, hi in zip(self.fields, self.offsets[:-1], self.offsets[1:], strict=True):
+            if f.symmetric:
+                n = f.shape[0]
+                m = np.zeros((n, n))
+                m[np.triu_indices(n)] = buf[lo:hi]
+                out[f.name] = m + np.triu(m, 1).T
+            else:
+                out[f.name] = buf[lo:hi].reshape(f.shape).copy()
+        return out
+
+
+def input_layout(d: int, h: int) -> Layout:
+    """Statistics of [x_t, s_{t-1}, 1, a_hat_t] over all t (minus the constant x x^T)."""
+    return Layout([
+        Field("XSp", (d, h)),
+        Field("XA", (d, h)),
+        Field("SpSp", (h, h), symmetric=True),
+        Field("SpA", (h, h)),
+        Field("sSp", (h,)),
+        Field("sA", (h,)),
+    ])
+
+
+def output_layout(h: int, k: int) -> Layout:
+    """Statistics of [s_t, 1, o_hat_t] over t in O."""
+    return Layout([
+        Field("SS", (h, h), symmetric=True),
+        Field("SO", (h, k)),
+        Field("sS", (h,)),
+        Field("sO", (k,)),
+    ])
+
+
+def constant_layout(d: int, tokens: bool) -> Layout:
+    """Input statistics that never change: x x^T (dense) and sum x (token counts)."""
+    if tokens:
+        return Layout([Field("sX", (d,))])
+    return Layout([Field("XX", (d, d), symmetric=True), Field("sX", (d,))])
+
+
+def gram(a: np.ndarray, b: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """``a^T b`` in float64; float32 inputs are multiplied in row chunks and the
+    chunk products accumulated in float64."""
+    if a.dtype == np.float64 and b.dtype == np.float64:
+        return a.T @ b
+    out = np.zeros((a.shape[1], b.shape[1]))
+    for lo in range(0, a.shape[0], chunk):
+        out += a[lo:lo + chunk].T @ b[lo:lo + chunk]
+    return out
+
+
+def colsum(a: np.ndarray) -> np.ndarray:
+    return a.sum(axis=0, dtype=np.float64)
