@@ -52,7 +52,6 @@ FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "tra
 
 def _train(args, comm) -> int:
     from padmmirnn.config import load_config, parse_override
-    from padmmirnn.logs import get_logger
     from padmmirnn.train import run_training
 
     overrides = dict(parse_override(s) for s in args.set)
@@ -60,10 +59,7 @@ def _train(args, comm) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
-    cfg = load_config(args.config, overrides)
-    get_logger().info("padmmirnn %s, %d rank(s); configuration:\n%s", __version__, comm.size,
-                      cfg.to_toml().rstrip())
-    run_training(cfg, comm)
+    run_training(load_config(args.config, overrides), comm)
     return 0
 
 

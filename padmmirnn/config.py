@@ -134,7 +134,8 @@ def _toml_value(value: Any) -> str:
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in fields(Config)}
+    return {f.name: globals()[f.type] if isinstance(f.type, str) else f.type
+            for f in fields(Config)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

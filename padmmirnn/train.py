@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from padmmirnn import data as datasets
+from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.checkpoint import save_weights
 from padmmirnn.comm import agree
@@ -86,6 +87,8 @@ def run_training(cfg: Config, comm) -> dict:
     """Train with ``cfg`` on ``comm``; returns the summary (identical on every rank)."""
     log = get_logger()
     train, test = load_data(cfg, comm)
+    log.info("padmmirnn %s, %d rank(s); configuration:\n%s", __version__, comm.size,
+             cfg.to_toml().rstrip())
     out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
     info = train.info
     log.info("data: %s (%d samples, T=%d, %s input size %d, %d classes%s)%s", info.path, info.n,

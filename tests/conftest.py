@@ -1,0 +1,41 @@
+"""Shared fixtures: small random problems built in memory, and dataset files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from padmmirnn.data import DatasetInfo, LocalData, write_dataset
+
+
+def make_local(kind: str, many_to_many: bool, n: int = 12, steps: int = 5, dim: int = 4,
+               classes: int = 3, seed: int = 0, dtype=np.float64) -> LocalData:
+    """A random in-memory dataset slice (time-major, as the engine uses it)."""
+    rng = np.random.default_rng(seed)
+    info = DatasetInfo("memory", n, steps, dim, classes, kind, many_to_many)
+    if kind == "dense":
+        inputs = rng.standard_normal((steps, n, dim)).astype(dtype)
+    else:
+        inputs = rng.integers(0, dim, size=(steps, n)).astype(np.int32)
+    targets = rng.integers(0, classes, size=(steps if many_to_many else 1, n)).astype(np.int32)
+    return LocalData(info, inputs, targets, 0, n)
+
+
+def write_random_split(path, kind="dense", many_to_many=False, n=40, steps=6, dim=5, classes=3,
+                       seed=0):
+    """Write a random split file in the canonical format (sample-major)."""
+    rng = np.random.default_rng(seed)
+    if kind == "dense":
+        x = rng.standard_normal((n, steps, dim)).astype(np.float32)
+        vocab = None
+    else:
+        x = rng.integers(0, dim, size=(n, steps)).astype(np.int32)
+        vocab = dim
+    y = rng.integers(0, classes, size=(n, steps) if many_to_many else (n,)).astype(np.int32)
+    write_dataset(path, x, y, classes=classes, vocab=vocab, source="random", license="none")
+    return x, y
+
+
+@pytest.fixture
+def local_factory():
+    return make_local

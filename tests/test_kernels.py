@@ -1,0 +1,200 @@
+"""Every Numba kernel against a plain NumPy reference; the forward pass against a
+naive per-sample loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_local
+
+from padmmirnn import kernels
+from padmmirnn.model import Params, forward, init_params, loss_sums, outputs
+
+EMPTY = np.zeros((0, 0))
+
+
+def _g(a, m, q, r1, r2, f):
+    return 0.5 * r1 * (a - m) ** 2 + 0.5 * r2 * (q - f(a)) ** 2
+
+
+def _a_reference_convex(m, q, r1, r2):
+    """Unique minimiser of g for tanh when rho1 dominates, by bisection on g' (NumPy)."""
+    lo = np.minimum(m, np.arctanh(np.clip(q, -0.999, 0.999))) - 5.0
+    hi = np.maximum(m, np.arctanh(np.clip(q, -0.999, 0.999))) + 5.0
+
+    def dg(a):
+        t = np.tanh(a)
+        return r1 * (a - m) - r2 * (q - t) * (1 - t * t)
+
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        neg = dg(mid) < 0
+        lo = np.where(neg, mid, lo)
+        hi = np.where(neg, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+def test_a_update_tanh_matches_reference_when_convex(dtype):
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((50, 7))
+    q = np.tanh(rng.standard_normal((50, 7))) + 0.05 * rng.standard_normal((50, 7))
+    r1, r2 = 2.0, 1.0  # g'' >= r1 - r2 * max|2 t (q - t)(1 - t^2)| > 0 here
+    a = rng.standard_normal((50, 7)).astype(dtype)
+    kernels.a_update(a, m.astype(dtype), q.astype(dtype), EMPTY.astype(dtype), r1, r2,
+                     kernels.ACT_TANH, 20)
+    ref = _a_reference_convex(m, q, r1, r2)
+    tol = 1e-9 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(a, ref, atol=tol)
+
+
+def test_a_update_tanh_nonconvex_is_monotone_and_stationary():
+    rng = np.random.default_rng(1)
+    m = 3 * rng.standard_normal((200, 5))
+    q = 3 * rng.standard_normal((200, 5))  # far outside tanh's range: non-convex g
+    a0 = 3 * rng.standard_normal((200, 5))
+    lam = rng.standard_normal((200, 5))
+    r1, r2 = 0.3, 2.0
+    a = a0.copy()
+    kernels.a_update(a, m, q, lam, r1, r2, kernels.ACT_TANH, 50)
+    qq = q + lam / r2
+    assert (_g(a, m, qq, r1, r2, np.tanh) <= _g(a0, m, qq, r1, r2, np.tanh) + 1e-14).all()
+    t = np.tanh(a)
+    grad = r1 * (a - m) - r2 * (qq - t) * (1 - t * t)
+    assert np.abs(grad).max() < 1e-5
+
+
+def test_a_update_relu_is_global_minimiser():
+    rng = np.random.default_rng(2)
+    m, q = 2 * rng.standard_normal((300, 4)), 2 * rng.standard_normal((300, 4))
+    lam = rng.standard_normal((300, 4))
+    r1, r2 = 0.7, 1.9
+    a = np.zeros_like(m)
+    kernels.a_update(a, m, q, lam, r1, r2, kernels.ACT_RELU, 0)
+    relu = lambda x: np.maximum(x, 0)  # noqa: E731
+    grid = np.linspace(-12, 12, 48001)[:, None, None]
+    qq = q + lam / r2
+    best = _g(grid, m, qq, r1, r2, relu).min(axis=0)
+    got = _g(a, m, qq, r1, r2, relu)
+    assert (got <= best + 1e-12).all()
+
+
+@pytest.mark.parametrize("act", (kernels.ACT_TANH, kernels.ACT_RELU))
+def test_activation_residual_and_multiplier_step(act):
+    rng = np.random.default_rng(3)
+    s, a, lam = (rng.standard_normal((30, 6)) for _ in range(3))
+    f = np.tanh if act == kernels.ACT_TANH else (lambda x: np.maximum(x, 0))
+    r = s - f(a)
+    old = lam.copy()
+    sq, lin = kernels.activation_residual(s, a, lam, 0.8, act, True)
+    assert sq == pytest.approx(np.sum(r * r), rel=1e-13)
+    assert lin == pytest.approx(np.sum(old * r), rel=1e-13)
+    np.testing.assert_allclose(lam, old + 0.8 * r, rtol=1e-14)
+    assert kernels.activation_residual(s, a, EMPTY, 0.8, act, True) == pytest.approx((sq, 0.0))
+
+
+def _softmax(o):
+    e = np.exp(o - o.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _o_reference(p, y, rho):
+    """Damped Newton with a dense Hessian solve, in NumPy, from o = p."""
+    o = p.copy()
+    K = p.shape[1]
+
+    def f(v, i):
+        return -np.log(_softmax(v)[y[i]]) + 0.5 * rho * np.sum((v - p[i]) ** 2)
+
+    for i in range(len(o)):
+        for _ in range(200):
+            pi = _softmax(o[i])
+            g = pi - np.eye(K)[y[i]] + rho * (o[i] - p[i])
+            H = np.diag(pi) - np.outer(pi, pi) + rho * np.eye(K)
+            d = np.linalg.solve(H, g)
+            t = 1.0
+            while f(o[i] - t * d, i) > f(o[i], i) - 1e-4 * t * (g @ d) and t > 1e-12:
+                t *= 0.5
+            o[i] -= t * d
+    return o
+
+
+@pytest.mark.parametrize("rho", (0.05, 1.0, 10.0))
+def test_o_update_ce_matches_reference(rho):
+    rng = np.random.default_rng(4)
+    p = 2 * rng.standard_normal((25, 6))
+    y = rng.integers(0, 6, 25)
+    o = 3 * rng.standard_normal((25, 6))
+    kernels.o_update(o, p, y, rho, kernels.LOSS_CE, 50)
+    np.testing.assert_allclose(o, _o_reference(p, y, rho), atol=1e-7)
+    grad = _softmax(o) - np.eye(6)[y] + rho * (o - p)
+    assert np.abs(grad).max() < 1e-7
+
+
+def test_o_update_mse_closed_form():
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal((10, 4))
+    y = rng.integers(0, 4, 10)
+    o = np.zeros_like(p)
+    kernels.o_update(o, p, y, 0.5, kernels.LOSS_MSE, 0)
+    np.testing.assert_allclose(o, (np.eye(4)[y] + 0.5 * p) / 1.5, rtol=1e-14)
+
+
+def test_loss_and_correct():
+    rng = np.random.default_rng(6)
+    o = rng.standard_normal((40, 5))
+    y = rng.integers(0, 5, 40)
+    total, correct = kernels.loss_and_correct(o, y, kernels.LOSS_CE)
+    logp = np.log(_softmax(o))
+    assert total == pytest.approx(-logp[np.arange(40), y].sum(), rel=1e-13)
+    assert correct == int((o.argmax(1) == y).sum())
+    total, _ = kernels.loss_and_correct(o, y, kernels.LOSS_MSE)
+    assert total == pytest.approx(0.5 * ((o - np.eye(5)[y]) ** 2).sum(), rel=1e-13)
+
+
+def test_token_kernels():
+    rng = np.random.default_rng(7)
+    tok = rng.integers(0, 9, 100).astype(np.int32)
+    vals = rng.standard_normal((100, 3))
+    ref = np.zeros((9, 3))
+    np.add.at(ref, tok, vals)
+    np.testing.assert_allclose(kernels.segment_sum(tok, vals, 9), ref, rtol=1e-13)
+    np.testing.assert_array_equal(kernels.token_counts(tok, 9), np.bincount(tok, minlength=9))
+    table = rng.standard_normal((9, 3))
+    out = np.empty((100, 3))
+    kernels.gather_columns(table, tok, out)
+    np.testing.assert_array_equal(out, table[tok])
+
+
+@pytest.mark.parametrize("kind", ("dense", "tokens"))
+@pytest.mark.parametrize("m2m", (False, True))
+@pytest.mark.parametrize("act", ("tanh", "relu"))
+def test_forward_matches_per_sample_loop(kind, m2m, act):
+    data = make_local(kind, m2m, n=7, steps=6, dim=5, classes=4, seed=8)
+    p = init_params(5, 9, 4, seed=3, w_init="gaussian", scale=1.2)
+    p.b = np.random.default_rng(9).standard_normal(9)
+    p.c = np.random.default_rng(10).standard_normal(4)
+    states, pre = forward(p, data, act)
+    out = outputs(p, states, m2m)
+    f = np.tanh if act == "tanh" else (lambda x: np.maximum(x, 0))
+    for i in range(data.n):
+        s = np.zeros(9)
+        for t in range(data.info.steps):
+            x = np.eye(5)[data.inputs[t, i]] if kind == "tokens" else data.inputs[t, i]
+            a = p.U @ x + p.W @ s + p.b
+            s = f(a)
+            np.testing.assert_allclose(pre[t, i], a, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(states[t + 1, i], s, rtol=1e-12, atol=1e-12)
+            if m2m:
+                np.testing.assert_allclose(out[t, i], p.V @ s + p.c, rtol=1e-12, atol=1e-12)
+        if not m2m:
+            np.testing.assert_allclose(out[0, i], p.V @ s + p.c, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_sums_perplexity_inputs():
+    data = make_local("tokens", True, n=5, steps=4, dim=6, classes=6, seed=11)
+    p = Params(np.zeros((3, 6)), np.zeros((3, 3)), np.zeros(3), np.zeros((6, 3)), np.zeros(6))
+    total, correct, count = loss_sums(p, data, "tanh", "ce")
+    # all-zero weights give uniform predictions: loss log K per output row, perplexity K
+    assert count == 20
+    assert total / count == pytest.approx(np.log(6), rel=1e-14)
