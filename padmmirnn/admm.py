@@ -11,28 +11,48 @@ Multiplier modes: ``all`` (lambda1..3), ``output`` (lambda3 only), ``none``
 (pure penalty: the iteration never increases the augmented Lagrangian). No
 multiplier update happens during the first ``warmup`` iterations. rho follows
 ``rho_j(k) = rho_j * min(growth^(k-1), max_scale)`` for the geometric schedule.
+
+A rank's samples are held as *parts*: its whole slice (``reduction = "fast"``:
+one Allreduce of the local sums), or fixed chunks of the global sample order
+(``"deterministic"``: every part's sums are gathered and added in global chunk
+order, and every computation is done on identical chunks, so results are
+bitwise the same for any rank count).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from padmmirnn import admm_updates as up
+from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
 from padmmirnn.data import LocalData
 from padmmirnn.model import Params, forward, init_params, outputs
-from padmmirnn.stats import constant_layout, input_layout, output_layout
+from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
+
+
+@dataclass
+class Part:
+    """One block of samples with its ADMM state and a scratch ``[T, n, h]`` buffer."""
+
+    data: LocalData
+    state: up.AdmmState
+    work: np.ndarray
 
 
 class AdmmEngine:
-    """ADMMiRNN on one rank's slice; ``comm.allreduce_sum`` joins the statistics."""
+    """ADMMiRNN on one rank's samples; the communicator joins the statistics."""
 
-    def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
+    def __init__(self, cfg: Config, parts: list[LocalData], n_global: int, comm,
                  params: Params | None = None):
         self.cfg, self.acfg = cfg, cfg.admm
-        self.data, self.n_global, self.comm = data, n_global, comm
+        self.n_global, self.comm = n_global, comm
+        self.ordered = cfg.train.reduction == "deterministic"
         self.dtype = np.dtype(cfg.train.dtype)
-        info = data.info
+        info = parts[0].info
+        self.info = info
         self.tokens = info.kind == "tokens"
         self.steps = info.steps
         self.out_steps = info.steps if info.many_to_many else 1
@@ -40,21 +60,27 @@ class AdmmEngine:
         self.params = params if params is not None else init_params(
             info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
         self.iteration = 0
-        self.state = self._initial_state()
-        self.work = np.empty_like(self.state.A)
+        self.parts = []
+        for data in parts:
+            state = self._initial_state(data)
+            self.parts.append(Part(data, state, np.empty_like(state.A)))
         self.in_layout = input_layout(info.dim, h)
         self.out_layout = output_layout(h, info.classes)
-        self.fused_size = self.in_layout.size + self.out_layout.size
         const_layout = constant_layout(info.dim, self.tokens)
-        buf = comm.allreduce_sum(const_layout.pack(up.constant_stats(data)))
-        self.const = const_layout.unpack(buf)
+        self.const = self._reduce(const_layout, [up.constant_stats(p.data) for p in self.parts])
+
+    @property
+    def bytes_reduced_per_iteration(self) -> int:
+        """Bytes of the packed statistics reduced per iteration (per part when ordered)."""
+        size = self.in_layout.size + self.out_layout.size
+        return 8 * size * (len(self.parts) if self.ordered else 1)
 
     # --------------------------------------------------------------------- state
 
-    def _initial_state(self) -> up.AdmmState:
+    def _initial_state(self, data: LocalData) -> up.AdmmState:
         """Auxiliaries from a forward pass of the initial weights, multipliers zero."""
-        states, pre = forward(self.params, self.data, self.cfg.model.activation, self.dtype)
-        o = outputs(self.params, states, self.data.info.many_to_many)
+        states, pre = forward(self.params, data, self.cfg.model.activation, self.dtype)
+        o = outputs(self.params, states, data.info.many_to_many)
         mode = self.acfg.multipliers
         empty = np.zeros((0, 0, 0), self.dtype)
         return up.AdmmState(
@@ -74,27 +100,40 @@ class AdmmEngine:
         return up.Penalty(a.rho1 * scale, a.rho2 * scale, a.rho3 * scale, a.nu)
 
     def compute_params(self) -> Params:
-        """The weights in the compute dtype (a view when it is float64)."""
+        """The weights in the compute dtype (no copy when it is float64)."""
         return self.params.astype(self.dtype)
 
+    # --------------------------------------------------------------------- reductions
+
+    def sum_parts(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """Global sum of one float64 vector per local part."""
+        return sum_parts(self.comm, vectors, self.ordered)
+
+    def _reduce(self, layout: Layout, local: list[dict]) -> dict:
+        return layout.unpack(self.sum_parts([layout.pack(v) for v in local]))
+
+    def reduce_input(self, pen: up.Penalty) -> dict:
+        return self._reduce(self.in_layout, [up.input_stats(p.state, p.data, pen.rho1)
+                                             for p in self.parts])
+
+    def reduce_output(self, pen: up.Penalty) -> dict:
+        m2m = self.info.many_to_many
+        return self._reduce(self.out_layout, [up.output_stats(p.state, m2m, pen.rho3)
+                                              for p in self.parts])
+
+    def reduce_fused(self, pen: up.Penalty) -> tuple[dict, dict]:
+        """Input and output statistics in ONE reduction (the fused schedule)."""
+        n_in, m2m = self.in_layout.size, self.info.many_to_many
+        vectors = []
+        for p in self.parts:
+            buf = np.empty(n_in + self.out_layout.size)
+            self.in_layout.pack(up.input_stats(p.state, p.data, pen.rho1), buf[:n_in])
+            self.out_layout.pack(up.output_stats(p.state, m2m, pen.rho3), buf[n_in:])
+            vectors.append(buf)
+        total = self.sum_parts(vectors)
+        return self.in_layout.unpack(total[:n_in]), self.out_layout.unpack(total[n_in:])
+
     # --------------------------------------------------------------------- blocks
-
-    def _reduce_input_output(self, pen: up.Penalty, with_output: bool) -> tuple[dict, dict | None]:
-        local_in = up.input_stats(self.state, self.data, pen.rho1)
-        if with_output:
-            local_out = up.output_stats(self.state, self.data.info.many_to_many, pen.rho3)
-            buf = np.empty(self.fused_size)
-            self.in_layout.pack(local_in, buf[: self.in_layout.size])
-            self.out_layout.pack(local_out, buf[self.in_layout.size:])
-            self.comm.allreduce_sum(buf)
-            return (self.in_layout.unpack(buf[: self.in_layout.size]),
-                    self.out_layout.unpack(buf[self.in_layout.size:]))
-        buf = self.comm.allreduce_sum(self.in_layout.pack(local_in))
-        return self.in_layout.unpack(buf), None
-
-    def _reduce_output(self, pen: up.Penalty) -> dict:
-        local = up.output_stats(self.state, self.data.info.many_to_many, pen.rho3)
-        return self.out_layout.unpack(self.comm.allreduce_sum(self.out_layout.pack(local)))
 
     def weights_in(self, st_in: dict, pen: up.Penalty) -> None:
         up.update_input_weights(self.params, st_in, self.const, pen, self.n_global, self.steps,
@@ -104,46 +143,52 @@ class AdmmEngine:
         up.update_output_weights(self.params, st_out, pen, self.n_global, self.out_steps)
 
     def block_a(self, pen: up.Penalty) -> None:
-        up.update_a(self.compute_params(), self.state, self.data, pen, self.cfg.model.activation,
-                    self.acfg.a_newton_steps, self.work)
+        cp = self.compute_params()
+        for p in self.parts:
+            up.update_a(cp, p.state, p.data, pen, self.cfg.model.activation,
+                        self.acfg.a_newton_steps, p.work)
 
     def block_s(self, pen: up.Penalty) -> None:
-        up.update_s(self.compute_params(), self.state, self.data, pen, self.cfg.model.activation,
-                    self.work)
+        cp = self.compute_params()
+        inverses = up.s_system_inverses(self.params, pen, self.info.many_to_many, self.dtype)
+        for p in self.parts:
+            up.update_s(cp, p.state, p.data, pen, self.cfg.model.activation, inverses, p.work)
 
     def block_o(self, pen: up.Penalty) -> None:
-        up.update_o(self.compute_params(), self.state, self.data, pen, self.cfg.model.loss,
-                    self.acfg.o_newton_steps)
+        cp = self.compute_params()
+        for p in self.parts:
+            up.update_o(cp, p.state, p.data, pen, self.cfg.model.loss, self.acfg.o_newton_steps)
 
-    def residuals(self, pen: up.Penalty, update: tuple[bool, bool, bool]) -> np.ndarray:
-        """Local RESIDUAL_FIELDS sums (multipliers before), then the multiplier step."""
-        return up.residual_sums(self.compute_params(), self.state, self.data, pen,
-                                self.cfg.model.activation, self.cfg.model.loss, self.work, update)
+    def residuals(self, pen: up.Penalty, update: tuple[bool, bool, bool]) -> list[np.ndarray]:
+        """Per-part RESIDUAL_FIELDS sums (multipliers before), then the multiplier step."""
+        cp = self.compute_params()
+        m = self.cfg.model
+        return [up.residual_sums(cp, p.state, p.data, pen, m.activation, m.loss, p.work, update)
+                for p in self.parts]
 
     def lagrangian(self, pen: up.Penalty | None = None) -> float:
-        """The global augmented Lagrangian at the current point (one reduction)."""
+        """The global augmented Lagrangian at the current point."""
         pen = pen or self.penalty(max(self.iteration, 1))
-        sums = self.comm.allreduce_sum(self.residuals(pen, (False, False, False)))
+        sums = self.sum_parts(self.residuals(pen, (False, False, False)))
         return up.lagrangian_from_sums(sums, self.params, pen, self.n_global)
 
     # --------------------------------------------------------------------- iteration
 
-    def iterate(self, want_sums: bool = True) -> np.ndarray | None:
-        """One ADMM iteration. Returns the local RESIDUAL_FIELDS sums at the new point
-        (multipliers before their update) when asked or needed, else None."""
+    def iterate(self, want_sums: bool = True) -> list[np.ndarray] | None:
+        """One ADMM iteration. Returns the per-part RESIDUAL_FIELDS sums at the new
+        point (multipliers before their update) when asked or needed, else None."""
         pen = self.penalty()
         if self.acfg.schedule == "fused":
-            st_in, st_out = self._reduce_input_output(pen, with_output=True)
+            st_in, st_out = self.reduce_fused(pen)
             self.weights_in(st_in, pen)
             self.weights_out(st_out, pen)
             self.block_a(pen)
             self.block_s(pen)
         else:
-            st_in, _ = self._reduce_input_output(pen, with_output=False)
-            self.weights_in(st_in, pen)
+            self.weights_in(self.reduce_input(pen), pen)
             self.block_a(pen)
             self.block_s(pen)
-            self.weights_out(self._reduce_output(pen), pen)
+            self.weights_out(self.reduce_output(pen), pen)
         self.block_o(pen)
         self.iteration += 1
         mode = self.acfg.multipliers

@@ -195,24 +195,36 @@ def update_a(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: st
                      ACTIVATIONS[act], newton_steps)
 
 
-def _solve_inverse(M: np.ndarray) -> np.ndarray:
+def _spd_inverse(M: np.ndarray) -> np.ndarray:
     L = np.linalg.cholesky(M)
     Linv = np.linalg.solve(L, np.eye(M.shape[0]))
     return Linv.T @ Linv
 
 
+def s_system_inverses(p: Params, pen: Penalty, many_to_many: bool,
+                      dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Inverses of the s-block matrices (DESIGN.md block 4), float64 math, ``dtype`` out:
+
+        t < T:  rho2 I + rho1 W^T W + rho3 V^T V [many-to-many]
+        t = T:  rho2 I + rho3 V^T V
+    """
+    h = p.W.shape[0]
+    eye = pen.rho2 * np.eye(h)
+    vtv = pen.rho3 * (p.V.T @ p.V)
+    mid = eye + pen.rho1 * (p.W.T @ p.W) + (vtv if many_to_many else 0.0)
+    return _spd_inverse(mid).astype(dtype), _spd_inverse(eye + vtv).astype(dtype)
+
+
 def update_s(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
-             work: np.ndarray) -> None:
+             inverses: tuple[np.ndarray, np.ndarray], work: np.ndarray) -> None:
     """Block s: separable in t; for each kind of step one SPD system
 
         (rho2 I + rho1 W^T W [t<T] + rho3 V^T V [t in O]) s_t
             = rho2 f(a_t) - lambda2_t + rho1 W^T (a_hat_{t+1} - U x_{t+1} - b) [t<T]
               + rho3 V^T (o_hat_t - c) [t in O],
 
-    solved for all samples at once with the inverse of each (at most 3) h x h matrix."""
-    steps, n, h = state.A.shape
-    m2m = data.info.many_to_many
-    dt = state.A.dtype
+    solved for all samples at once with the inverses of :func:`s_system_inverses`."""
+    steps = state.A.shape[0]
     rhs = activate(state.A, act)
     rhs *= pen.rho2
     if state.L2.size:
@@ -221,15 +233,12 @@ def update_s(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: st
         nxt = input_projection(p.U, p.b, data, work)[1:]
         np.subtract(state.a_hat(pen.rho1)[1:], nxt, out=nxt)
         _rows(rhs[:-1])[...] += _rows(nxt) @ (pen.rho1 * p.W)
-    out_rhs = rhs if m2m else rhs[-1:]
+    out_rhs = rhs if data.info.many_to_many else rhs[-1:]
     _rows(out_rhs)[...] += (_rows(state.o_hat(pen.rho3)) - p.c) @ (pen.rho3 * p.V)
-    eye = pen.rho2 * np.eye(h)
-    vtv = pen.rho3 * (p.V.T @ p.V)
-    last = _solve_inverse(eye + vtv).astype(dt)
+    mid, last = inverses
     np.matmul(rhs[-1], last, out=state.S[steps])
     if steps > 1:
-        mid = eye + pen.rho1 * (p.W.T @ p.W) + (vtv if m2m else 0.0)
-        np.matmul(_rows(rhs[:-1]), _solve_inverse(mid).astype(dt), out=_rows(state.S[1:steps]))
+        np.matmul(_rows(rhs[:-1]), mid, out=_rows(state.S[1:steps]))
 
 
 def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: str,

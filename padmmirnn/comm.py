@@ -11,19 +11,50 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
 
 from padmmirnn.errors import PadmmError
 
-_MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
-            "HYDI_CONTROL_FD")
+_MPI_ENV = ("PMI_SIZE", "PMI_RANK", "PMI_FD", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+            "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
 
 def launched_by_mpi() -> bool:
     """True when the process was started by an MPI launcher (mpiexec, srun --mpi)."""
     return any(k in os.environ for k in _MPI_ENV)
+
+
+class CommTimer:
+    """Seconds spent in, and bytes sent through, array collectives (per rank)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.bytes = 0
+
+    def snapshot(self) -> tuple[float, int]:
+        return self.seconds, self.bytes
+
+
+def sum_parts(comm, parts: list[np.ndarray], ordered: bool) -> np.ndarray:
+    """Global sum of float64 vectors, one per local part (parts are in global order).
+
+    ``ordered=False``: add the local parts, then one ``Allreduce`` (fast; the
+    result depends on the rank count in the last bits). ``ordered=True``: gather
+    every rank's parts and add them one by one in global order, so the result is
+    bitwise the same for any number of ranks holding the same parts."""
+    if not ordered:
+        buf = parts[0].copy()
+        for extra in parts[1:]:
+            buf += extra
+        return comm.allreduce_sum(buf)
+    rows = comm.allgather_rows(np.stack(parts))
+    out = rows[0].copy()
+    for row in rows[1:]:
+        out += row
+    return out
 
 
 class SerialComm:
@@ -32,11 +63,17 @@ class SerialComm:
     rank = 0
     size = 1
 
+    def __init__(self):
+        self.timer = CommTimer()
+
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         return buf
 
-    def allreduce_max(self, value: float) -> float:
-        return value
+    def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        return buf
 
     def bcast(self, obj, root: int = 0):
         return obj
@@ -61,16 +98,32 @@ class MPIComm:
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        self.timer = CommTimer()
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` (contiguous float64) over ranks, in place."""
+        t0 = time.perf_counter()
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        self.timer.seconds += time.perf_counter() - t0
+        self.timer.bytes += buf.nbytes
         return buf
 
-    def allreduce_max(self, value: float) -> float:
-        buf = np.array([value], dtype=np.float64)
+    def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Concatenate every rank's ``[k_r, m]`` float64 rows in rank order."""
+        t0 = time.perf_counter()
+        counts = np.array(self.comm.allgather(rows.shape[0]), dtype=np.int64) * rows.shape[1]
+        out = np.empty((int(counts.sum()) // rows.shape[1], rows.shape[1]))
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.comm.Allgatherv(np.ascontiguousarray(rows), [out, counts, displs,
+                                                         self._MPI.DOUBLE])
+        self.timer.seconds += time.perf_counter() - t0
+        self.timer.bytes += out.nbytes
+        return out
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        """Elementwise maximum of ``buf`` (contiguous float64) over ranks, in place."""
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
-        return float(buf[0])
+        return buf
 
     def bcast(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)

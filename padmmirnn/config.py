@@ -41,6 +41,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float64"
     parallel: str = "auto"
+    reduction: str = "fast"
+    chunk: int = 250
     eval_every: int = 1
 
 
@@ -100,6 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.algo": ("admm",),
     "train.dtype": ("float64", "float32"),
     "train.parallel": ("auto", "none", "sync"),
+    "train.reduction": ("fast", "deterministic"),
     "admm.multipliers": ("all", "output", "none"),
     "admm.rho_schedule": ("constant", "geometric"),
     "admm.schedule": ("fused", "paper"),
@@ -112,6 +115,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "train.iterations": (0, False),
     "train.seed": (0, False),
     "train.eval_every": (1, False),
+    "train.chunk": (1, False),
     "admm.rho1": (0.0, True),
     "admm.rho2": (0.0, True),
     "admm.rho3": (0.0, True),

@@ -68,6 +68,28 @@ def partition(n: int, size: int, rank: int) -> tuple[int, int]:
     return (rank * n) // size, ((rank + 1) * n) // size
 
 
+def chunk_partition(n: int, chunk: int, size: int, rank: int) -> tuple[int, int]:
+    """Like :func:`partition`, but every boundary falls on a multiple of ``chunk``
+    (the deterministic-reduction mode, where work is done per global chunk)."""
+    chunks = -(-n // chunk)
+    lo, hi = partition(chunks, size, rank)
+    return min(lo * chunk, n), min(hi * chunk, n)
+
+
+def split_parts(local: LocalData, chunk: int | None) -> list[LocalData]:
+    """Split a slice into parts of ``chunk`` samples (the last may be shorter), each
+    in its own freshly allocated arrays; ``None`` keeps the slice whole."""
+    if chunk is None or local.n <= chunk and local.start % chunk == 0:
+        return [local]
+    parts = []
+    for lo in range(local.start, local.stop, chunk):
+        hi = min(lo + chunk, local.stop)
+        sl = slice(lo - local.start, hi - local.start)
+        parts.append(LocalData(local.info, np.array(local.inputs[:, sl]),
+                               np.array(local.targets[:, sl]), lo, hi))
+    return parts
+
+
 def builtin_path(filename: str) -> Path:
     return Path(str(resources.files("padmmirnn.datasets").joinpath(filename)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,36 +14,47 @@ from padmmirnn import data as datasets
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.checkpoint import save_weights
-from padmmirnn.comm import agree
+from padmmirnn.comm import agree, sum_parts
 from padmmirnn.config import Config
 from padmmirnn.errors import DataError
 from padmmirnn.logs import Progress, get_logger
 from padmmirnn.model import loss_sums
 from padmmirnn.outputs import RunOutput
 
+# Iterations excluded from the timing summary (compilation, caches, first touch).
+TIMING_WARMUP = 2
+# Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration.
+FAULT_ENV = "PADMMIRNN_FAULT_INJECT"
+
 
 @dataclass
 class Split:
     info: datasets.DatasetInfo
-    local: datasets.LocalData
+    parts: list[datasets.LocalData]
 
 
-def load_split(path: str, comm, dtype: np.dtype, what: str) -> Split:
+def load_split(path: str, cfg: Config, comm, what: str) -> Split:
     """Check the file and read this rank's slice; a problem on any rank stops all."""
     info = agree(comm, lambda: datasets.read_info(path))
-    if info.n < comm.size:
-        raise DataError(f"{path}: {info.n} {what} samples cannot be split over {comm.size} "
+    ordered = cfg.train.reduction == "deterministic"
+    units = -(-info.n // cfg.train.chunk) if ordered else info.n
+    if units < comm.size:
+        unit = f"chunks of {cfg.train.chunk} samples" if ordered else "samples"
+        raise DataError(f"{path}: {units} {what} {unit} cannot be split over {comm.size} "
                         f"ranks (every rank needs at least one)")
-    start, stop = datasets.partition(info.n, comm.size, comm.rank)
+    if ordered:
+        start, stop = datasets.chunk_partition(info.n, cfg.train.chunk, comm.size, comm.rank)
+    else:
+        start, stop = datasets.partition(info.n, comm.size, comm.rank)
+    dtype = np.dtype(cfg.train.dtype)
     local = agree(comm, lambda: datasets.read_slice(info, start, stop, dtype))
-    return Split(info, local)
+    return Split(info, datasets.split_parts(local, cfg.train.chunk if ordered else None))
 
 
 def load_data(cfg: Config, comm) -> tuple[Split, Split | None]:
-    dtype = np.dtype(cfg.train.dtype)
     train_path, test_path = agree(comm, lambda: datasets.resolve(cfg.data.dataset, cfg.data.test))
-    train = load_split(train_path, comm, dtype, "training")
-    test = load_split(test_path, comm, dtype, "test") if test_path else None
+    train = load_split(train_path, cfg, comm, "training")
+    test = load_split(test_path, cfg, comm, "test") if test_path else None
     if test is not None:
         a, b = train.info, test.info
         if (a.kind, a.dim, a.classes, a.many_to_many) != (b.kind, b.dim, b.classes,
@@ -65,22 +77,32 @@ def _split_metrics(prefix: str, sums: np.ndarray, many_to_many: bool, loss: str)
 
 
 def evaluate_params(params, cfg: Config, comm, train: Split, test: Split | None,
-                    extra: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
+                    extra: list[np.ndarray] | None = None) -> tuple[dict, np.ndarray | None]:
     """Train/test loss and accuracy of ``params`` from true forward passes, reduced
-    together with ``extra`` local sums in one Allreduce."""
+    together with ``extra`` (one vector per training part)."""
     act, loss, dtype = cfg.model.activation, cfg.model.loss, np.dtype(cfg.train.dtype)
-    parts = [loss_sums(params, train.local, act, loss, dtype)]
-    parts.append(loss_sums(params, test.local, act, loss, dtype) if test else np.zeros(3))
+    ordered = cfg.train.reduction == "deterministic"
+    vectors = [loss_sums(params, part, act, loss, dtype) for part in train.parts]
     if extra is not None:
-        parts.append(extra)
-    buf = comm.allreduce_sum(np.concatenate(parts))
+        vectors = [np.concatenate([v, e]) for v, e in zip(vectors, extra, strict=True)]
+    buf = sum_parts(comm, vectors, ordered)
     m2m = train.info.many_to_many
     metrics = _split_metrics("train", buf[0:3], m2m, loss)
     if test:
-        metrics.update(_split_metrics("test", buf[3:6], m2m, loss))
+        tbuf = sum_parts(comm, [loss_sums(params, part, act, loss, dtype) for part in test.parts],
+                         ordered)
+        metrics.update(_split_metrics("test", tbuf, m2m, loss))
     else:
         metrics.update({"test_loss": None, "test_accuracy": None})
-    return metrics, (buf[6:] if extra is not None else None)
+    return metrics, (buf[3:] if extra is not None else None)
+
+
+def _fault_iteration(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fault_rank, iteration = (int(v) for v in spec.split(":"))
+    return iteration if fault_rank == rank else None
 
 
 def run_training(cfg: Config, comm) -> dict:
@@ -95,27 +117,36 @@ def run_training(cfg: Config, comm) -> dict:
              info.steps, info.kind, info.dim, info.classes,
              ", many-to-many" if info.many_to_many else "",
              f"; test: {test.info.path} ({test.info.n})" if test else "; no test split")
-    engine = AdmmEngine(cfg, train.local, info.n, comm)
+    engine = AdmmEngine(cfg, train.parts, info.n, comm)
     out = RunOutput(out_dir, comm.rank == 0)
     out.write_config(cfg.to_toml())
     log.info("output: %s", out_dir)
     total = cfg.train.iterations
+    fault_at = _fault_iteration(comm.rank)
     progress = Progress(total, comm.rank, cfg.output.log_every)
     t_start = time.perf_counter()
-    t_iter = 0.0
+    timed = np.zeros(3)  # compute seconds, communication seconds, iterations (after warm-up)
     metrics: dict = {}
     try:
         for k in range(1, total + 1):
+            if k == fault_at:
+                raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
             evaluate = k % cfg.train.eval_every == 0 or k == total
+            comm_before = comm.timer.seconds
             t0 = time.perf_counter()
             sums = engine.iterate(want_sums=evaluate)
-            t_iter += time.perf_counter() - t0
+            t_iter = time.perf_counter() - t0
+            t_comm = comm.timer.seconds - comm_before
+            if k > TIMING_WARMUP:
+                timed += (t_iter - t_comm, t_comm, 1)
             if not evaluate:
                 progress.update(k, "")
                 continue
             metrics, reduced = evaluate_params(engine.params, cfg, comm, train, test, sums)
             metrics.update(engine.summarize(reduced))
-            record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start, **metrics}
+            t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm]))
+            record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start, **metrics,
+                      "t_compute_s": t_max[0], "t_comm_s": t_max[1]}
             out.metrics(record)
             if not np.isfinite(metrics["objective"]):
                 log.warning("objective is not finite at iteration %d: stopping", k)
@@ -125,6 +156,7 @@ def run_training(cfg: Config, comm) -> dict:
         if total == 0:
             metrics, _ = evaluate_params(engine.params, cfg, comm, train, test)
         wall = time.perf_counter() - t_start
+        per_iter = comm.allreduce_max(timed[:2] / max(timed[2], 1))
         summary = {
             "algo": cfg.train.algo,
             "parallel": "sync" if comm.size > 1 else "none",
@@ -133,14 +165,19 @@ def run_training(cfg: Config, comm) -> dict:
             **{k: metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
                                            "test_accuracy", "objective")},
             "wall_time_s": wall,
-            "time_per_iteration_s": t_iter / max(engine.iteration, 1),
+            "time_per_iteration_s": float(per_iter.sum()),
+            "t_compute_s": float(per_iter[0]),
+            "t_comm_s": float(per_iter[1]),
+            "bytes_reduced_per_iteration": engine.bytes_reduced_per_iteration,
             "config_hash": cfg.hash(),
         }
         if comm.rank == 0:
             save_weights(out.path("weights.h5"), engine.params, weights_meta(cfg, info))
         out.summary(summary)
-        log.info("done: %d iterations in %.1f s (%.3f s/iteration); train accuracy %.4f, "
-                 "test accuracy %s", engine.iteration, wall, summary["time_per_iteration_s"],
+        log.info("done: %d iterations in %.1f s (%.3f s/iteration, %.1f%% communication); "
+                 "train accuracy %.4f, test accuracy %s", engine.iteration, wall,
+                 summary["time_per_iteration_s"],
+                 100 * per_iter[1] / max(per_iter.sum(), 1e-12),
                  summary["train_accuracy"], _fmt(summary["test_accuracy"]))
         return summary
     finally:

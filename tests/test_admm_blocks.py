@@ -27,13 +27,13 @@ def _engine(act, kind, m2m, seed=0, **admm):
     overrides = {"model.hidden": 6, "model.activation": act, "train.seed": seed,
                  "model.init_scale": 1.5}
     overrides.update({f"admm.{k}": v for k, v in admm.items()})
-    return AdmmEngine(build_config(overrides=overrides), data, data.n, SerialComm())
+    return AdmmEngine(build_config(overrides=overrides), [data], data.n, SerialComm())
 
 
 def _perturb(engine, seed):
     """Move the auxiliaries off the feasible set so every block has work to do."""
     rng = np.random.default_rng(seed)
-    st = engine.state
+    st = engine.parts[0].state
     st.A += 0.5 * rng.standard_normal(st.A.shape)
     st.S[1:] += 0.5 * rng.standard_normal(st.S[1:].shape)
     st.O += rng.standard_normal(st.O.shape)
@@ -47,8 +47,8 @@ def test_no_block_increases_lagrangian(act, kind, m2m):
     tol = 1e-12
     for sweep in range(3):
         steps = [
-            ("U,W,b", lambda: eng.weights_in(eng._reduce_input_output(pen, False)[0], pen)),
-            ("V,c", lambda: eng.weights_out(eng._reduce_output(pen), pen)),
+            ("U,W,b", lambda: eng.weights_in(eng.reduce_input(pen), pen)),
+            ("V,c", lambda: eng.weights_out(eng.reduce_output(pen), pen)),
             ("a", lambda: eng.block_a(pen)),
             ("s", lambda: eng.block_s(pen)),
             ("o", lambda: eng.block_o(pen)),
@@ -72,8 +72,8 @@ def test_weight_blocks_are_exact_minimisers(act, kind, m2m):
     eng = _engine(act, kind, m2m, rho1=0.9, rho2=1.0, rho3=0.6, nu=0.02)
     _perturb(eng, 3)
     pen = eng.penalty(1)
-    eng.weights_in(eng._reduce_input_output(pen, False)[0], pen)
-    eng.weights_out(eng._reduce_output(pen), pen)
+    eng.weights_in(eng.reduce_input(pen), pen)
+    eng.weights_out(eng.reduce_output(pen), pen)
     rng = np.random.default_rng(4)
     # b is solved last among U, W, b and c last among V, c: both are exact minimisers given
     # the others; W is exact given U and the old b, so test the last block of each group.
@@ -107,12 +107,12 @@ def test_feasible_point_lagrangian_is_loss_plus_regulariser(mode, act, kind, m2m
     eng = _engine(act, kind, m2m, multipliers=mode, nu=0.05)
     pen = eng.penalty(1)
     p = eng.params
-    sums = loss_sums(p, eng.data, act, "ce")
+    sums = loss_sums(p, eng.parts[0].data, act, "ce")
     reg = 0.5 * 0.05 * (np.sum(p.U ** 2) + np.sum(p.W ** 2) + np.sum(p.V ** 2))
     # L is normalised per sample: the loss sum over output rows divided by N
     expected = sums[0] / eng.n_global + reg
     assert eng.lagrangian(pen) == pytest.approx(expected, rel=1e-12)
-    r = eng.residuals(pen, (False, False, False))
+    r = eng.residuals(pen, (False, False, False))[0]
     assert r[1] < 1e-20 and r[3] < 1e-20 and r[5] < 1e-20
 
 
@@ -121,8 +121,8 @@ def test_multiplier_step_is_rho_times_residual():
     _perturb(eng, 6)
     pen = eng.penalty(1)
     p = eng.params
-    st = eng.state
-    pre = np.einsum("tnd,hd->tnh", eng.data.inputs, p.U) + p.b
+    st = eng.parts[0].state
+    pre = np.einsum("tnd,hd->tnh", eng.parts[0].data.inputs, p.U) + p.b
     pre[1:] += np.einsum("tnh,kh->tnk", st.S[1:-1], p.W)
     r1 = st.A - pre
     r2 = st.S[1:] - np.tanh(st.A)
@@ -138,19 +138,19 @@ def test_fused_and_paper_statistics_match_explicit_sums():
     """The packed statistics equal sums written out per sample and step."""
     eng = _engine("tanh", "tokens", False, multipliers="all")
     _perturb(eng, 7)
-    eng.state.L1[...] = np.random.default_rng(8).standard_normal(eng.state.L1.shape)
+    eng.parts[0].state.L1[...] = np.random.default_rng(8).standard_normal(eng.parts[0].state.L1.shape)
     pen = eng.penalty(1)
-    st_in, st_out = eng._reduce_input_output(pen, True)
-    tok = eng.data.inputs
-    ah = eng.state.A + eng.state.L1 / pen.rho1
-    sp = eng.state.S[:-1]
-    onehot = np.eye(eng.data.info.dim)[tok]
+    st_in, st_out = eng.reduce_fused(pen)
+    tok = eng.parts[0].data.inputs
+    ah = eng.parts[0].state.A + eng.parts[0].state.L1 / pen.rho1
+    sp = eng.parts[0].state.S[:-1]
+    onehot = np.eye(eng.parts[0].data.info.dim)[tok]
     np.testing.assert_allclose(st_in["XSp"], np.einsum("tnd,tnh->dh", onehot, sp), atol=1e-12)
     np.testing.assert_allclose(st_in["XA"], np.einsum("tnd,tnh->dh", onehot, ah), atol=1e-12)
     np.testing.assert_allclose(st_in["SpSp"], np.einsum("tni,tnj->ij", sp, sp), atol=1e-12)
     np.testing.assert_allclose(st_in["SpA"], np.einsum("tni,tnj->ij", sp, ah), atol=1e-12)
-    s_last = eng.state.S[-1]
-    oh = eng.state.O[0] + eng.state.L3[0] / pen.rho3
+    s_last = eng.parts[0].state.S[-1]
+    oh = eng.parts[0].state.O[0] + eng.parts[0].state.L3[0] / pen.rho3
     np.testing.assert_allclose(st_out["SS"], s_last.T @ s_last, atol=1e-12)
     np.testing.assert_allclose(st_out["SO"], s_last.T @ oh, atol=1e-12)
 
@@ -167,10 +167,10 @@ def test_float32_tracks_float64():
     runs = []
     for dt, data in (("float64", data64), ("float32", data32)):
         cfg = build_config(overrides={"model.hidden": 5, "train.dtype": dt})
-        eng = AdmmEngine(cfg, data, data.n, SerialComm())
+        eng = AdmmEngine(cfg, [data], data.n, SerialComm())
         for _ in range(5):
             eng.iterate(want_sums=False)
-        assert eng.state.A.dtype == np.dtype(dt)
+        assert eng.parts[0].state.A.dtype == np.dtype(dt)
         runs.append(eng.params)
     np.testing.assert_allclose(runs[1].W, runs[0].W, rtol=1e-3, atol=1e-4)
 
@@ -183,7 +183,7 @@ def test_s_block_is_exact_minimiser(act, kind, m2m):
     eng.block_s(pen)
     base = eng.lagrangian(pen)
     rng = np.random.default_rng(11)
-    s = eng.state.S
+    s = eng.parts[0].state.S
     for t in (1, s.shape[0] - 1):
         orig = s[t].copy()
         s[t] += 1e-4 * rng.standard_normal(orig.shape)
