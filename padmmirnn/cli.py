@@ -89,12 +89,12 @@ def _evaluate(args, comm) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from padmmirnn.comm import abort_on_exception, make_comm
+    from padmmirnn.comm import abort_on_exception, launcher_rank, make_comm
     from padmmirnn.logs import setup_logging
 
     parallel = getattr(args, "parallel", None) or "auto"
     comm = None
-    rank, size = 0, 1
+    rank, size = launcher_rank(), 1
     try:
         if parallel not in ("auto", "none", "sync"):
             raise PadmmError(f"--parallel must be auto, none or sync; got {parallel!r}")

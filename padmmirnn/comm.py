@@ -27,6 +27,15 @@ def launched_by_mpi() -> bool:
     return any(k in os.environ for k in _MPI_ENV)
 
 
+def launcher_rank() -> int:
+    """This process's rank as the launcher's environment tells it (0 if unknown),
+    for reporting errors that happen before a communicator exists."""
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 class CommTimer:
     """Seconds spent in, and bytes sent through, array collectives (per rank)."""
 
@@ -143,9 +152,17 @@ class MPIComm:
 def make_comm(parallel: str):
     """The communicator for ``--parallel``: serial unless launched by MPI with >1 rank
     (``auto``) or asked for (``sync``)."""
-    if parallel == "none" or (parallel == "auto" and not launched_by_mpi()):
+    if parallel == "auto" and not launched_by_mpi():
         return SerialComm()
     comm = MPIComm()
+    if parallel == "none" and comm.size > 1:
+        size = comm.size
+        comm.free()
+        raise PadmmError(f"--parallel none was asked for, but the job has {size} ranks: "
+                         "start one process, or use --parallel sync")
+    if parallel == "none":
+        comm.free()
+        return SerialComm()
     if comm.size == 1 and parallel == "auto":
         comm.free()
         return SerialComm()

@@ -138,7 +138,8 @@ def test_fused_and_paper_statistics_match_explicit_sums():
     """The packed statistics equal sums written out per sample and step."""
     eng = _engine("tanh", "tokens", False, multipliers="all")
     _perturb(eng, 7)
-    eng.parts[0].state.L1[...] = np.random.default_rng(8).standard_normal(eng.parts[0].state.L1.shape)
+    lam1 = eng.parts[0].state.L1
+    lam1[...] = np.random.default_rng(8).standard_normal(lam1.shape)
     pen = eng.penalty(1)
     st_in, st_out = eng.reduce_fused(pen)
     tok = eng.parts[0].data.inputs
