@@ -13,9 +13,11 @@ with l softmax cross-entropy or 1/2 ||o - e_y||^2. Backward pass:
     dV = sum_t delta_t^T s_t,   dc = sum_t delta_t^T 1,
     dW = sum_t dL/da_t^T s_{t-1},   db = sum_t dL/da_t^T 1,   dU = sum_t dL/da_t^T x_t
 
-f' is evaluated from the stored states, so pre-activations are not kept. The
-products over all time steps are single BLAS GEMMs on 2-D views; the time loop
-holds one ``[n, h] x [h, h]`` product per step. Token inputs (``U x_t = U[:, j]``)
+f' is evaluated from the stored states ``[T + 1, n, h]``, so pre-activations
+are not kept. Each time step costs BLAS GEMMs on ``[n, h]`` blocks that stay in
+cache (forward: x_t U^T and s_{t-1} W^T; backward: dL/da_t W, dL/da_t^T s_{t-1}
+and dL/da_t^T x_t); the backward pass keeps only the current gradient block.
+Token inputs (``U x_t = U[:, j]``) gather columns of U in the forward pass and
 give ``dU[:, j]`` = the sum of the dL/da_t rows at positions holding token j, a
 segment sum (no one-hot matrices).
 """
@@ -24,9 +26,10 @@ import math
 
 import numba as nb
 import numpy as np
+
 from padmmirnn.kernels.activation import ACT_RELU, ACT_TANH
 from padmmirnn.kernels.output import LOSS_MSE
-from padmmirnn.kernels.tokens import gather_columns, segment_sum
+from padmmirnn.kernels.tokens import gather_columns
 
 
 @nb.njit(cache=True)
@@ -67,11 +70,12 @@ def output_delta(o, y, loss, scale):
 
 
 @nb.njit(cache=True)
-def step_backward(ds, extra, s, act, da):
-    """``da = (ds + extra) * f'(a)`` for one time step (``[n, h]`` arrays).
+def step_backward(ds, extra, s, act, da, db):
+    """``da = (ds + extra) * f'(a)`` for one time step (``[n, h]`` arrays), and
+    ``db += sum_i da_i``.
 
-    ``s = f(a)`` is the stored state; ``extra`` may be empty (then omitted) and may
-    be the same array as ``da``. Returns the sum over rows of ``||da_i||``.
+    ``s = f(a)`` is the stored state; ``extra`` may be empty (then omitted).
+    Returns the sum over rows of ``||da_i||``.
     """
     rows, cols = da.shape
     has_extra = extra.size > 0
@@ -88,20 +92,25 @@ def step_backward(ds, extra, s, act, da):
             else:
                 v = g * (1.0 - sij * sij)
             da[i, j] = v
+            db[j] += v
             sq += v * v
         total += math.sqrt(sq)
     return total
 
 
-def _activate(a: np.ndarray, act: int) -> None:
-    if act == ACT_TANH:
-        np.tanh(a, out=a)
-    else:
-        np.maximum(a, 0.0, out=a)
+@nb.njit(cache=True)
+def segment_add(tokens, values, out):
+    """``out[j] += sum of values[i] over rows i with tokens[i] == j`` (``out`` is
+    ``[vocab, h]``, ``values`` ``[R, h]``)."""
+    rows, cols = values.shape
+    for i in range(rows):
+        j = tokens[i]
+        for k in range(cols):
+            out[j, k] += values[i, k]
 
 
-def rnn_states(inputs: np.ndarray, U: np.ndarray, W: np.ndarray, b: np.ndarray,
-               act: int) -> np.ndarray:
+def forward_states(inputs: np.ndarray, U: np.ndarray, W: np.ndarray, b: np.ndarray,
+                   act: int) -> np.ndarray:
     """States ``[T + 1, n, h]`` of the forward pass (``s_0 = 0``) in the dtype of W.
 
     ``inputs`` is ``[T, n, d]`` float (dense) or ``[T, n]`` integer token ids.
@@ -111,20 +120,24 @@ def rnn_states(inputs: np.ndarray, U: np.ndarray, W: np.ndarray, b: np.ndarray,
     h = W.shape[0]
     states = np.empty((steps + 1, n, h), dtype)
     states[0] = 0.0
-    flat = states[1:].reshape(steps * n, h)
-    if inputs.ndim == 2:
-        gather_columns(np.ascontiguousarray(U.T, dtype), inputs.reshape(-1), flat)
-    else:
-        np.matmul(inputs.reshape(steps * n, -1).astype(dtype, copy=False), U.T.astype(dtype),
-                  out=flat)
-    flat += b.astype(dtype)
+    UT = np.ascontiguousarray(U.T, dtype)
     WT = np.ascontiguousarray(W.T)
+    b = b.astype(dtype, copy=False)
+    a = np.empty((n, h), dtype)
     rec = np.empty((n, h), dtype)
     for t in range(steps):
+        if inputs.ndim == 2:
+            gather_columns(UT, inputs[t], a)
+        else:
+            np.matmul(inputs[t], UT, out=a)
         if t:
             np.matmul(states[t], WT, out=rec)
-            states[t + 1] += rec
-        _activate(states[t + 1], act)
+            a += rec
+        a += b
+        if act == ACT_TANH:
+            np.tanh(a, out=states[t + 1])
+        else:
+            np.maximum(a, 0.0, out=states[t + 1])
     return states
 
 
@@ -150,8 +163,9 @@ def bptt(inputs: np.ndarray, targets: np.ndarray, U: np.ndarray, W: np.ndarray,
         raise ValueError(f"targets shape {targets.shape} does not fit inputs {inputs.shape}")
     dtype = W.dtype
     h = W.shape[0]
+    tokens = inputs.ndim == 2
     V = V.astype(dtype, copy=False)
-    states = rnn_states(inputs, U, W, b, act)
+    states = forward_states(inputs, U, W, b, act)
     many = outs == steps and steps > 1
     s_out = states[1:].reshape(steps * n, h) if many else states[steps]
     delta = s_out @ V.T
@@ -160,23 +174,32 @@ def bptt(inputs: np.ndarray, targets: np.ndarray, U: np.ndarray, W: np.ndarray,
     total = output_delta(delta, targets.reshape(-1), loss, 1.0 / rows)
     dV = delta.T @ s_out
     dc = delta.sum(axis=0)
-    da = np.empty((steps, n, h), dtype)
+    dW = np.zeros((h, h), dtype)
+    db = np.zeros(h, dtype)
+    dU = np.zeros((U.shape[1], h) if tokens else U.shape, dtype)  # dU^T for tokens
+    part_w = np.empty((h, h), dtype)
+    part_u = np.empty((0, 0) if tokens else U.shape, dtype)
     norms = np.empty(steps)
-    none = np.empty((0, 0), dtype)
-    if many:
-        np.matmul(delta, V, out=da.reshape(steps * n, h))
-        norms[-1] = step_backward(da[-1], none, states[steps], act, da[-1])
-    else:
-        norms[-1] = step_backward(delta @ V, none, states[steps], act, da[-1])
-    ds = np.empty((n, h), dtype)
-    for t in range(steps - 2, -1, -1):
-        np.matmul(da[t + 1], W, out=ds)
-        norms[t] = step_backward(ds, da[t] if many else none, states[t + 1], act, da[t])
-    da_flat = da.reshape(steps * n, h)
-    dW = da[1:].reshape(-1, h).T @ states[1:steps].reshape(-1, h)
-    db = da_flat.sum(axis=0)
-    if inputs.ndim == 2:
-        dU = np.ascontiguousarray(segment_sum(inputs.reshape(-1), da_flat, U.shape[1]).T)
-    else:
-        dU = da_flat.T @ inputs.reshape(steps * n, -1).astype(dtype, copy=False)
+    da = np.empty((n, h), dtype)
+    ds = np.zeros((n, h), dtype)
+    extra = np.empty((n, h), dtype)
+    for t in range(steps - 1, -1, -1):  # da = dL/da_{t+1}, the state is states[t + 1]
+        if t < steps - 1:
+            np.matmul(da, W, out=ds)
+        j = t if many else t - steps + 1  # output block of s_{t+1}, if any
+        if j >= 0:
+            np.matmul(delta[j * n:(j + 1) * n], V, out=extra)
+        norms[t] = step_backward(ds, extra if j >= 0 else extra[:0], states[t + 1], act, da,
+                                 db)
+        if t:
+            np.matmul(da.T, states[t], out=part_w)
+            dW += part_w
+        if tokens:
+            segment_add(inputs[t], da, dU)
+        else:
+            np.matmul(da.T, inputs[t].astype(dtype, copy=False), out=part_u)
+            dU += part_u
+    if tokens:
+        dU = np.ascontiguousarray(dU.T)
     return total / rows, dU, dW, db, dV, dc, norms
+
