@@ -63,6 +63,21 @@ class AdmmConfig:
 
 
 @dataclass(frozen=True)
+class OptimConfig:
+    """Gradient baselines (``train.algo`` other than admm); one iteration is one epoch."""
+
+    lr: float = 0.0  # 0: the algorithm's default (padmmirnn.data_parallel.DEFAULT_LR)
+    batch_size: int = 64
+    momentum: float = 0.9
+    schedule: str = "constant"
+    step_every: int = 10
+    step_factor: float = 0.5
+    clip_norm: float = 0.0  # 0: no clipping
+    celgc_gamma: float = 1.0
+    celgc_period: int = 4
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = ""
     log_every: int = 10
@@ -74,6 +89,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     admm: AdmmConfig = field(default_factory=AdmmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -99,7 +115,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation": ("tanh", "relu"),
     "model.loss": ("ce", "mse"),
     "model.w_init": ("orthogonal", "gaussian"),
-    "train.algo": ("admm",),
+    "train.algo": ("admm", "sgd", "momentum", "adam", "rmsprop", "adagrad", "celgc"),
+    "optim.schedule": ("constant", "step", "cosine"),
     "train.dtype": ("float64", "float32"),
     "train.parallel": ("auto", "none", "sync"),
     "train.reduction": ("fast", "deterministic"),
@@ -126,6 +143,14 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "admm.a_newton_steps": (0, False),
     "admm.o_newton_steps": (0, False),
     "output.log_every": (1, False),
+    "optim.lr": (0.0, False),
+    "optim.batch_size": (1, False),
+    "optim.momentum": (0.0, False),
+    "optim.step_every": (1, False),
+    "optim.step_factor": (0.0, True),
+    "optim.clip_norm": (0.0, False),
+    "optim.celgc_gamma": (0.0, True),
+    "optim.celgc_period": (1, False),
 }
 
 

@@ -16,9 +16,10 @@ from padmmirnn.admm import AdmmEngine
 from padmmirnn.checkpoint import save_weights
 from padmmirnn.comm import agree, sum_parts
 from padmmirnn.config import Config
+from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import DataError
 from padmmirnn.logs import Progress, get_logger
-from padmmirnn.model import loss_sums
+from padmmirnn.model import init_params, loss_sums
 from padmmirnn.outputs import RunOutput
 
 # Iterations excluded from the timing summary (compilation, caches, first touch).
@@ -29,7 +30,10 @@ FAULT_ENV = "PADMMIRNN_FAULT_INJECT"
 
 @dataclass
 class Split:
+    """A rank's slice of one split, whole and cut into the engine's parts."""
+
     info: datasets.DatasetInfo
+    local: datasets.LocalData
     parts: list[datasets.LocalData]
 
 
@@ -48,7 +52,7 @@ def load_split(path: str, cfg: Config, comm, what: str) -> Split:
         start, stop = datasets.partition(info.n, comm.size, comm.rank)
     dtype = np.dtype(cfg.train.dtype)
     local = agree(comm, lambda: datasets.read_slice(info, start, stop, dtype))
-    return Split(info, datasets.split_parts(local, cfg.train.chunk if ordered else None))
+    return Split(info, local, datasets.split_parts(local, cfg.train.chunk if ordered else None))
 
 
 def load_data(cfg: Config, comm) -> tuple[Split, Split | None]:
@@ -97,6 +101,54 @@ def evaluate_params(params, cfg: Config, comm, train: Split, test: Split | None,
     return metrics, (buf[3:] if extra is not None else None)
 
 
+class AdmmAlgorithm:
+    """One iteration = one ADMM iteration; extra metrics: objective and residuals."""
+
+    def __init__(self, cfg: Config, train: Split, comm):
+        self.engine = AdmmEngine(cfg, train.parts, train.info.n, comm)
+        self.bytes_per_iteration = self.engine.bytes_reduced_per_iteration
+
+    @property
+    def params(self):
+        return self.engine.params
+
+    @property
+    def iteration(self) -> int:
+        return self.engine.iteration
+
+    def step(self, evaluate: bool) -> list[np.ndarray] | None:
+        return self.engine.iterate(want_sums=evaluate)
+
+    def describe(self, reduced: np.ndarray | None) -> dict:
+        return self.engine.summarize(reduced)
+
+
+class GradientAlgorithm:
+    """One iteration = one epoch of mini-batch BPTT (data parallel or CELGC)."""
+
+    def __init__(self, cfg: Config, train: Split, comm):
+        info = train.info
+        params = init_params(info.dim, cfg.model.hidden, info.classes, cfg.train.seed,
+                             cfg.model.w_init, cfg.model.init_scale)
+        self.trainer = GradientTrainer(cfg, train.local, info.n, comm, params)
+        self.bytes_per_iteration = self.trainer.bytes_per_epoch
+        self.last: dict = {}
+
+    @property
+    def params(self):
+        return self.trainer.params
+
+    @property
+    def iteration(self) -> int:
+        return self.trainer.epochs
+
+    def step(self, evaluate: bool) -> None:
+        self.last = self.trainer.epoch()
+
+    def describe(self, reduced: None) -> dict:
+        return dict(self.last)
+
+
 def _fault_iteration(rank: int) -> int | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -117,7 +169,7 @@ def run_training(cfg: Config, comm) -> dict:
              info.steps, info.kind, info.dim, info.classes,
              ", many-to-many" if info.many_to_many else "",
              f"; test: {test.info.path} ({test.info.n})" if test else "; no test split")
-    engine = AdmmEngine(cfg, train.parts, info.n, comm)
+    algo = (AdmmAlgorithm if cfg.train.algo == "admm" else GradientAlgorithm)(cfg, train, comm)
     out = RunOutput(out_dir, comm.rank == 0)
     out.write_config(cfg.to_toml())
     log.info("output: %s", out_dir)
@@ -134,7 +186,7 @@ def run_training(cfg: Config, comm) -> dict:
             evaluate = k % cfg.train.eval_every == 0 or k == total
             comm_before = comm.timer.seconds
             t0 = time.perf_counter()
-            sums = engine.iterate(want_sums=evaluate)
+            sums = algo.step(evaluate)
             t_iter = time.perf_counter() - t0
             t_comm = comm.timer.seconds - comm_before
             if k > TIMING_WARMUP:
@@ -142,40 +194,41 @@ def run_training(cfg: Config, comm) -> dict:
             if not evaluate:
                 progress.update(k, "")
                 continue
-            metrics, reduced = evaluate_params(engine.params, cfg, comm, train, test, sums)
-            metrics.update(engine.summarize(reduced))
+            metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
+            metrics.update(algo.describe(reduced))
             t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm]))
             record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start, **metrics,
                       "t_compute_s": t_max[0], "t_comm_s": t_max[1]}
             out.metrics(record)
-            if not np.isfinite(metrics["objective"]):
-                log.warning("objective is not finite at iteration %d: stopping", k)
+            if not np.isfinite(metrics["train_loss"]):
+                log.warning("training loss is not finite at iteration %d: stopping", k)
                 break
             progress.update(k, _brief(metrics))
         progress.close()
         if total == 0:
-            metrics, _ = evaluate_params(engine.params, cfg, comm, train, test)
+            metrics, _ = evaluate_params(algo.params, cfg, comm, train, test)
         wall = time.perf_counter() - t_start
         per_iter = comm.allreduce_max(timed[:2] / max(timed[2], 1))
         summary = {
             "algo": cfg.train.algo,
             "parallel": "sync" if comm.size > 1 else "none",
             "ranks": comm.size,
-            "iterations": engine.iteration,
+            "iterations": algo.iteration,
             **{k: metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
                                            "test_accuracy", "objective")},
             "wall_time_s": wall,
             "time_per_iteration_s": float(per_iter.sum()),
+            "iteration_unit": "iteration" if cfg.train.algo == "admm" else "epoch",
             "t_compute_s": float(per_iter[0]),
             "t_comm_s": float(per_iter[1]),
-            "bytes_reduced_per_iteration": engine.bytes_reduced_per_iteration,
+            "bytes_reduced_per_iteration": algo.bytes_per_iteration,
             "config_hash": cfg.hash(),
         }
         if comm.rank == 0:
-            save_weights(out.path("weights.h5"), engine.params, weights_meta(cfg, info))
+            save_weights(out.path("weights.h5"), algo.params, weights_meta(cfg, info))
         out.summary(summary)
         log.info("done: %d iterations in %.1f s (%.3f s/iteration, %.1f%% communication); "
-                 "train accuracy %.4f, test accuracy %s", engine.iteration, wall,
+                 "train accuracy %.4f, test accuracy %s", algo.iteration, wall,
                  summary["time_per_iteration_s"],
                  100 * per_iter[1] / max(per_iter.sum(), 1e-12),
                  summary["train_accuracy"], _fmt(summary["test_accuracy"]))
@@ -197,5 +250,6 @@ def _fmt(v) -> str:
 
 
 def _brief(m: dict) -> str:
-    return (f"obj={m['objective']:.4g} train_acc={m['train_accuracy']:.4f} "
+    head = f"obj={m['objective']:.4g} " if "objective" in m else ""
+    return (f"{head}train_loss={m['train_loss']:.4g} train_acc={m['train_accuracy']:.4f} "
             f"test_acc={_fmt(m['test_accuracy'])}")

@@ -1,0 +1,143 @@
+"""Gradient baselines across ranks: synchronous data parallel and CELGC.
+
+* ``sync`` (SGD, momentum, Adam, RMSProp, Adagrad): every step uses one *global*
+  mini-batch, drawn from a permutation of the global sample indices keyed by
+  (seed, epoch), so the batches do not depend on the rank count. Each rank
+  computes the loss and gradient sums over the batch's samples it holds; one
+  Allreduce of a packed buffer gives the global mean gradient, which is clipped
+  by global norm and applied identically on every rank.
+* CELGC (Liu et al., NeurIPS 2022): each rank steps on its own samples with the
+  clipped step ``x <- x - min(eta, gamma/||g||) g`` and the weights are averaged
+  over ranks every I steps (one Allreduce). With one rank it is clipped SGD.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from padmmirnn.baselines import (
+    CELGC,
+    OPTIMIZERS,
+    Batch,
+    Optimizer,
+    clip_by_norm,
+    global_norm,
+    gradients,
+    make_schedule,
+)
+from padmmirnn.config import Config
+from padmmirnn.data import LocalData
+from padmmirnn.model import Params
+
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.02, "adam": 3e-3, "rmsprop": 1e-3, "adagrad": 0.05,
+              "celgc": 0.05}
+
+
+def _pack(p: Params, scale: float, extra: list[float]) -> np.ndarray:
+    return np.concatenate([getattr(p, k).ravel() * scale for k in Params.NAMES] + [extra])
+
+
+def _unpack(buf: np.ndarray, like: Params) -> Params:
+    arrays, lo = [], 0
+    for k in Params.NAMES:
+        a = getattr(like, k)
+        arrays.append(buf[lo:lo + a.size].reshape(a.shape).copy())
+        lo += a.size
+    return Params(*arrays)
+
+
+class GradientTrainer:
+    """One epoch per :meth:`epoch`, on the samples ``[data.start, data.stop)`` of
+    ``n_global``; ``params`` are identical on every rank after each epoch."""
+
+    def __init__(self, cfg: Config, data: LocalData, n_global: int, comm, params: Params):
+        self.cfg, self.o = cfg, cfg.optim
+        self.data, self.n_global, self.comm, self.params = data, n_global, comm, params
+        self.algo = cfg.train.algo
+        self.dtype = np.dtype(cfg.train.dtype)
+        lr = self.o.lr or DEFAULT_LR[self.algo]
+        batches = -(-n_global // self.o.batch_size)
+        schedule = make_schedule(self.o.schedule, lr, total=batches * cfg.train.iterations,
+                                 factor=self.o.step_factor, every=self.o.step_every * batches)
+        if self.algo == "celgc":
+            self.optimizer: Optimizer = CELGC(schedule, self.o.celgc_gamma, self.o.celgc_period,
+                                              self._average_params)
+        else:
+            kwargs = {"mu": self.o.momentum} if self.algo == "momentum" else {}
+            self.optimizer = OPTIMIZERS[self.algo](schedule, **kwargs)
+        self.epochs = 0
+        size = sum(getattr(params, k).size for k in Params.NAMES) + data.info.steps + 3
+        self.bytes_per_epoch = 8 * size * (1 if self.algo == "celgc" else batches)
+
+    def _average_params(self, p: Params) -> Params:
+        buf = self.comm.allreduce_sum(_pack(p, 1.0, []))
+        return _unpack(buf / self.comm.size, p)
+
+    def _local_batch(self, idx: np.ndarray) -> Batch:
+        d = self.data
+        mine = idx[(idx >= d.start) & (idx < d.stop)] - d.start
+        return Batch(np.take(d.inputs, mine, axis=1), np.take(d.targets, mine, axis=1))
+
+    def _sync_step(self, batch: Batch) -> tuple[float, float, np.ndarray]:
+        steps = self.data.info.steps
+        if batch.targets.shape[1]:
+            res = gradients(self.params, batch, self.cfg.model.activation, self.cfg.model.loss,
+                            self.dtype)
+            n = batch.targets.shape[1]
+            buf = _pack(res.grads, res.rows, [res.loss * res.rows, res.rows,
+                                              *(res.step_norms * n), n])
+        else:
+            zero = Params(*(np.zeros_like(getattr(self.params, k)) for k in Params.NAMES))
+            buf = _pack(zero, 0.0, [0.0] * (steps + 3))
+        self.comm.allreduce_sum(buf)
+        rows, samples = buf[-steps - 2], buf[-1]
+        grads = _unpack(buf / rows, self.params)
+        clip = self.o.clip_norm
+        norm = clip_by_norm(grads, clip) if clip > 0 else global_norm(grads)
+        self.optimizer.step(self.params, grads)
+        return buf[-steps - 3] / rows, norm, buf[-steps - 1:-1] / samples
+
+    def _celgc_step(self, batch: Batch) -> tuple[float, float, np.ndarray]:
+        res = gradients(self.params, batch, self.cfg.model.activation, self.cfg.model.loss,
+                        self.dtype)
+        norm = global_norm(res.grads)
+        self.optimizer.step(self.params, res.grads)
+        return res.loss, norm, res.step_norms
+
+    def epoch(self) -> dict:
+        """One pass; returns the mean batch loss, gradient norms and per-step norms."""
+        order = np.random.default_rng([self.cfg.train.seed, self.epochs]).permutation(
+            self.n_global)
+        B = self.o.batch_size
+        losses, norms, step_norms = [], [], np.zeros(self.data.info.steps)
+        if self.algo == "celgc":
+            # every rank walks its own samples in the global order; ranks agree on the
+            # number of local steps (that of the largest slice), smaller slices wrap around
+            d = self.data
+            mine = order[(order >= d.start) & (order < d.stop)]
+            largest = -(-self.n_global // self.comm.size)
+            n_steps = -(-largest // B)
+            for k in range(n_steps):
+                idx = np.take(mine, np.arange(k * B, (k + 1) * B) % len(mine))
+                loss, norm, sn = self._celgc_step(self._local_batch(idx))
+                losses.append(loss)
+                norms.append(norm)
+                step_norms += sn
+            if self.optimizer.t % self.o.celgc_period:
+                self._sync_weights()
+        else:
+            for lo in range(0, self.n_global, B):
+                loss, norm, sn = self._sync_step(self._local_batch(order[lo:lo + B]))
+                losses.append(loss)
+                norms.append(norm)
+                step_norms += sn
+        self.epochs += 1
+        return {"batch_loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+                "max_grad_norm": float(np.max(norms)),
+                "grad_step_norms": (step_norms / len(losses)).tolist()}
+
+    def _sync_weights(self) -> None:
+        """End an epoch with identical weights on every rank (CELGC's last average)."""
+        mean = self._average_params(self.params)
+        for k in Params.NAMES:
+            getattr(self.params, k)[...] = getattr(mean, k)
