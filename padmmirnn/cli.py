@@ -2,6 +2,8 @@
 
     padmmirnn train [--config FILE.toml] [--set key=value ...] [--dataset NAME|PATH]
                     [--algo admm] [--iterations N] [--seed S] [--out DIR]
+    padmmirnn compare --algos admm,adam,... [--budget-seconds S] [train options] --out DIR
+    padmmirnn data prepare adding --out NAME_train.h5 [--steps T] [--samples N]
     padmmirnn evaluate --weights FILE [--dataset NAME|PATH]
     padmmirnn --version
 
@@ -38,6 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default runs/ALGO-TIMESTAMP)")
     train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+    cmp_ = sub.add_parser("compare", help="train several algorithms on the same data and clock")
+    cmp_.add_argument("--algos", required=True, help="comma-separated, e.g. admm,adam,sgd")
+    cmp_.add_argument("--config", help="TOML configuration file (shared by all runs)")
+    cmp_.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    cmp_.add_argument("--dataset", help="built-in name or path of a dataset .h5 file")
+    cmp_.add_argument("--iterations", type=int,
+                      help="iterations (ADMM) / epochs (gradient methods) of each run")
+    cmp_.add_argument("--budget-seconds", type=float, help="wall-clock budget of each run")
+    cmp_.add_argument("--seed", type=int, help="random seed")
+    cmp_.add_argument("--parallel", help="auto (default), none or sync")
+    cmp_.add_argument("--out", required=True, help="output folder")
+    cmp_.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    cmp_.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="write a dataset in padmmirnn's HDF5 format")
+    prep.add_argument("kind", choices=("adding",), help="adding: the synthetic adding problem")
+    prep.add_argument("--out", required=True, help="output .h5 (NAME_train.h5 also writes "
+                      "NAME_test.h5 when --test-samples > 0)")
+    prep.add_argument("--steps", type=int, default=100, help="sequence length T")
+    prep.add_argument("--samples", type=int, default=4000)
+    prep.add_argument("--test-samples", type=int, default=1000)
+    prep.add_argument("--classes", type=int, default=10, help="bins of the target sum")
+    prep.add_argument("--seed", type=int, default=0)
+
     ev = sub.add_parser("evaluate", help="evaluate a weights file on a dataset")
     ev.add_argument("--weights", required=True, help="weights.h5 written by train")
     ev.add_argument("--dataset", default="default", help="built-in name or dataset .h5 path")
@@ -47,19 +75,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "train.iterations",
-             "seed": "train.seed", "parallel": "train.parallel", "out": "output.dir"}
+             "seed": "train.seed", "parallel": "train.parallel", "out": "output.dir",
+             "budget_seconds": "train.budget_seconds"}
 
 
-def _train(args, comm) -> int:
+def _config(args):
+    """The run configuration: file, then --set, then the explicit flags."""
     from padmmirnn.config import load_config, parse_override
-    from padmmirnn.train import run_training
 
     overrides = dict(parse_override(s) for s in args.set)
     for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    run_training(load_config(args.config, overrides), comm)
+    return load_config(args.config, overrides)
+
+
+def _train(args, comm) -> int:
+    from padmmirnn.train import run_training
+
+    run_training(_config(args), comm)
+    return 0
+
+
+def _compare(args, comm) -> int:
+    from pathlib import Path
+
+    from padmmirnn.compare import run_compare
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    if not algos or len(set(algos)) != len(algos):
+        raise PadmmError(f"--algos needs distinct algorithm names, got {args.algos!r}")
+    if args.budget_seconds and args.iterations is None:
+        args.iterations = 1_000_000  # the budget ends each run
+    cfg = _config(args)
+    out = Path(args.out)
+    run_compare(cfg, algos, out, comm, plots=not args.no_plots)
+    return 0
+
+
+def _data(args, comm) -> int:
+    from pathlib import Path
+
+    from padmmirnn import data as datasets
+
+    if comm.size > 1:
+        raise PadmmError("padmmirnn data runs on one process")
+    for name, value in (("--steps", args.steps), ("--samples", args.samples),
+                        ("--classes", args.classes)):
+        if value < 2:
+            raise PadmmError(f"{name} must be >= 2, got {value}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise PadmmError(f"{out}: folder {out.parent} does not exist")
+    targets = [(out, args.samples, args.seed)]
+    if args.test_samples > 0 and out.name.endswith("_train.h5"):
+        test = out.with_name(out.name[: -len("_train.h5")] + "_test.h5")
+        targets.append((test, args.test_samples, args.seed + 1))
+    for path, n, seed in targets:
+        x, y = datasets.make_adding(n, args.steps, seed, args.classes)
+        datasets.write_dataset(path, x, y, classes=args.classes, source=(
+            f"synthetic adding problem, T={args.steps}, seed={seed}, sum quantised into "
+            f"{args.classes} bins"), license="CC0-1.0 (generated)")
+        print(f"wrote {path}: {n} sequences of {args.steps} steps")
     return 0
 
 
@@ -101,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         comm = make_comm(parallel)
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))
-        handler = {"train": _train, "evaluate": _evaluate}[args.command]
+        handler = {"train": _train, "compare": _compare, "data": _data,
+                   "evaluate": _evaluate}[args.command]
         return handler(args, comm)
     except PadmmError as exc:
         if rank == 0:

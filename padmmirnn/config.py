@@ -44,6 +44,7 @@ class TrainConfig:
     reduction: str = "fast"
     chunk: int = 250
     eval_every: int = 1
+    budget_seconds: float = 0.0  # 0: no limit; else stop at the first iteration past it
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "train.seed": (0, False),
     "train.eval_every": (1, False),
     "train.chunk": (1, False),
+    "train.budget_seconds": (0.0, False),
     "admm.rho1": (0.0, True),
     "admm.rho2": (0.0, True),
     "admm.rho3": (0.0, True),

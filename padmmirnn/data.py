@@ -193,6 +193,29 @@ def read_slice(info: DatasetInfo, start: int, stop: int, dtype: np.dtype) -> Loc
     return LocalData(info, inputs, targets, start, stop)
 
 
+def make_adding(n: int, steps: int, seed: int, classes: int = 10
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The adding problem (Hochreiter & Schmidhuber), as classification.
+
+    Input ``[n, steps, 2]``: a value u_t ~ U(0, 1) and a marker that is 1 at one
+    random step of the first half and one of the second half. The target sum of
+    the two marked values (in [0, 2)) is quantised into ``classes`` equal bins, so
+    the class depends on inputs up to ``steps`` steps back.
+    """
+    rng = np.random.default_rng([seed, steps, n])
+    x = np.zeros((n, steps, 2), np.float32)
+    x[:, :, 0] = rng.random((n, steps))
+    half = steps // 2
+    first = rng.integers(0, half, n)
+    second = rng.integers(half, steps, n)
+    rows = np.arange(n)
+    x[rows, first, 1] = 1.0
+    x[rows, second, 1] = 1.0
+    total = x[rows, first, 0].astype(np.float64) + x[rows, second, 0]
+    y = np.minimum((total / 2.0 * classes).astype(np.int32), classes - 1)
+    return x, y
+
+
 def write_dataset(
     path: str | Path,
     inputs: np.ndarray,

@@ -149,6 +149,14 @@ class GradientAlgorithm:
         return dict(self.last)
 
 
+def _over_budget(cfg: Config, comm, t_start: float) -> bool:
+    """True on every rank once the slowest rank has used ``train.budget_seconds``."""
+    if cfg.train.budget_seconds <= 0:
+        return False
+    elapsed = comm.allreduce_max(np.array([time.perf_counter() - t_start]))[0]
+    return bool(elapsed >= cfg.train.budget_seconds)
+
+
 def _fault_iteration(rank: int) -> int | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -183,7 +191,8 @@ def run_training(cfg: Config, comm) -> dict:
         for k in range(1, total + 1):
             if k == fault_at:
                 raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
-            evaluate = k % cfg.train.eval_every == 0 or k == total
+            last = k == total or _over_budget(cfg, comm, t_start)
+            evaluate = last or k % cfg.train.eval_every == 0
             comm_before = comm.timer.seconds
             t0 = time.perf_counter()
             sums = algo.step(evaluate)
@@ -204,6 +213,8 @@ def run_training(cfg: Config, comm) -> dict:
                 log.warning("training loss is not finite at iteration %d: stopping", k)
                 break
             progress.update(k, _brief(metrics))
+            if last:
+                break
         progress.close()
         if total == 0:
             metrics, _ = evaluate_params(algo.params, cfg, comm, train, test)

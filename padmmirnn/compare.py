@@ -1,0 +1,100 @@
+"""``padmmirnn compare``: several algorithms on the same data, cores and clock.
+
+Each algorithm trains in turn (same communicator, same dataset, same seed) into
+``OUT/<algo>/``; then ``OUT/curves.csv`` holds every evaluated iteration of every
+run, ``OUT/time_to_accuracy.csv`` and ``.md`` the table (final and best test
+accuracy, wall time to reach each threshold) and the PNG plots show loss and
+accuracy against iterations and against wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from padmmirnn.config import Config, build_config
+from padmmirnn.logs import get_logger
+from padmmirnn.outputs import atomic_write_text
+from padmmirnn.train import run_training
+
+CURVE_KEYS = ("iteration", "wall_time_s", "train_loss", "train_accuracy", "test_loss",
+              "test_accuracy")
+THRESHOLDS = (0.5, 0.8)
+
+
+def time_to(rows: list[dict], threshold: float) -> float | None:
+    """Wall time of the first evaluation whose test (else train) accuracy >= threshold."""
+    for r in rows:
+        acc = r["test_accuracy"] if r.get("test_accuracy") is not None else r["train_accuracy"]
+        if acc >= threshold:
+            return r["wall_time_s"]
+    return None
+
+
+def table_rows(curves: dict[str, list[dict]], summaries: dict[str, dict]) -> list[dict]:
+    out = []
+    for algo, rows in curves.items():
+        accs = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
+        s = summaries[algo]
+        out.append({
+            "algo": algo, "iterations": s["iterations"], "unit": s["iteration_unit"],
+            "wall_time_s": round(s["wall_time_s"], 2),
+            "final_test_accuracy": s["test_accuracy"],
+            "best_test_accuracy": max(accs) if accs else None,
+            **{f"time_to_{int(100 * t)}pct_s": time_to(rows, t) for t in THRESHOLDS},
+        })
+    return out
+
+
+def _markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r[k]
+            cells.append("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(base: Config, algos: list[str], out_dir: Path, comm, plots: bool) -> list[dict]:
+    """Train each algorithm with ``base`` (its algo replaced) and write the comparison."""
+    if plots:
+        from padmmirnn.plots import require_matplotlib
+
+        require_matplotlib()
+    log = get_logger()
+    configs = {}
+    for algo in algos:  # validate every configuration before the first run
+        d = base.to_dict()
+        d["train"]["algo"] = algo
+        d["output"]["dir"] = str(out_dir / algo)
+        configs[algo] = build_config(d)
+    curves, summaries = {}, {}
+    for algo, cfg in configs.items():
+        log.info("compare: training %s", algo)
+        summaries[algo] = run_training(cfg, comm)
+        path = out_dir / algo / "metrics.jsonl"
+        curves[algo] = ([json.loads(line) for line in path.read_text().splitlines()]
+                        if comm.rank == 0 else [])
+    rows = table_rows(curves, summaries)
+    if comm.rank == 0:
+        with open(out_dir / "curves.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["algo", *CURVE_KEYS])
+            for algo, rs in curves.items():
+                for r in rs:
+                    w.writerow([algo, *(r.get(k) for k in CURVE_KEYS)])
+        with open(out_dir / "time_to_accuracy.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        atomic_write_text(out_dir / "time_to_accuracy.md", _markdown(rows))
+        if plots:
+            from padmmirnn.plots import plot_curves
+
+            plot_curves(curves, out_dir)
+        print(_markdown(rows), end="")
+    return rows
