@@ -1,14 +1,26 @@
 """HDF5 files of model state: the only module that writes weights and checkpoints.
 
 Weights files hold ``U, W, b, V, c`` and, as attributes, what is needed to use
-them again (activation, loss, input kind and sizes, the run's config and package
-version). Files are written under a temporary name, fsynced and renamed, so a
-reader never sees a half-written file.
+them again. Checkpoints (DESIGN.md section 6) add everything needed to resume:
+
+* ``weights/*``, ``state/*`` (per-sample ADMM arrays ``A, S, O, L1, L2, L3``,
+  sample-major ``[N, ...]`` in **global sample order**, so a restart may use any
+  rank count), ``optimizer/*`` (gradient methods);
+* attributes: iteration, elapsed seconds, config TOML and hash, package
+  version, world size and the partition, and ``complete = 1`` written last.
+
+Per-sample arrays are gathered to rank 0 one at a time (the h5py wheel has no
+MPI-IO) and written into one file under a temporary name, fsynced and renamed:
+a reader never sees a half-written checkpoint, and a job killed while writing
+leaves the previous one intact. Every dataset carries a Fletcher-32 checksum,
+so a corrupt file is detected on read; :func:`find_latest` skips it with a
+warning and falls back to the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,7 +29,18 @@ import numpy as np
 
 from padmmirnn._version import __version__
 from padmmirnn.errors import PadmmError
+from padmmirnn.logs import get_logger
 from padmmirnn.model import Params
+
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_h5(path: Path, fill) -> None:
@@ -30,6 +53,7 @@ def _atomic_h5(path: Path, fill) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -46,15 +70,155 @@ def save_weights(path: str | Path, params: Params, meta: dict) -> None:
     _atomic_h5(Path(path), fill)
 
 
+def _attrs(f) -> dict:
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return v.item() if v.size == 1 else v.tolist()
+        return v.item() if hasattr(v, "item") else v
+    return {k: plain(v) for k, v in f.attrs.items()}
+
+
 def load_weights(path: str | Path) -> tuple[Params, dict]:
-    """Read a weights file; raises :class:`PadmmError` with the file name if invalid."""
+    """Read a weights file or a checkpoint's weights; raises :class:`PadmmError`."""
     p = Path(path)
     if not p.is_file():
         raise PadmmError(f"{path}: weights file not found")
     try:
         with h5py.File(p, "r") as f:
-            arrays = [np.asarray(f[name][()], dtype=np.float64) for name in Params.NAMES]
-            meta = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            group = f["weights"] if "weights" in f else f
+            arrays = [np.asarray(group[name][()], dtype=np.float64) for name in Params.NAMES]
+            meta = _attrs(f)
     except (OSError, KeyError) as exc:
-        raise PadmmError(f"{path}: not a padmmirnn weights file ({exc})") from None
+        raise PadmmError(f"{path}: not a padmmirnn weights file or checkpoint ({exc})") from None
     return Params(*arrays), meta
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(directory: Path, iteration: int) -> Path:
+    return directory / f"ckpt-{iteration:08d}.h5"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files in ``directory``, newest (highest iteration) first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
+                     per_sample: dict[str, np.ndarray], arrays: dict[str, np.ndarray],
+                     attrs: dict, n_global: int, keep: int) -> Path:
+    """Collective: write checkpoint ``iteration`` and keep the newest ``keep``.
+
+    ``per_sample`` maps a name to this rank's sample-major block ``[n_local, ...]``
+    (ranks hold consecutive blocks in rank order); ``arrays`` are small global
+    arrays (optimizer state) identical on every rank. An error on rank 0 is raised
+    on every rank."""
+    path = checkpoint_path(directory, iteration)
+    error = None
+    if comm.rank == 0:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            error = f"cannot create checkpoint folder {directory}: {exc}"
+    error = comm.bcast(error)
+    if error:
+        raise PadmmError(error)
+
+    def fill(f):
+        w = f.create_group("weights")
+        for name, value in params.arrays().items():
+            w.create_dataset(name, data=value, fletcher32=True, chunks=True)
+        opt = f.create_group("optimizer")
+        for name, value in arrays.items():
+            if np.ndim(value):
+                opt.create_dataset(name, data=value, fletcher32=True, chunks=True)
+            else:
+                opt.attrs[name] = value  # scalars (step counts) as attributes
+        st = f.create_group("state")
+        for name in sorted(per_sample):
+            block = comm.gather_samples(per_sample[name], n_global)
+            st.create_dataset(name, data=block, fletcher32=True, chunks=True)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["iteration"] = iteration
+        f.attrs["n_global"] = n_global
+        f.attrs["padmmirnn_version"] = __version__
+        f.attrs["complete"] = 1
+
+    if comm.rank == 0:
+        try:
+            _atomic_h5(path, fill)
+            for old in list_checkpoints(directory)[keep:]:
+                old.unlink(missing_ok=True)
+        except Exception as exc:  # report on every rank, do not leave others waiting
+            error = f"writing checkpoint {path} failed: {exc}"
+    else:
+        for name in sorted(per_sample):
+            comm.gather_samples(per_sample[name], n_global)
+    error = comm.bcast(error)
+    if error:
+        raise PadmmError(error)
+    return path
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if ``path`` is a complete checkpoint whose checksums all verify, else why not."""
+    try:
+        with h5py.File(path, "r") as f:
+            if int(f.attrs.get("complete", 0)) != 1:
+                return "incomplete (no 'complete' attribute)"
+            for group in ("weights", "state", "optimizer"):
+                for ds in f[group].values():
+                    ds[()]  # reading verifies the Fletcher-32 checksum of every chunk
+    except (OSError, KeyError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    return None
+
+
+def find_latest(directory: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+    log = get_logger()
+    for path in list_checkpoints(directory):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is %s: skipping it", path, problem)
+    return None
+
+
+def read_checkpoint(path: Path, start: int, stop: int) -> tuple[Params, dict, dict, dict]:
+    """Weights, attributes, optimizer arrays and this rank's slice ``[start, stop)``
+    of every per-sample array (sample-major)."""
+    with h5py.File(path, "r") as f:
+        params = Params(*(np.asarray(f["weights"][k][()], np.float64) for k in Params.NAMES))
+        attrs = _attrs(f)
+        opt = {**_attrs(f["optimizer"]), **{k: ds[()] for k, ds in f["optimizer"].items()}}
+        state = {k: ds[start:stop] for k, ds in f["state"].items()}
+    return params, attrs, opt, state
+
+
+def describe_checkpoint(path: Path) -> str:
+    """A human-readable listing of what a checkpoint holds."""
+    problem = verify_checkpoint(path)
+    lines = [f"checkpoint {path}", f"  integrity: {'ok' if problem is None else problem}"]
+    try:
+        with h5py.File(path, "r") as f:
+            for key, value in sorted(_attrs(f).items()):
+                if key == "config_toml":
+                    continue
+                lines.append(f"  {key}: {value}")
+            for group in ("weights", "state", "optimizer"):
+                if group in f:
+                    for name, ds in f[group].items():
+                        lines.append(f"  {group}/{name}: {ds.shape} {ds.dtype}")
+            if "config_toml" in f.attrs:
+                lines.append("  config:")
+                lines.extend("    " + ln for ln in str(f.attrs["config_toml"]).splitlines())
+    except OSError as exc:
+        lines.append(f"  cannot open: {exc}")
+    return "\n".join(lines)

@@ -4,7 +4,8 @@
                     [--algo admm] [--iterations N] [--seed S] [--out DIR]
     padmmirnn compare --algos admm,adam,... [--budget-seconds S] [train options] --out DIR
     padmmirnn data prepare adding --out NAME_train.h5 [--steps T] [--samples N]
-    padmmirnn evaluate --weights FILE [--dataset NAME|PATH]
+    padmmirnn evaluate --weights FILE | --checkpoint FILE [--dataset NAME|PATH]
+    padmmirnn checkpoint inspect FILE
     padmmirnn --version
 
 A user error (bad config, bad data) prints one line ``padmmirnn: error: ...`` and
@@ -38,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--parallel", help="auto (default), none or sync")
     train.add_argument("--out", help="output folder (default runs/ALGO-TIMESTAMP)")
+    train.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="write a checkpoint every N iterations")
+    train.add_argument("--checkpoint-dir", help="checkpoint folder (default OUT/checkpoints)")
+    train.add_argument("--keep-checkpoints", type=int, metavar="K", help="keep the newest K")
+    train.add_argument("--resume", metavar="latest|PATH|none",
+                       help="resume from the newest valid checkpoint or a given file")
+    train.add_argument("--force", action="store_true", default=None,
+                       help="resume even if the checkpoint's configuration differs")
+    train.add_argument("--max-walltime", type=float, metavar="SECONDS",
+                       help="checkpoint and exit 0 once this much time has passed")
     train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     cmp_ = sub.add_parser("compare", help="train several algorithms on the same data and clock")
@@ -66,9 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--classes", type=int, default=10, help="bins of the target sum")
     prep.add_argument("--seed", type=int, default=0)
 
-    ev = sub.add_parser("evaluate", help="evaluate a weights file on a dataset")
-    ev.add_argument("--weights", required=True, help="weights.h5 written by train")
-    ev.add_argument("--dataset", default="default", help="built-in name or dataset .h5 path")
+    ck = sub.add_parser("checkpoint", help="checkpoint tools")
+    cksub = ck.add_subparsers(dest="checkpoint_command", required=True)
+    inspect = cksub.add_parser("inspect", help="print what a checkpoint holds")
+    inspect.add_argument("path")
+
+    ev = sub.add_parser("evaluate", help="evaluate weights or a checkpoint on a dataset")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="weights.h5 written by train")
+    src.add_argument("--checkpoint", help="a checkpoint file (its weights are evaluated)")
+    ev.add_argument("--dataset", help="built-in name or dataset .h5 path (default: the "
+                    "checkpoint's dataset, else the built-in default)")
     ev.add_argument("--split", choices=("test", "train"), default="test",
                     help="which split of a built-in dataset (default test)")
     return parser
@@ -76,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "train.iterations",
              "seed": "train.seed", "parallel": "train.parallel", "out": "output.dir",
-             "budget_seconds": "train.budget_seconds"}
+             "budget_seconds": "train.budget_seconds", "checkpoint_every": "checkpoint.every",
+             "checkpoint_dir": "checkpoint.dir", "keep_checkpoints": "checkpoint.keep",
+             "resume": "checkpoint.resume", "force": "checkpoint.force",
+             "max_walltime": "checkpoint.max_walltime"}
 
 
 def _config(args):
@@ -148,12 +170,19 @@ def _evaluate(args, comm) -> int:
     from padmmirnn.checkpoint import load_weights
     from padmmirnn.model import loss_sums
 
-    params, meta = load_weights(args.weights)
-    train_path, test_path = datasets.resolve(args.dataset)
+    params, meta = load_weights(args.weights or args.checkpoint)
+    if args.checkpoint:
+        from padmmirnn.config import load_config_text
+
+        cfg = load_config_text(meta["config_toml"])
+        meta.update({"activation": cfg.model.activation, "loss": cfg.model.loss,
+                     "input_dim": params.U.shape[1], "classes": params.V.shape[0]})
+        if args.dataset is None:
+            args.dataset = cfg.data.dataset
+    train_path, test_path = datasets.resolve(args.dataset or "default")
     path = test_path if args.split == "test" and test_path else train_path
     info = datasets.read_info(path)
-    if (info.kind, info.dim, info.classes) != (meta["input_kind"], meta["input_dim"],
-                                               meta["classes"]):
+    if (info.dim, info.classes) != (meta["input_dim"], meta["classes"]):
         raise PadmmError(f"{path}: dataset ({info.kind}, input size {info.dim}, {info.classes} "
                          f"classes) does not fit the weights {args.weights}")
     start, stop = datasets.partition(info.n, comm.size, comm.rank)
@@ -162,6 +191,18 @@ def _evaluate(args, comm) -> int:
     if comm.rank == 0:
         print(json.dumps({"dataset": path, "samples": info.n, "loss": sums[0] / sums[2],
                           "accuracy": sums[1] / sums[2]}))
+    return 0
+
+
+def _checkpoint(args, comm) -> int:
+    from pathlib import Path
+
+    from padmmirnn.checkpoint import describe_checkpoint
+
+    if comm.rank == 0:
+        if not Path(args.path).is_file():
+            raise PadmmError(f"{args.path}: checkpoint file not found")
+        print(describe_checkpoint(Path(args.path)))
     return 0
 
 
@@ -180,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))
         handler = {"train": _train, "compare": _compare, "data": _data,
-                   "evaluate": _evaluate}[args.command]
+                   "checkpoint": _checkpoint, "evaluate": _evaluate}[args.command]
         return handler(args, comm)
     except PadmmError as exc:
         if rank == 0:

@@ -81,6 +81,9 @@ class SerialComm:
     def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
         return rows
 
+    def gather_samples(self, block: np.ndarray, n_global: int) -> np.ndarray:
+        return block
+
     def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
         return buf
 
@@ -136,6 +139,24 @@ class MPIComm:
 
     def bcast(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)
+
+    def gather_samples(self, block: np.ndarray, n_global: int) -> np.ndarray | None:
+        """Concatenate every rank's sample-major block ``[n_r, ...]`` on rank 0, in
+        rank order (= global sample order); other ranks get None."""
+        t0 = time.perf_counter()
+        block = np.ascontiguousarray(block)
+        row = int(np.prod(block.shape[1:], dtype=np.int64))
+        counts = np.array(self.comm.gather(block.shape[0], root=0) or [0]) * row
+        out = None
+        if self.rank == 0:
+            out = np.empty((n_global, *block.shape[1:]), block.dtype)
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            recv = [out, counts, displs, self._MPI.Datatype.fromcode(block.dtype.char)]
+        else:
+            recv = None
+        self.comm.Gatherv(block, recv, root=0)
+        self.timer.seconds += time.perf_counter() - t0
+        return out
 
     def allgather(self, obj) -> list:
         return self.comm.allgather(obj)

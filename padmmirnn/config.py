@@ -79,6 +79,16 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # iterations between checkpoints; 0: only on a graceful stop
+    dir: str = ""  # default: OUTPUT/checkpoints
+    keep: int = 3
+    resume: str = "none"  # none | latest | PATH of a checkpoint file
+    force: bool = False  # resume even if the checkpoint's configuration differs
+    max_walltime: float = 0.0  # seconds; checkpoint and exit 0 once past it (0: off)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = ""
     log_every: int = 10
@@ -91,6 +101,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -106,11 +117,18 @@ class Config:
         return "\n".join(lines)
 
     def hash(self) -> str:
-        """SHA-256 of the configuration, without the output settings."""
+        """SHA-256 of what determines the iterates: the configuration without the
+        output, checkpoint and run-control settings (a resumed run may change those)."""
         d = self.to_dict()
-        d.pop("output")
+        for section in ("output", "checkpoint"):
+            d.pop(section)
+        for key in RUN_CONTROL:
+            d["train"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
+
+# train.* keys that control a run without changing its iterates
+RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation": ("tanh", "relu"),
@@ -145,6 +163,9 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "admm.a_newton_steps": (0, False),
     "admm.o_newton_steps": (0, False),
     "output.log_every": (1, False),
+    "checkpoint.every": (0, False),
+    "checkpoint.keep": (1, False),
+    "checkpoint.max_walltime": (0.0, False),
     "optim.lr": (0.0, False),
     "optim.batch_size": (1, False),
     "optim.momentum": (0.0, False),
@@ -252,6 +273,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return key, value
+
+
+def load_config_text(text: str) -> Config:
+    """A configuration from TOML text (as saved in outputs and checkpoints)."""
+    return build_config(tomllib.loads(text))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -30,13 +30,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 class RunOutput:
     """The output folder of one run (a no-op on ranks other than 0)."""
 
-    def __init__(self, directory: str | Path, active: bool):
+    def __init__(self, directory: str | Path, active: bool, resume_after: int | None = None):
+        """``resume_after``: a resumed run keeps the metrics lines up to that iteration
+        (a killed run may have logged past its last checkpoint) and appends."""
         self.dir = Path(directory)
         self.active = active
         self._metrics = None
         if active:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._metrics = open(self.dir / "metrics.jsonl", "w")
+            path = self.dir / "metrics.jsonl"
+            kept = ""
+            if resume_after is not None and path.exists():
+                kept = "".join(line for line in path.read_text().splitlines(keepends=True)
+                               if json.loads(line)["iteration"] <= resume_after)
+            atomic_write_text(path, kept)
+            self._metrics = open(path, "a")
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +15,17 @@ import numpy as np
 from padmmirnn import data as datasets
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine
-from padmmirnn.checkpoint import save_weights
+from padmmirnn.checkpoint import (
+    find_latest,
+    read_checkpoint,
+    save_weights,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from padmmirnn.comm import agree, sum_parts
 from padmmirnn.config import Config
 from padmmirnn.data_parallel import GradientTrainer
-from padmmirnn.errors import DataError
+from padmmirnn.errors import DataError, PadmmError
 from padmmirnn.logs import Progress, get_logger
 from padmmirnn.model import init_params, loss_sums
 from padmmirnn.outputs import RunOutput
@@ -104,8 +112,10 @@ def evaluate_params(params, cfg: Config, comm, train: Split, test: Split | None,
 class AdmmAlgorithm:
     """One iteration = one ADMM iteration; extra metrics: objective and residuals."""
 
-    def __init__(self, cfg: Config, train: Split, comm):
-        self.engine = AdmmEngine(cfg, train.parts, train.info.n, comm)
+    STATE = ("A", "S", "O", "L1", "L2", "L3")
+
+    def __init__(self, cfg: Config, train: Split, comm, params=None):
+        self.engine = AdmmEngine(cfg, train.parts, train.info.n, comm, params)
         self.bytes_per_iteration = self.engine.bytes_reduced_per_iteration
 
     @property
@@ -122,14 +132,43 @@ class AdmmAlgorithm:
     def describe(self, reduced: np.ndarray | None) -> dict:
         return self.engine.summarize(reduced)
 
+    def _arrays(self, part, name: str) -> np.ndarray:
+        """A time-major state array of a part (s_0 = 0 is not state)."""
+        a = getattr(part.state, name)
+        return a[1:] if name == "S" else a
+
+    def per_sample(self) -> dict[str, np.ndarray]:
+        """This rank's state, sample-major ``[n_local, ...]``, parts in order."""
+        out = {}
+        for name in self.STATE:
+            blocks = [self._arrays(p, name) for p in self.engine.parts]
+            if blocks[0].size:
+                out[name] = np.concatenate([np.moveaxis(b, 1, 0) for b in blocks])
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, iteration: int, per_sample: dict, arrays: dict) -> None:
+        lo = 0
+        for part in self.engine.parts:
+            n = part.data.n
+            for name in self.STATE:
+                target = self._arrays(part, name)
+                if target.size:
+                    target[...] = np.moveaxis(per_sample[name][lo:lo + n], 0, 1)
+            lo += n
+        self.engine.iteration = iteration
+
 
 class GradientAlgorithm:
     """One iteration = one epoch of mini-batch BPTT (data parallel or CELGC)."""
 
-    def __init__(self, cfg: Config, train: Split, comm):
+    def __init__(self, cfg: Config, train: Split, comm, params=None):
         info = train.info
-        params = init_params(info.dim, cfg.model.hidden, info.classes, cfg.train.seed,
-                             cfg.model.w_init, cfg.model.init_scale)
+        if params is None:
+            params = init_params(info.dim, cfg.model.hidden, info.classes, cfg.train.seed,
+                                 cfg.model.w_init, cfg.model.init_scale)
         self.trainer = GradientTrainer(cfg, train.local, info.n, comm, params)
         self.bytes_per_iteration = self.trainer.bytes_per_epoch
         self.last: dict = {}
@@ -148,13 +187,39 @@ class GradientAlgorithm:
     def describe(self, reduced: None) -> dict:
         return dict(self.last)
 
+    def per_sample(self) -> dict[str, np.ndarray]:
+        return {}
 
-def _over_budget(cfg: Config, comm, t_start: float) -> bool:
-    """True on every rank once the slowest rank has used ``train.budget_seconds``."""
-    if cfg.train.budget_seconds <= 0:
-        return False
-    elapsed = comm.allreduce_max(np.array([time.perf_counter() - t_start]))[0]
-    return bool(elapsed >= cfg.train.budget_seconds)
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.trainer.optimizer.state_dict().items()}
+
+    def restore(self, iteration: int, per_sample: dict, arrays: dict) -> None:
+        self.trainer.optimizer.load_state_dict(arrays)
+        self.trainer.epochs = iteration
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1 (Slurm --signal) set a flag; the loop acts on it at the next
+    iteration boundary, when all ranks agree (max over ranks)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _fault_iteration(rank: int) -> int | None:
@@ -165,58 +230,138 @@ def _fault_iteration(rank: int) -> int | None:
     return iteration if fault_rank == rank else None
 
 
+def _checkpoint_dir(cfg: Config, out_dir: str) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(out_dir) / "checkpoints"
+
+
+def _choose_resume(cfg: Config, comm, ckpt_dir: Path) -> Path | None:
+    """Rank 0 picks the checkpoint to resume from (verified) and tells every rank."""
+    choice = cfg.checkpoint.resume
+    result: tuple[str | None, str | None] = (None, None)
+    if comm.rank == 0 and choice != "none":
+        if choice == "latest":
+            found = find_latest(ckpt_dir)
+            if found is None:
+                get_logger().info("no usable checkpoint in %s: starting from scratch", ckpt_dir)
+            result = (str(found) if found else None, None)
+        else:
+            problem = verify_checkpoint(Path(choice)) if Path(choice).is_file() else "not found"
+            result = (choice, None) if problem is None else (None, f"checkpoint {choice} is "
+                                                                   f"{problem}")
+    path, error = comm.bcast(result)
+    if error:
+        raise PadmmError(error)
+    return Path(path) if path else None
+
+
+def _load_resume(cfg: Config, comm, path: Path, n_global: int, local) -> tuple:
+    params, attrs, arrays, per_sample = read_checkpoint(path, local.start, local.stop)
+    if attrs.get("config_hash") != cfg.hash() and not cfg.checkpoint.force:
+        raise PadmmError(f"checkpoint {path} was written with a different configuration "
+                         f"(hash {str(attrs.get('config_hash'))[:12]}..., this run "
+                         f"{cfg.hash()[:12]}...); resume with the same settings or pass --force")
+    if attrs.get("n_global") != n_global or attrs.get("algo") != cfg.train.algo:
+        raise PadmmError(f"checkpoint {path} is for {attrs.get('algo')} on "
+                         f"{attrs.get('n_global')} samples, not {cfg.train.algo} on {n_global}")
+    return params, attrs, arrays, per_sample
+
+
 def run_training(cfg: Config, comm) -> dict:
     """Train with ``cfg`` on ``comm``; returns the summary (identical on every rank)."""
     log = get_logger()
     train, test = load_data(cfg, comm)
+    out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
+    ckpt_dir = _checkpoint_dir(cfg, out_dir)
+    info = train.info
+    resume = _choose_resume(cfg, comm, ckpt_dir)
+    if resume is not None:
+        params, attrs, arrays, per_sample = agree(
+            comm, lambda: _load_resume(cfg, comm, resume, info.n, train.local))
     log.info("padmmirnn %s, %d rank(s); configuration:\n%s", __version__, comm.size,
              cfg.to_toml().rstrip())
-    out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
-    info = train.info
     log.info("data: %s (%d samples, T=%d, %s input size %d, %d classes%s)%s", info.path, info.n,
              info.steps, info.kind, info.dim, info.classes,
              ", many-to-many" if info.many_to_many else "",
              f"; test: {test.info.path} ({test.info.n})" if test else "; no test split")
-    algo = (AdmmAlgorithm if cfg.train.algo == "admm" else GradientAlgorithm)(cfg, train, comm)
-    out = RunOutput(out_dir, comm.rank == 0)
+    kind = AdmmAlgorithm if cfg.train.algo == "admm" else GradientAlgorithm
+    elapsed_before = 0.0
+    if resume is not None:
+        algo = kind(cfg, train, comm, params)
+        algo.restore(int(attrs["iteration"]), per_sample, arrays)
+        elapsed_before = float(attrs.get("elapsed_s", 0.0))
+        log.info("resumed from %s (iteration %d, written by %s rank(s))", resume,
+                 algo.iteration, attrs.get("world_size"))
+    else:
+        algo = kind(cfg, train, comm)
+    out = RunOutput(out_dir, comm.rank == 0, resume_after=algo.iteration if resume else None)
     out.write_config(cfg.to_toml())
     log.info("output: %s", out_dir)
     total = cfg.train.iterations
     fault_at = _fault_iteration(comm.rank)
     progress = Progress(total, comm.rank, cfg.output.log_every)
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed_before
     timed = np.zeros(3)  # compute seconds, communication seconds, iterations (after warm-up)
     metrics: dict = {}
+    stopped = None
+    ran = 0  # iterations run by this process (the first TIMING_WARMUP are not timed)
+
+    starts = comm.allgather(train.local.start)
+
+    def save_checkpoint() -> Path:
+        t0 = time.perf_counter()
+        path = write_checkpoint(
+            comm, ckpt_dir, algo.iteration, params=algo.params, per_sample=algo.per_sample(),
+            arrays=algo.arrays(), n_global=info.n, keep=cfg.checkpoint.keep,
+            attrs={"algo": cfg.train.algo, "config_toml": cfg.to_toml(),
+                   "config_hash": cfg.hash(), "world_size": comm.size,
+                   "partition": np.array(starts + [info.n]),
+                   "elapsed_s": time.perf_counter() - t_start})
+        log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
+        return path
+
     try:
-        for k in range(1, total + 1):
-            if k == fault_at:
-                raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
-            last = k == total or _over_budget(cfg, comm, t_start)
-            evaluate = last or k % cfg.train.eval_every == 0
-            comm_before = comm.timer.seconds
-            t0 = time.perf_counter()
-            sums = algo.step(evaluate)
-            t_iter = time.perf_counter() - t0
-            t_comm = comm.timer.seconds - comm_before
-            if k > TIMING_WARMUP:
-                timed += (t_iter - t_comm, t_comm, 1)
-            if not evaluate:
-                progress.update(k, "")
-                continue
-            metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
-            metrics.update(algo.describe(reduced))
-            t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm]))
-            record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start, **metrics,
-                      "t_compute_s": t_max[0], "t_comm_s": t_max[1]}
-            out.metrics(record)
-            if not np.isfinite(metrics["train_loss"]):
-                log.warning("training loss is not finite at iteration %d: stopping", k)
-                break
-            progress.update(k, _brief(metrics))
-            if last:
-                break
+        with StopSignals() as signals:
+            for k in range(algo.iteration + 1, total + 1):
+                if k == fault_at:
+                    raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
+                over_budget, stopped = _control(cfg, comm, t_start, signals)
+                if stopped:
+                    break
+                last = k == total or over_budget
+                evaluate = last or k % cfg.train.eval_every == 0
+                comm_before = comm.timer.seconds
+                t0 = time.perf_counter()
+                sums = algo.step(evaluate)
+                t_iter = time.perf_counter() - t0
+                t_comm = comm.timer.seconds - comm_before
+                ran += 1
+                if ran > TIMING_WARMUP:
+                    timed += (t_iter - t_comm, t_comm, 1)
+                if cfg.checkpoint.every and k % cfg.checkpoint.every == 0:
+                    save_checkpoint()
+                if not evaluate:
+                    progress.update(k, "")
+                    continue
+                metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
+                metrics.update(algo.describe(reduced))
+                t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm]))
+                record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start,
+                          **metrics, "t_compute_s": t_max[0], "t_comm_s": t_max[1]}
+                out.metrics(record)
+                if not np.isfinite(metrics["train_loss"]):
+                    log.warning("training loss is not finite at iteration %d: stopping", k)
+                    break
+                progress.update(k, _brief(metrics))
+                if last:
+                    break
         progress.close()
-        if total == 0:
+        if stopped:
+            path = save_checkpoint()
+            log.warning("stopped by %s at iteration %d; checkpoint %s. Resume with the same "
+                        "command plus: --resume latest%s", stopped, algo.iteration, path,
+                        "" if ckpt_dir == Path(out_dir) / "checkpoints"
+                        else f" --checkpoint-dir {ckpt_dir}")
+        if not metrics:
             metrics, _ = evaluate_params(algo.params, cfg, comm, train, test)
         wall = time.perf_counter() - t_start
         per_iter = comm.allreduce_max(timed[:2] / max(timed[2], 1))
@@ -234,6 +379,8 @@ def run_training(cfg: Config, comm) -> dict:
             "t_comm_s": float(per_iter[1]),
             "bytes_reduced_per_iteration": algo.bytes_per_iteration,
             "config_hash": cfg.hash(),
+            "stopped": stopped,
+            "resumed_from": str(resume) if resume else None,
         }
         if comm.rank == 0:
             save_weights(out.path("weights.h5"), algo.params, weights_meta(cfg, info))
@@ -246,6 +393,20 @@ def run_training(cfg: Config, comm) -> dict:
         return summary
     finally:
         out.close()
+
+
+def _control(cfg: Config, comm, t_start: float, signals: StopSignals) -> tuple[bool, str | None]:
+    """Decisions all ranks must take together, from one max-reduction: is the
+    training budget used up, and must the run stop (signal on any rank, walltime)?"""
+    flags = comm.allreduce_max(np.array([time.perf_counter() - t_start,
+                                         float(signals.received)]))
+    elapsed, signum = flags
+    if signum:
+        return False, signal.Signals(int(signum)).name
+    wall = cfg.checkpoint.max_walltime
+    if wall and elapsed >= wall:
+        return False, f"--max-walltime {wall:g} s"
+    return bool(cfg.train.budget_seconds and elapsed >= cfg.train.budget_seconds), None
 
 
 def weights_meta(cfg: Config, info: datasets.DatasetInfo) -> dict:
