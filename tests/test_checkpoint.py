@@ -26,7 +26,7 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
 
 
 def _cmd(args, ranks):
-    cmd = [sys.executable, "-m", "padmmirnn", *args]
+    cmd = [sys.executable, "-P", "-m", "padmmirnn", *args]
     return [MPIEXEC, "-n", str(ranks), *cmd] if ranks else cmd
 
 

@@ -153,7 +153,7 @@ def test_bad_config_toml_syntax(tmp_path, capsys):
 def test_process_exit_code_and_no_traceback(tmp_path):
     """The real entry point: exit status 2 and no traceback for a user error."""
     proc = subprocess.run(
-        [sys.executable, "-m", "padmmirnn", "train", "--set", "admm.rho1=-0.5", "--out",
+        [sys.executable, "-P", "-m", "padmmirnn", "train", "--set", "admm.rho1=-0.5", "--out",
          str(tmp_path / "o")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -161,7 +161,7 @@ def test_process_exit_code_and_no_traceback(tmp_path):
 
 
 def test_version():
-    proc = subprocess.run([sys.executable, "-m", "padmmirnn", "--version"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-P", "-m", "padmmirnn", "--version"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("padmmirnn ")
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
 
 
 def _run(args, ranks=2, env=None, timeout=120):
-    cmd = [sys.executable, "-m", "padmmirnn", *args]
+    cmd = [sys.executable, "-P", "-m", "padmmirnn", *args]
     if ranks:
         cmd = [MPIEXEC, "-n", str(ranks), *cmd]
     full_env = {**os.environ, **(env or {})}
