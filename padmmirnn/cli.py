@@ -3,7 +3,9 @@
     padmmirnn train [--config FILE.toml] [--set key=value ...] [--dataset NAME|PATH]
                     [--algo admm] [--iterations N] [--seed S] [--out DIR]
     padmmirnn compare --algos admm,adam,... [--budget-seconds S] [train options] --out DIR
-    padmmirnn data prepare adding --out NAME_train.h5 [--steps T] [--samples N]
+    padmmirnn data prepare adding|idx|imdb|csv|text --out NAME_train.h5 [--source PATH] ...
+    padmmirnn data fetch mnist|fashion-mnist|imdb --to DIR [--base-url URL]
+    padmmirnn data inspect FILE...  |  padmmirnn data list
     padmmirnn evaluate --weights FILE | --checkpoint FILE [--dataset NAME|PATH]
     padmmirnn checkpoint inspect FILE
     padmmirnn --version
@@ -37,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--algo", help="training algorithm (admm)")
     train.add_argument("--iterations", type=int, help="number of iterations")
     train.add_argument("--seed", type=int, help="random seed")
-    train.add_argument("--parallel", help="auto (default), none or sync")
+    train.add_argument("--parallel", help="auto (default: sync under MPI), none, sync or async")
+    train.add_argument("--staleness", type=int, metavar="TAU",
+                       help="async: how many iterations a worker may run ahead (default 1)")
+    train.add_argument("--straggler", metavar="RANK:FACTOR",
+                       help="slow one rank's compute by FACTOR (experiments)")
     train.add_argument("--out", help="output folder (default runs/ALGO-TIMESTAMP)")
     train.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="write a checkpoint every N iterations")
@@ -65,17 +71,57 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     cmp_.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    data = sub.add_parser("data", help="dataset tools")
+    data = sub.add_parser("data", help="dataset tools: prepare, fetch, inspect, list")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    prep = dsub.add_parser("prepare", help="write a dataset in padmmirnn's HDF5 format")
-    prep.add_argument("kind", choices=("adding",), help="adding: the synthetic adding problem")
-    prep.add_argument("--out", required=True, help="output .h5 (NAME_train.h5 also writes "
-                      "NAME_test.h5 when --test-samples > 0)")
-    prep.add_argument("--steps", type=int, default=100, help="sequence length T")
-    prep.add_argument("--samples", type=int, default=4000)
-    prep.add_argument("--test-samples", type=int, default=1000)
-    prep.add_argument("--classes", type=int, default=10, help="bins of the target sum")
-    prep.add_argument("--seed", type=int, default=0)
+    prep = dsub.add_parser("prepare", help="convert a dataset to padmmirnn's HDF5 format",
+                           description="Convert a dataset to padmmirnn's HDF5 format. "
+                           "--out NAME_train.h5 also writes NAME_test.h5 when there is a "
+                           "test split. See data/README.md.")
+    prep.add_argument("kind", choices=("adding", "idx", "imdb", "csv", "text"),
+                      help="adding: synthetic adding problem; idx: MNIST/Fashion-MNIST IDX "
+                      "folder; imdb: aclImdb folder; csv: text + label columns; text: plain "
+                      "text for language modelling")
+    prep.add_argument("--source", help="input folder (idx, imdb) or file (csv, text)")
+    prep.add_argument("--out", required=True, help="output .h5 (NAME_train.h5: the test "
+                      "split goes to NAME_test.h5)")
+    prep.add_argument("--steps", type=int, help="sequence length T (adding 100, text 100, "
+                      "imdb/csv 200)")
+    prep.add_argument("--samples", type=int, help="adding: training sequences (4000); "
+                      "others: keep at most the first N training sequences")
+    prep.add_argument("--test-samples", type=int, help="adding: test sequences (1000); "
+                      "others: keep at most the first N test sequences")
+    prep.add_argument("--classes", type=int, help="adding: bins of the sum (10); idx: labels "
+                      "lie in [0, K) (10); csv: labels are the integers 0..K-1")
+    prep.add_argument("--seed", type=int, default=0, help="generator / shuffle seed")
+    prep.add_argument("--pixels", action="store_true",
+                      help="idx: one pixel per step ([N, rows*cols, 1]) instead of rows")
+    prep.add_argument("--level", choices=("char", "word"),
+                      help="tokens: characters or words (imdb/csv: word, text: char)")
+    prep.add_argument("--vocab-size", type=int, metavar="N", help="keep the N-2 most "
+                      "frequent tokens plus <pad> and <unk> (default: all)")
+    prep.add_argument("--padding", choices=("pre", "post"), default="pre",
+                      help="pad short texts at the start (pre, default) or the end")
+    prep.add_argument("--truncating", choices=("pre", "post"), default="pre",
+                      help="cut long texts at the start (pre, default: keep the end) or end")
+    prep.add_argument("--text-column", default="text", help="csv: name or 0-based index")
+    prep.add_argument("--label-column", default="label", help="csv: name or 0-based index")
+    prep.add_argument("--labels", metavar="A,B,...", help="csv: keep only these labels, "
+                      "class ids in this order (default: all labels, sorted)")
+    prep.add_argument("--delimiter", default=",", help="csv field delimiter")
+    prep.add_argument("--no-header", action="store_true", help="csv: no header row")
+    prep.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
+                      help="csv: hold out this share of the (shuffled) rows; text: the last "
+                      "share of the corpus, as NAME_test.h5")
+    prep.add_argument("--license", help="licence recorded in the file (csv, text)")
+    prep.add_argument("--attribution", help="source description recorded in the file")
+    fetch = dsub.add_parser("fetch", help="download a public dataset (checksums verified)")
+    fetch.add_argument("name", choices=("mnist", "fashion-mnist", "imdb"))
+    fetch.add_argument("--to", required=True, help="destination folder")
+    fetch.add_argument("--base-url", help="download from this URL instead of the public "
+                       "location (also: env PADMMIRNN_DATA_URL)")
+    insp = dsub.add_parser("inspect", help="shapes, classes, balance, vocabulary, source")
+    insp.add_argument("files", nargs="+", metavar="FILE")
+    dsub.add_parser("list", help="built-in dataset names")
 
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="checkpoint_command", required=True)
@@ -98,7 +144,8 @@ FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "tra
              "budget_seconds": "train.budget_seconds", "checkpoint_every": "checkpoint.every",
              "checkpoint_dir": "checkpoint.dir", "keep_checkpoints": "checkpoint.keep",
              "resume": "checkpoint.resume", "force": "checkpoint.force",
-             "max_walltime": "checkpoint.max_walltime"}
+             "max_walltime": "checkpoint.max_walltime", "staleness": "train.staleness",
+             "straggler": "train.straggler"}
 
 
 def _config(args):
@@ -137,29 +184,25 @@ def _compare(args, comm) -> int:
 
 
 def _data(args, comm) -> int:
-    from pathlib import Path
-
-    from padmmirnn import data as datasets
-
     if comm.size > 1:
         raise PadmmError("padmmirnn data runs on one process")
-    for name, value in (("--steps", args.steps), ("--samples", args.samples),
-                        ("--classes", args.classes)):
-        if value < 2:
-            raise PadmmError(f"{name} must be >= 2, got {value}")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise PadmmError(f"{out}: folder {out.parent} does not exist")
-    targets = [(out, args.samples, args.seed)]
-    if args.test_samples > 0 and out.name.endswith("_train.h5"):
-        test = out.with_name(out.name[: -len("_train.h5")] + "_test.h5")
-        targets.append((test, args.test_samples, args.seed + 1))
-    for path, n, seed in targets:
-        x, y = datasets.make_adding(n, args.steps, seed, args.classes)
-        datasets.write_dataset(path, x, y, classes=args.classes, source=(
-            f"synthetic adding problem, T={args.steps}, seed={seed}, sum quantised into "
-            f"{args.classes} bins"), license="CC0-1.0 (generated)")
-        print(f"wrote {path}: {n} sequences of {args.steps} steps")
+    if args.data_command == "prepare":
+        from padmmirnn.converters import PrepareOptions, prepare
+
+        lines = prepare(PrepareOptions.from_mapping(vars(args)))
+    elif args.data_command == "fetch":
+        from padmmirnn.fetch import fetch
+
+        lines = fetch(args.name, args.to, args.base_url)
+    else:
+        from padmmirnn import data as datasets
+        from padmmirnn.fetch import SOURCES
+
+        if args.data_command == "inspect":
+            lines = [datasets.describe(path) for path in args.files]
+        else:
+            lines = [datasets.builtin_listing(), "fetchable: " + ", ".join(SOURCES)]
+    print("\n".join(lines))
     return 0
 
 
@@ -215,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     comm = None
     rank, size = launcher_rank(), 1
     try:
-        if parallel not in ("auto", "none", "sync"):
-            raise PadmmError(f"--parallel must be auto, none or sync; got {parallel!r}")
+        if parallel not in ("auto", "none", "sync", "async"):
+            raise PadmmError(f"--parallel must be auto, none, sync or async; got {parallel!r}")
         comm = make_comm(parallel)
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))

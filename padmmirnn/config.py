@@ -43,8 +43,10 @@ class TrainConfig:
     parallel: str = "auto"
     reduction: str = "fast"
     chunk: int = 250
-    eval_every: int = 1
+    eval_every: int = 0  # 0: every iteration (serial, sync); at the end only (async)
     budget_seconds: float = 0.0  # 0: no limit; else stop at the first iteration past it
+    staleness: int = 1  # async: a worker may run this many iterations ahead of the slowest
+    straggler: str = ""  # "RANK:FACTOR": slow that rank's compute by FACTOR (experiments)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,8 @@ class Config:
 
 
 # train.* keys that control a run without changing its iterates
-RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds")
+RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
+               "straggler")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation": ("tanh", "relu"),
@@ -137,7 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.algo": ("admm", "sgd", "momentum", "adam", "rmsprop", "adagrad", "celgc"),
     "optim.schedule": ("constant", "step", "cosine"),
     "train.dtype": ("float64", "float32"),
-    "train.parallel": ("auto", "none", "sync"),
+    "train.parallel": ("auto", "none", "sync", "async"),
     "train.reduction": ("fast", "deterministic"),
     "admm.multipliers": ("all", "output", "none"),
     "admm.rho_schedule": ("constant", "geometric"),
@@ -150,7 +153,8 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "model.init_scale": (0.0, True),
     "train.iterations": (0, False),
     "train.seed": (0, False),
-    "train.eval_every": (1, False),
+    "train.eval_every": (0, False),
+    "train.staleness": (0, False),
     "train.chunk": (1, False),
     "train.budget_seconds": (0.0, False),
     "admm.rho1": (0.0, True),
@@ -217,12 +221,33 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key '{key}' must be one of {', '.join(allowed)}; got {d[section][name]!r}"
             )
+    straggler_rank_factor(cfg.train.straggler)
+    t = cfg.train
+    if t.parallel == "async" and (cfg.admm.schedule != "fused" or t.reduction != "fast"):
+        raise ConfigError("train.parallel = async needs admm.schedule = fused and "
+                          "train.reduction = fast (one statistics exchange per iteration)")
     for key, (low, strict) in BOUNDS.items():
         section, name = key.split(".")
         v = d[section][name]
         if v != v or (v <= low if strict else v < low):
             rel = ">" if strict else ">="
             raise ConfigError(f"config key '{key}' must be {rel} {low}; got {v!r}")
+
+
+def straggler_rank_factor(text: str) -> tuple[int, float] | None:
+    """Parse ``train.straggler`` ("RANK:FACTOR", FACTOR >= 1) or None when empty."""
+    if not text:
+        return None
+    try:
+        rank, factor = text.split(":")
+        result = int(rank), float(factor)
+    except ValueError:
+        raise ConfigError(f"config key 'train.straggler' must be RANK:FACTOR, got {text!r}") \
+            from None
+    if result[0] < 0 or not result[1] >= 1.0:
+        raise ConfigError(f"config key 'train.straggler' needs RANK >= 0 and FACTOR >= 1, "
+                          f"got {text!r}")
+    return result
 
 
 def build_config(

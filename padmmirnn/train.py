@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -22,8 +23,8 @@ from padmmirnn.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from padmmirnn.comm import agree, sum_parts
-from padmmirnn.config import Config
+from padmmirnn.comm import RmaStatsExchange, agree, sum_parts
+from padmmirnn.config import Config, straggler_rank_factor
 from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import DataError, PadmmError
 from padmmirnn.logs import Progress, get_logger
@@ -117,6 +118,34 @@ class AdmmAlgorithm:
     def __init__(self, cfg: Config, train: Split, comm, params=None):
         self.engine = AdmmEngine(cfg, train.parts, train.info.n, comm, params)
         self.bytes_per_iteration = self.engine.bytes_reduced_per_iteration
+        self.comm = comm
+        self.exchange = None
+        if cfg.train.parallel == "async" and comm.size > 1:
+            # the engine's one statistics reduction per iteration becomes the RMA exchange
+            size = self.engine.in_layout.size + self.engine.out_layout.size
+            self.exchange = RmaStatsExchange(comm, size, cfg.train.staleness)
+            self.engine.comm = self.exchange
+
+    def quiesce(self) -> None:
+        """Async: once every rank has published its last iteration, the window holds
+        the sum of every worker's latest contribution; all ranks solve the weights
+        from it, so they hold the same weights (before checkpoints and at the end).
+        With staleness 0 this is exactly the last weight solve of SP."""
+        if self.exchange is None or self.engine.iteration == 0:
+            return
+        engine = self.engine
+        self.comm.barrier()
+        snapshot = self.exchange.window_sum()
+        self.comm.barrier()  # nobody publishes again before every rank has read
+        n_in = engine.in_layout.size
+        pen = engine.penalty(engine.iteration)
+        engine.weights_in(engine.in_layout.unpack(snapshot[:n_in]), pen)
+        engine.weights_out(engine.out_layout.unpack(snapshot[n_in:]), pen)
+
+    def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.free()
+            self.exchange = None
 
     @property
     def params(self):
@@ -196,6 +225,12 @@ class GradientAlgorithm:
     def restore(self, iteration: int, per_sample: dict, arrays: dict) -> None:
         self.trainer.optimizer.load_state_dict(arrays)
         self.trainer.epochs = iteration
+
+    def quiesce(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class StopSignals:
@@ -306,6 +341,12 @@ def run_training(cfg: Config, comm) -> dict:
     ran = 0  # iterations run by this process (the first TIMING_WARMUP are not timed)
 
     starts = comm.allgather(train.local.start)
+    straggler = straggler_rank_factor(cfg.train.straggler)
+    slow_factor = straggler[1] if straggler and straggler[0] == comm.rank else 1.0
+    rank_log = None
+    if algo.exchange is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        rank_log = open(Path(out_dir) / f"async_rank{comm.rank}.jsonl", "w", buffering=1)
 
     def save_checkpoint() -> Path:
         t0 = time.perf_counter()
@@ -324,20 +365,38 @@ def run_training(cfg: Config, comm) -> dict:
             for k in range(algo.iteration + 1, total + 1):
                 if k == fault_at:
                     raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
-                over_budget, stopped = _control(cfg, comm, t_start, signals)
-                if stopped:
-                    break
-                last = k == total or over_budget
-                evaluate = last or k % cfg.train.eval_every == 0
+                if algo.exchange is not None:
+                    ended, stopped = _control_async(cfg, algo.exchange, k, t_start, signals)
+                    if ended or stopped:
+                        break
+                    last = False  # the final evaluation follows the loop
+                    evaluate = bool(cfg.train.eval_every) and k % cfg.train.eval_every == 0
+                else:
+                    over_budget, stopped = _control(cfg, comm, t_start, signals)
+                    if stopped:
+                        break
+                    last = k == total or over_budget
+                    evaluate = last or k % max(cfg.train.eval_every, 1) == 0
                 comm_before = comm.timer.seconds
+                wait_before = algo.exchange.wait_seconds if algo.exchange is not None else 0.0
                 t0 = time.perf_counter()
                 sums = algo.step(evaluate)
                 t_iter = time.perf_counter() - t0
                 t_comm = comm.timer.seconds - comm_before
+                if slow_factor > 1.0:  # a straggler: its compute takes FACTOR times longer
+                    time.sleep((slow_factor - 1.0) * (t_iter - t_comm))
+                    t_iter = time.perf_counter() - t0
+                if rank_log is not None:
+                    rank_log.write(json.dumps({
+                        "iteration": k, "wall_time_s": time.perf_counter() - t_start,
+                        "iteration_s": t_iter, "comm_s": t_comm,
+                        "wait_s": algo.exchange.wait_seconds - wait_before,
+                        "staleness": algo.exchange.staleness}) + "\n")
                 ran += 1
                 if ran > TIMING_WARMUP:
                     timed += (t_iter - t_comm, t_comm, 1)
                 if cfg.checkpoint.every and k % cfg.checkpoint.every == 0:
+                    algo.quiesce()
                     save_checkpoint()
                 if not evaluate:
                     progress.update(k, "")
@@ -355,19 +414,27 @@ def run_training(cfg: Config, comm) -> dict:
                 if last:
                     break
         progress.close()
+        algo.quiesce()
+        if algo.exchange is not None or not metrics:
+            metrics, _ = evaluate_params(algo.params, cfg, comm, train, test)
+            metrics.update(algo.describe(None) if algo.exchange is None else {})
+            out.metrics({"iteration": algo.iteration,
+                         "wall_time_s": time.perf_counter() - t_start, **metrics})
         if stopped:
             path = save_checkpoint()
             log.warning("stopped by %s at iteration %d; checkpoint %s. Resume with the same "
                         "command plus: --resume latest%s", stopped, algo.iteration, path,
                         "" if ckpt_dir == Path(out_dir) / "checkpoints"
                         else f" --checkpoint-dir {ckpt_dir}")
-        if not metrics:
-            metrics, _ = evaluate_params(algo.params, cfg, comm, train, test)
         wall = time.perf_counter() - t_start
         per_iter = comm.allreduce_max(timed[:2] / max(timed[2], 1))
         summary = {
             "algo": cfg.train.algo,
-            "parallel": "sync" if comm.size > 1 else "none",
+            "parallel": ("async" if algo.exchange is not None else "sync") if comm.size > 1
+            else "none",
+            **({"staleness": cfg.train.staleness,
+                "wait_s_per_iteration": algo.exchange.wait_seconds / max(ran, 1)}
+               if algo.exchange is not None else {}),
             "ranks": comm.size,
             "iterations": algo.iteration,
             **{k: metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
@@ -393,6 +460,41 @@ def run_training(cfg: Config, comm) -> dict:
         return summary
     finally:
         out.close()
+        if rank_log is not None:
+            rank_log.close()
+        algo.close()
+
+
+STOP_REASONS = {1: "budget", 2: "walltime", 3: "signal"}
+
+
+def _local_stop_reason(cfg: Config, t_start: float, signals: StopSignals) -> tuple[int, str]:
+    """This rank's own view: (code, text) of a reason to stop, or (0, "")."""
+    elapsed = time.perf_counter() - t_start
+    if signals.received:
+        return 3, signal.Signals(signals.received).name
+    wall = cfg.checkpoint.max_walltime
+    if wall and elapsed >= wall:
+        return 2, f"--max-walltime {wall:g} s"
+    if cfg.train.budget_seconds and elapsed >= cfg.train.budget_seconds:
+        return 1, "budget"
+    return 0, ""
+
+
+def _control_async(cfg: Config, exchange, k: int, t_start: float,
+                   signals: StopSignals) -> tuple[bool, str | None]:
+    """Async runs agree on a common last iteration through the RMA window (no
+    collective): a rank with a reason proposes k - 1 + 1 + tau, every rank stops
+    before the first iteration past the agreed value."""
+    code, _ = _local_stop_reason(cfg, t_start, signals)
+    if code:
+        exchange.propose_stop(k + exchange.tau, code)
+    last, agreed = exchange.agreed_stop()
+    if last is None or k <= last:
+        return False, None
+    if agreed == 1:
+        return True, None  # the budget: a normal end
+    return True, "SIGNAL" if agreed == 3 else "--max-walltime"
 
 
 def _control(cfg: Config, comm, t_start: float, signals: StopSignals) -> tuple[bool, str | None]:

@@ -87,3 +87,61 @@ def test_bad_data_in_one_ranks_slice_stops_every_rank(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("padmmirnn: error:")]
     assert len(lines) == 1 and "NaN or inf (first at sample 15)" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def _summary(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_async_staleness_zero_run_equals_sync_run(tmp_path):
+    """The whole AP job with tau = 0 (RMA windows, final quiescent solve) reproduces
+    the SP job on the default dataset; per-rank AP logs record every iteration."""
+    common = ["train", "--iterations", "4", "--set", "model.hidden=16"]
+    sync, _ = _run([*common, "--parallel", "sync", "--out", str(tmp_path / "sync")],
+                   timeout=300)
+    assert sync.returncode == 0, sync.stderr
+    ap, _ = _run([*common, "--parallel", "async", "--staleness", "0",
+                  "--out", str(tmp_path / "async")], timeout=300)
+    assert ap.returncode == 0, ap.stderr
+    s, a = _summary(tmp_path / "sync"), _summary(tmp_path / "async")
+    assert a["parallel"] == "async" and a["iterations"] == 4
+    assert a["train_loss"] == pytest.approx(s["train_loss"], rel=1e-9)
+    assert a["test_accuracy"] == s["test_accuracy"]
+    rows = [json.loads(x) for x in (tmp_path / "async" / "async_rank1.jsonl").read_text()
+            .splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["staleness"] == 0 for r in rows)
+
+
+def test_async_checkpoint_walltime_and_resume(tmp_path):
+    write_random_split(tmp_path / "d_train.h5", n=50, seed=1)
+    common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
+              "--set", "model.hidden=6", "--out", str(tmp_path / "o")]
+    proc, _ = _run([*common, "--iterations", "100000", "--max-walltime", "1.5"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = _summary(tmp_path / "o")
+    assert s["stopped"] == "--max-walltime" and s["iterations"] > 0
+    done = s["iterations"]
+    proc, _ = _run([*common, "--iterations", str(done + 3), "--resume", "latest"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert _summary(tmp_path / "o")["iterations"] == done + 3
+
+
+def test_straggler_slows_one_rank(tmp_path):
+    write_random_split(tmp_path / "d_train.h5", n=400, steps=20, seed=1)
+    proc, _ = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
+                    "--staleness", "8", "--straggler", "1:4", "--iterations", "12",
+                    "--set", "model.hidden=24", "--out", str(tmp_path / "o")], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    per_rank = []
+    for r in (0, 1):
+        rows = [json.loads(x) for x in (tmp_path / "o" / f"async_rank{r}.jsonl").read_text()
+                .splitlines()]
+        per_rank.append(np.median([x["iteration_s"] - x["comm_s"] for x in rows[2:]]))
+    assert per_rank[1] > 2.0 * per_rank[0]
+
+
+@pytest.mark.parametrize("spec,message", [("1", "RANK:FACTOR"), ("1:0.5", "FACTOR >= 1")])
+def test_bad_straggler_is_a_clear_error(tmp_path, spec, message):
+    proc, _ = _run(["train", "--straggler", spec, "--out", str(tmp_path / "o")], ranks=0)
+    assert proc.returncode == 2 and message in proc.stderr
