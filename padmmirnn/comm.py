@@ -87,6 +87,9 @@ class SerialComm:
     def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
         return buf
 
+    def bcast_array(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        return buf
+
     def bcast(self, obj, root: int = 0):
         return obj
 
@@ -135,6 +138,11 @@ class MPIComm:
     def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
         """Elementwise maximum of ``buf`` (contiguous float64) over ranks, in place."""
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        return buf
+
+    def bcast_array(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Broadcast a contiguous array from ``root``, in place."""
+        self.comm.Bcast(buf, root=root)
         return buf
 
     def bcast(self, obj, root: int = 0):

@@ -28,7 +28,7 @@ from padmmirnn.config import Config, straggler_rank_factor
 from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import DataError, PadmmError
 from padmmirnn.logs import Progress, get_logger
-from padmmirnn.model import init_params, loss_sums
+from padmmirnn.model import Params, init_params, loss_sums
 from padmmirnn.outputs import RunOutput
 
 # Iterations excluded from the timing summary (compilation, caches, first touch).
@@ -120,6 +120,7 @@ class AdmmAlgorithm:
         self.bytes_per_iteration = self.engine.bytes_reduced_per_iteration
         self.comm = comm
         self.exchange = None
+        self.before_solve = None  # async: the weights the last weight solve started from
         if cfg.train.parallel == "async" and comm.size > 1:
             # the engine's one statistics reduction per iteration becomes the RMA exchange
             size = self.engine.in_layout.size + self.engine.out_layout.size
@@ -131,12 +132,21 @@ class AdmmAlgorithm:
         the sum of every worker's latest contribution; all ranks solve the weights
         from it, so they hold the same weights (before checkpoints and at the end).
         With staleness 0 this is exactly the last weight solve of SP."""
-        if self.exchange is None or self.engine.iteration == 0:
+        if self.exchange is None or self.before_solve is None:
             return
         engine = self.engine
         self.comm.barrier()
         snapshot = self.exchange.window_sum()
         self.comm.barrier()  # nobody publishes again before every rank has read
+        # the weight blocks are solved one after the other (U from the previous W, b):
+        # redo the last solve from rank 0's starting weights and the final statistics
+        flat = self.comm.bcast_array(np.concatenate(
+            [a.ravel() for a in self.before_solve.arrays().values()]))
+        arrays, lo = [], 0
+        for a in self.before_solve.arrays().values():
+            arrays.append(flat[lo:lo + a.size].reshape(a.shape).copy())
+            lo += a.size
+        engine.params = Params(*arrays)
         n_in = engine.in_layout.size
         pen = engine.penalty(engine.iteration)
         engine.weights_in(engine.in_layout.unpack(snapshot[:n_in]), pen)
@@ -156,6 +166,8 @@ class AdmmAlgorithm:
         return self.engine.iteration
 
     def step(self, evaluate: bool) -> list[np.ndarray] | None:
+        if self.exchange is not None:
+            self.before_solve = self.engine.params.copy()
         return self.engine.iterate(want_sums=evaluate)
 
     def describe(self, reduced: np.ndarray | None) -> dict:
@@ -192,6 +204,8 @@ class AdmmAlgorithm:
 
 class GradientAlgorithm:
     """One iteration = one epoch of mini-batch BPTT (data parallel or CELGC)."""
+
+    exchange = None  # gradient methods have no asynchronous mode
 
     def __init__(self, cfg: Config, train: Split, comm, params=None):
         info = train.info

@@ -1,0 +1,1 @@
+"""Benchmarks of padmmirnn: measured ratios, not timed tests (``python -m benchmarks``)."""

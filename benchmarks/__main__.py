@@ -1,0 +1,23 @@
+"""``python -m benchmarks NAME [options]``: run one benchmark, print a table, write JSON.
+
+    parallel   SP speedup of 2 ranks over 1 and the communication share (issue 5), and
+               AP against SP under a straggler (issue 7)
+    kernels    GEMM rate, ADMM iteration cost against it and against a BPTT epoch (issue 10)
+"""
+
+import sys
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("parallel", "kernels"):
+        print(__doc__)
+        return 2
+    name = sys.argv.pop(1)
+    if name == "parallel":
+        from benchmarks.parallel import main as run
+    else:
+        from benchmarks.kernels import main as run
+    return run()
+
+
+sys.exit(main())

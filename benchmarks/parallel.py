@@ -1,0 +1,88 @@
+"""Parallel benchmarks on the default dataset, measured in one run.
+
+* SP (issue 5): time per ADMM iteration at 1 and 2 ranks (h = 128 by default,
+  evaluation off so only iterations are timed), speedup, parallel efficiency and
+  the share of iteration time spent in communication (max over ranks).
+* AP (issue 7): rank 0's iterations per second and time to a test accuracy for
+  SP and AP (tau = 1, 2, 4), without and with ``--straggler 1:2``; AP's throughput
+  under the straggler relative to its own throughput without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.common import read_jsonl, run_job, table
+
+
+def sp_speedup(out: Path, hidden: int, iterations: int) -> dict:
+    common = ["--set", f"model.hidden={hidden}", "--iterations", str(iterations),
+              "--set", f"train.eval_every={iterations}"]
+    one = run_job(common, 1, out / "sp-1")
+    two = run_job([*common, "--parallel", "sync"], 2, out / "sp-2")
+    t1, t2 = one["time_per_iteration_s"], two["time_per_iteration_s"]
+    return {"hidden": hidden, "t_iter_1rank_s": t1, "t_iter_2ranks_s": t2,
+            "speedup": t1 / t2, "efficiency": t1 / t2 / 2,
+            "comm_share_2ranks": two["t_comm_s"] / t2,
+            "bytes_reduced_per_iteration": two["bytes_reduced_per_iteration"]}
+
+
+def _rank0_rate(folder: Path, mode: str) -> float:
+    """Iterations per second of rank 0, median over non-evaluation iterations."""
+    if mode == "async":
+        rows = read_jsonl(folder / "async_rank0.jsonl")[2:]
+        return 1.0 / statistics.median(r["iteration_s"] for r in rows)
+    rows = read_jsonl(folder / "metrics.jsonl")
+    walls = [r["wall_time_s"] for r in rows]
+    steps = [b - a for a, b in zip(walls[2:], walls[3:], strict=False)]
+    return 1.0 / statistics.median(steps)
+
+
+def ap_straggler(out: Path, hidden: int, iterations: int, taus: list[int]) -> list[dict]:
+    rows = []
+    for straggler in ("", "1:2"):
+        for mode, tau in [("sync", 0)] + [("async", t) for t in taus]:
+            name = f"{mode}{tau if mode == 'async' else ''}-{'strag' if straggler else 'even'}"
+            args = ["--set", f"model.hidden={hidden}", "--iterations", str(iterations),
+                    "--parallel", mode, "--staleness", str(tau)]
+            if mode == "sync":
+                args += ["--set", "train.eval_every=1"]
+            if straggler:
+                args += ["--straggler", straggler]
+            summary = run_job(args, 2, out / name)
+            rows.append({"run": name, "mode": mode, "tau": tau, "straggler": straggler or "-",
+                         "rank0_it_per_s": _rank0_rate(out / name, mode),
+                         "wall_time_s": summary["wall_time_s"],
+                         "test_accuracy": summary["test_accuracy"]})
+    even = {(r["mode"], r["tau"]): r["rank0_it_per_s"] for r in rows if r["straggler"] == "-"}
+    for r in rows:
+        r["throughput_vs_no_straggler"] = r["rank0_it_per_s"] / even[(r["mode"], r["tau"])]
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks parallel")
+    p.add_argument("--out", default="runs/bench-parallel")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--ap-hidden", type=int, default=64)
+    p.add_argument("--ap-iterations", type=int, default=20)
+    p.add_argument("--taus", default="1,2,4")
+    p.add_argument("--skip-sp", action="store_true")
+    p.add_argument("--skip-ap", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    if not a.skip_sp:
+        result["sp"] = sp_speedup(out, a.hidden, a.iterations)
+        print(table([result["sp"]]))
+    if not a.skip_ap:
+        result["ap"] = ap_straggler(out, a.ap_hidden, a.ap_iterations,
+                                    [int(t) for t in a.taus.split(",")])
+        print(table(result["ap"]))
+    (out / "parallel.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
