@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from padmmirnn import admm_updates as up
+from padmmirnn import kernels
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
 from padmmirnn.data import LocalData
-from padmmirnn.model import Params, forward, init_params, outputs
+from padmmirnn.model import LOSSES, Params, forward, init_params, outputs
 from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
 
 
@@ -60,6 +61,9 @@ class AdmmEngine:
         self.params = params if params is not None else init_params(
             info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
         self.iteration = 0
+        self.alpha = 1.0  # step length of the backtracking step control
+        self._loss: float | None = None  # global training loss sum at the current weights
+        self._prev: Params | None = None  # weights before the last step (heavy ball)
         self.parts = []
         for data in parts:
             state = self._initial_state(data)
@@ -137,10 +141,11 @@ class AdmmEngine:
 
     def weights_in(self, st_in: dict, pen: up.Penalty) -> None:
         up.update_input_weights(self.params, st_in, self.const, pen, self.n_global, self.steps,
-                                self.tokens)
+                                self.tokens, self.acfg.weight_solve == "joint")
 
     def weights_out(self, st_out: dict, pen: up.Penalty) -> None:
-        up.update_output_weights(self.params, st_out, pen, self.n_global, self.out_steps)
+        up.update_output_weights(self.params, st_out, pen, self.n_global, self.out_steps,
+                                 self.acfg.weight_solve == "joint")
 
     def block_a(self, pen: up.Penalty) -> None:
         cp = self.compute_params()
@@ -154,6 +159,79 @@ class AdmmEngine:
         for p in self.parts:
             up.update_s(cp, p.state, p.data, pen, self.cfg.model.activation, inverses, p.work)
 
+    def block_backward(self, pen: up.Penalty) -> None:
+        """One backward-in-time Gauss-Seidel sweep s_T, a_T, ..., s_1, a_1."""
+        cp = self.compute_params()
+        inverses = up.s_system_inverses(self.params, pen, self.info.many_to_many, self.dtype)
+        for p in self.parts:
+            up.sweep_backward(cp, p.state, p.data, pen, self.cfg.model.activation,
+                              self.acfg.a_newton_steps, inverses, p.work)
+
+    def resync(self) -> None:
+        """Auxiliaries a, s, o from a true forward pass of the current weights."""
+        cp = self.compute_params()
+        for p in self.parts:
+            up.resync_forward(cp, p.state, p.data, self.cfg.model.activation)
+
+    def block_aux(self, pen: up.Penalty) -> None:
+        """The local blocks after the weights: ``aux_sweeps`` sweeps of (a, s), o
+        (Jacobi order) or o, (s_T, a_T, ..., s_1, a_1) (backward order)."""
+        for _ in range(self.acfg.aux_sweeps):
+            if self.acfg.aux_order == "backward":
+                self.block_o(pen)
+                self.block_backward(pen)
+            else:
+                self.block_a(pen)
+                self.block_s(pen)
+                self.block_o(pen)
+
+    def forward_loss(self) -> float:
+        """Global training loss sum of the auxiliaries o (after :meth:`resync`, the true
+        loss of the current weights); one reduction of one number."""
+        m = self.cfg.model
+        local = [np.array([kernels.loss_and_correct(
+            p.state.O.reshape(-1, p.state.O.shape[-1]), p.data.targets.reshape(-1),
+            LOSSES[m.loss])[0]]) for p in self.parts]
+        return float(self.sum_parts(local)[0])
+
+    def _backtrack(self, old: Params) -> None:
+        """Step control: try ``old + alpha (new - old)`` with alpha = min(1, 2 alpha_prev),
+        halving alpha (at most ``backtrack_max`` times) until the true training loss
+        (forward pass, reduced) does not increase. With the joint weight solve and
+        auxiliaries from a forward pass, alpha scales 1/rho exactly (a = Theta_old z, so
+        Theta_new - Theta_old is proportional to 1/rho up to the ridge term)."""
+        if self._loss is None:
+            self._loss = self.forward_loss()
+        new = self.params
+        alpha = min(1.0, 2.0 * self.alpha)
+        mu = self.acfg.momentum if self._prev is not None else 0.0
+        for trial in range(self.acfg.backtrack_max + 1):
+            arrays = []
+            for k in Params.NAMES:
+                o = getattr(old, k)
+                x = o + alpha * (getattr(new, k) - o)
+                if mu:
+                    x += mu * (o - getattr(self._prev, k))
+                arrays.append(x)
+            self.params = Params(*arrays)
+            self.resync()
+            loss = self.forward_loss()
+            if loss <= self._loss or trial == self.acfg.backtrack_max:
+                break
+            if mu:
+                mu = 0.0  # first fallback: drop the heavy-ball term, keep alpha
+            else:
+                alpha *= 0.5
+        self.alpha, self._loss = alpha, loss
+        self._prev = old if self.acfg.momentum else None
+
+    def block_kkt_multipliers(self) -> None:
+        """lambda from the least-squares multiplier estimate (a backward recursion)."""
+        cp = self.compute_params()
+        m = self.cfg.model
+        for p in self.parts:
+            up.kkt_multipliers(cp, p.state, p.data, m.activation, m.loss)
+
     def block_o(self, pen: up.Penalty) -> None:
         cp = self.compute_params()
         for p in self.parts:
@@ -163,7 +241,8 @@ class AdmmEngine:
         """Per-part RESIDUAL_FIELDS sums (multipliers before), then the multiplier step."""
         cp = self.compute_params()
         m = self.cfg.model
-        return [up.residual_sums(cp, p.state, p.data, pen, m.activation, m.loss, p.work, update)
+        return [up.residual_sums(cp, p.state, p.data, pen, m.activation, m.loss, p.work, update,
+                                 self.acfg.dual_step)
                 for p in self.parts]
 
     def lagrangian(self, pen: up.Penalty | None = None) -> float:
@@ -178,21 +257,38 @@ class AdmmEngine:
         """One ADMM iteration. Returns the per-part RESIDUAL_FIELDS sums at the new
         point (multipliers before their update) when asked or needed, else None."""
         pen = self.penalty()
-        if self.acfg.schedule == "fused":
+        a = self.acfg
+        resync = a.resync_every > 0 and self.iteration % a.resync_every == 0
+        if a.schedule == "fused":
             st_in, st_out = self.reduce_fused(pen)
+            old = self.params.copy() if a.step_control == "backtrack" else None
             self.weights_in(st_in, pen)
             self.weights_out(st_out, pen)
-            self.block_a(pen)
-            self.block_s(pen)
-        else:
+            if old is not None:
+                self._backtrack(old)
+            elif resync:
+                self.resync()
+            self.block_aux(pen)
+        elif a.aux_order == "jacobi" and a.aux_sweeps == 1 and not resync:
             self.weights_in(self.reduce_input(pen), pen)
             self.block_a(pen)
             self.block_s(pen)
             self.weights_out(self.reduce_output(pen), pen)
-        self.block_o(pen)
+            self.block_o(pen)
+        else:
+            self.weights_in(self.reduce_input(pen), pen)
+            self.weights_out(self.reduce_output(pen), pen)
+            if resync:
+                self.resync()
+            self.block_aux(pen)
         self.iteration += 1
         mode = self.acfg.multipliers
         active = self.iteration > self.acfg.warmup
+        if a.multiplier_update == "kkt":
+            sums = self.residuals(pen, (False, False, False)) if want_sums else None
+            if active:
+                self.block_kkt_multipliers()
+            return sums
         update = (active and mode == "all", active and mode == "all",
                   active and mode in ("all", "output"))
         if want_sums or any(update):

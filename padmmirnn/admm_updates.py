@@ -26,6 +26,7 @@ import numpy as np
 
 from padmmirnn import kernels
 from padmmirnn.data import LocalData
+from padmmirnn.kernels import bptt as bptt_kernels
 from padmmirnn.model import ACTIVATIONS, LOSSES, Params, activate, input_projection
 from padmmirnn.stats import colsum, gram
 
@@ -156,18 +157,63 @@ def solve_c(V, st, count: float) -> np.ndarray:
     return (st["sO"] - V @ st["sS"]) / count
 
 
+def solve_UWb_joint(st, const, reg: float, count: float) -> tuple[np.ndarray, ...]:
+    """[U W b] jointly (dense inputs): Theta G = R with z = [x; s_{t-1}; 1],
+
+        G = sum z z^T + reg diag(1_d, 1_h, 0),   R = sum a_hat z^T,
+
+    the exact minimiser of L over (U, W, b) together (one (d+h+1)-square SPD solve
+    instead of three block solves that ignore the correlation of x and s)."""
+    d, h = st["XSp"].shape
+    G = np.empty((d + h + 1, d + h + 1))
+    G[:d, :d] = const["XX"]
+    G[:d, d:d + h] = st["XSp"]
+    G[d:d + h, :d] = st["XSp"].T
+    G[d:d + h, d:d + h] = st["SpSp"]
+    G[:d, -1] = G[-1, :d] = const["sX"]
+    G[d:d + h, -1] = G[-1, d:d + h] = st["sSp"]
+    G[-1, -1] = count
+    idx = np.arange(d + h)
+    G[idx, idx] += reg
+    R = np.concatenate([st["XA"].T, st["SpA"].T, st["sA"][:, None]], axis=1)
+    theta = _spd_solve_right(G, R)
+    return theta[:, :d], theta[:, d:d + h], theta[:, -1].copy()
+
+
 def update_input_weights(p: Params, st, const, pen: Penalty, n_global: int, steps: int,
-                         tokens: bool) -> None:
-    """Blocks U, W, b one after the other (each an exact minimiser), in place."""
+                         tokens: bool, joint: bool = False) -> None:
+    """Blocks U, W, b one after the other (each an exact minimiser), in place;
+    ``joint`` (dense inputs only): [U W b] in one exact solve."""
     reg = n_global * pen.nu / pen.rho1
+    if joint and not tokens:
+        p.U, p.W, p.b = solve_UWb_joint(st, const, reg, n_global * steps)
+        return
     U = solve_U(p.W, p.b, st, const, reg, tokens)
     p.U = np.where(np.isnan(U), p.U, U)
     p.W = solve_W(p.U, p.b, st, reg)
     p.b = solve_b(p.U, p.W, st, const, n_global * steps)
 
 
-def update_output_weights(p: Params, st, pen: Penalty, n_global: int, out_steps: int) -> None:
-    """Blocks V, c one after the other (each an exact minimiser), in place."""
+def solve_Vc_joint(st, reg: float, count: float) -> tuple[np.ndarray, np.ndarray]:
+    """[V c] jointly:
+    Theta [[sum s s^T + reg I, sum s], [sum s^T, count]] = [sum o_hat s^T, sum o_hat]."""
+    h = st["SS"].shape[0]
+    G = np.empty((h + 1, h + 1))
+    G[:h, :h] = st["SS"] + reg * np.eye(h)
+    G[:h, -1] = G[-1, :h] = st["sS"]
+    G[-1, -1] = count
+    R = np.concatenate([st["SO"].T, st["sO"][:, None]], axis=1)
+    theta = _spd_solve_right(G, R)
+    return theta[:, :h], theta[:, -1].copy()
+
+
+def update_output_weights(p: Params, st, pen: Penalty, n_global: int, out_steps: int,
+                          joint: bool = False) -> None:
+    """Blocks V, c one after the other (each an exact minimiser), in place;
+    ``joint``: [V c] in one exact solve."""
+    if joint:
+        p.V, p.c = solve_Vc_joint(st, n_global * pen.nu / pen.rho3, n_global * out_steps)
+        return
     p.V = solve_V(p.c, st, n_global * pen.nu / pen.rho3)
     p.c = solve_c(p.V, st, n_global * out_steps)
 
@@ -241,6 +287,105 @@ def update_s(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: st
         np.matmul(_rows(rhs[:-1]), mid, out=_rows(state.S[1:steps]))
 
 
+def sweep_backward(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
+                   newton_steps: int, inverses: tuple[np.ndarray, np.ndarray],
+                   work: np.ndarray) -> None:
+    """Blocks s_T, a_T, s_{T-1}, a_{T-1}, ..., s_1, a_1 one after the other
+    (Gauss-Seidel backward in time), each the exact (s) or safeguarded (a)
+    minimiser of L given the others -- so L never increases (multipliers none).
+
+    The s_t block is the system of :func:`update_s` restricted to one t (it only
+    involves a_t, a_{t+1} and o_t); the a_t block is the elementwise problem of
+    :func:`update_a` with ``m = U x_t + W s_{t-1} + b - lambda1_t / rho1``, where
+    s_{t-1} is still the old value. Unlike the Jacobi blocks, the change of the
+    output target reaches s_1 within ONE sweep: a_{t+1} has already moved when
+    s_t is solved."""
+    steps = state.A.shape[0]
+    m2m = data.info.many_to_many
+    xproj = input_projection(p.U, p.b, data, work)  # U x_t + b, [T, n, h]
+    mid, last = inverses
+    lam2_empty = EMPTY.astype(state.A.dtype)
+    a_hat_next = np.empty_like(state.A[0])
+    m = np.empty_like(state.A[0])
+    rhs = np.empty_like(state.A[0])
+    oh = state.o_hat(pen.rho3)
+    for t in range(steps - 1, -1, -1):  # array index t is time t + 1
+        activate(state.A[t], act, out=rhs)
+        rhs *= pen.rho2
+        if state.L2.size:
+            rhs -= state.L2[t]
+        if t < steps - 1:
+            np.subtract(state.A[t + 1], xproj[t + 1], out=a_hat_next)
+            if state.L1.size:
+                a_hat_next += state.L1[t + 1] / pen.rho1
+            rhs += a_hat_next @ (pen.rho1 * p.W)
+        if m2m or t == steps - 1:
+            rhs += (oh[t if m2m else 0] - p.c) @ (pen.rho3 * p.V)
+        np.matmul(rhs, last if t == steps - 1 else mid, out=state.S[t + 1])
+        np.copyto(m, xproj[t])
+        if t > 0:
+            m += state.S[t] @ p.W.T
+        if state.L1.size:
+            m -= state.L1[t] / pen.rho1
+        kernels.a_update(state.A[t], m, state.S[t + 1],
+                         state.L2[t] if state.L2.size else lam2_empty,
+                         pen.rho1, pen.rho2, ACTIVATIONS[act], newton_steps)
+
+
+def resync_forward(p: Params, state: AdmmState, data: LocalData, act: str) -> None:
+    """Auxiliaries from a true forward pass of the current weights (multipliers kept):
+    every residual becomes zero. Not a minimisation of L: it may increase L."""
+    steps = state.A.shape[0]
+    input_projection(p.U, p.b, data, state.A)
+    for t in range(steps):
+        if t:
+            state.A[t] += state.S[t] @ p.W.T
+        activate(state.A[t], act, out=state.S[t + 1])
+    np.matmul(state.out_states(data.info.many_to_many), p.V.T, out=state.O)
+    state.O += p.c
+
+
+def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss: str) -> None:
+    """Least-squares (first-order) multiplier estimate: the lambda that makes the
+    gradient of the (plain) Lagrangian with respect to o, s and a vanish at the
+    current primal point (Fletcher's estimate of augmented-Lagrangian methods).
+    For the chain constraints of the RNN it is unique and a backward recursion:
+
+        lambda3_t = -dl/do(o_t, y_t)                     (t in O)
+        lambda2_t = W^T lambda1_{t+1} [t < T] + V^T lambda3_t [t in O]
+        lambda1_t = f'(a_t) * lambda2_t
+
+    At a feasible point (auxiliaries from a forward pass) lambda1_t = -dl/da_t,
+    minus the BPTT adjoint; the weight blocks then fit a_hat = a - delta/rho1:
+    a step of length 1/rho1 along the gradient, preconditioned by the data
+    covariance. This IS a backward pass through time (cost of one; no weight
+    gradient is formed). Replaces lambda += rho r; multipliers 'all' only."""
+    steps = state.A.shape[0]
+    m2m = data.info.many_to_many
+    rows = state.L3.shape[0] * state.L3.shape[1]
+    lam3 = state.L3.reshape(rows, -1)
+    np.copyto(lam3, _rows(state.O))
+    bptt_kernels.output_delta(lam3, data.targets.reshape(-1), LOSSES[loss], -1.0)
+    carry = np.zeros_like(state.A[0])
+    for t in range(steps - 1, -1, -1):
+        lam2 = state.L2[t]
+        if t < steps - 1:
+            np.matmul(state.L1[t + 1], p.W, out=lam2)
+        else:
+            lam2[...] = 0.0
+        if m2m or t == steps - 1:
+            np.matmul(state.L3[t if m2m else 0], p.V, out=carry)
+            lam2 += carry
+        lam1 = state.L1[t]
+        if act == "tanh":
+            np.tanh(state.A[t], out=lam1)
+            np.multiply(lam1, lam1, out=lam1)
+            np.subtract(1.0, lam1, out=lam1)
+        else:
+            np.greater(state.A[t], 0.0, out=lam1, casting="unsafe")
+        lam1 *= lam2
+
+
 def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: str,
              newton_steps: int) -> None:
     """Block o: per row min l(o, y) + rho3/2 |o - (V s + c - lambda3/rho3)|^2 (kernel)."""
@@ -258,9 +403,11 @@ RESIDUAL_FIELDS = ("loss", "r1_sq", "l1_r1", "r2_sq", "l2_r2", "r3_sq", "l3_r3")
 
 
 def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
-                  loss: str, work: np.ndarray, update: tuple[bool, bool, bool]) -> np.ndarray:
+                  loss: str, work: np.ndarray, update: tuple[bool, bool, bool],
+                  dual_step: float = 1.0) -> np.ndarray:
     """Local sums of the augmented Lagrangian pieces (RESIDUAL_FIELDS), with the
-    multipliers *before* this call; then lambda_j += rho_j r_j where ``update[j]``."""
+    multipliers *before* this call; then lambda_j += beta rho_j r_j where ``update[j]``
+    (``beta = dual_step``; 1 is the classical ADMM multiplier step)."""
     out = np.zeros(len(RESIDUAL_FIELDS))
     r1 = _preactivation(p, state, data, work)
     np.subtract(state.A, r1, out=r1)
@@ -268,16 +415,17 @@ def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, ac
     if state.L1.size:
         out[2] = np.vdot(state.L1, r1)
         if update[0]:
-            state.L1 += pen.rho1 * r1
+            state.L1 += (dual_step * pen.rho1) * r1
     lam2 = _rows(state.L2) if state.L2.size else EMPTY.astype(state.A.dtype)
     out[3], out[4] = kernels.activation_residual(_rows(state.S[1:]), _rows(state.A), lam2,
-                                                 pen.rho2, ACTIVATIONS[act], update[1])
+                                                 dual_step * pen.rho2, ACTIVATIONS[act],
+                                                 update[1])
     r3 = state.O - (state.out_states(data.info.many_to_many) @ p.V.T + p.c)
     out[5] = np.vdot(r3, r3)
     if state.L3.size:
         out[6] = np.vdot(state.L3, r3)
         if update[2]:
-            state.L3 += pen.rho3 * r3
+            state.L3 += (dual_step * pen.rho3) * r3
     out[0], _ = kernels.loss_and_correct(_rows(state.O), data.targets.reshape(-1), LOSSES[loss])
     return out
 

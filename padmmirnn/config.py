@@ -63,6 +63,47 @@ class AdmmConfig:
     schedule: str = "fused"
     a_newton_steps: int = 3
     o_newton_steps: int = 20
+    aux_order: str = "jacobi"
+    aux_sweeps: int = 1
+    dual_step: float = 1.0
+    resync_every: int = 0
+    multiplier_update: str = "ascent"
+    weight_solve: str = "blocks"
+    step_control: str = "none"
+    backtrack_max: int = 4
+    momentum: float = 0.0
+
+    # Options beyond the faithful formulation (docs/admm-convergence.md):
+    #   aux_order      "jacobi": blocks a, s, o; "backward": o, then s_T, a_T, ..., s_1, a_1
+    #   aux_sweeps     sweeps of the auxiliary blocks per weight solve (0: none)
+    #   dual_step      beta in lambda += beta rho r (multiplier_update "ascent")
+    #   resync_every   K > 0: a, s, o from a forward pass of the new weights every K
+    #                  iterations (not a minimisation: L may increase there)
+    #   multiplier_update  "ascent" (lambda += beta rho r) or "kkt" (least-squares
+    #                  multiplier estimate = a backward recursion; multipliers "all")
+    #   weight_solve   "blocks" (U, W, b then V, c) or "joint" ([U W b], [V c])
+    #   step_control   "backtrack": weights old + alpha (new - old), alpha halved until the
+    #                  true training loss does not increase (needs resync_every = 1, fused)
+    #   backtrack_max  halvings per iteration;  momentum  heavy-ball mu in [0, 1) on the
+    #                  weights (with step_control "backtrack")
+
+    def __post_init__(self) -> None:
+        if self.multiplier_update == "kkt" and self.multipliers != "all":
+            raise ConfigError("config key 'admm.multiplier_update' = 'kkt' needs "
+                              f"admm.multipliers = 'all'; got {self.multipliers!r}")
+        if self.step_control == "backtrack" and (self.resync_every != 1
+                                                 or self.schedule != "fused"):
+            raise ConfigError("config key 'admm.step_control' = 'backtrack' needs "
+                              "admm.resync_every = 1 and admm.schedule = 'fused'")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"config key 'admm.momentum' must be in [0, 1); "
+                              f"got {self.momentum!r}")
+        if self.momentum and self.step_control != "backtrack":
+            raise ConfigError("config key 'admm.momentum' > 0 needs "
+                              "admm.step_control = 'backtrack'")
+        if not 0.0 < self.dual_step <= 2.0:
+            raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
+                              f"got {self.dual_step!r}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +186,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "admm.multipliers": ("all", "output", "none"),
     "admm.rho_schedule": ("constant", "geometric"),
     "admm.schedule": ("fused", "paper"),
+    "admm.aux_order": ("jacobi", "backward"),
+    "admm.multiplier_update": ("ascent", "kkt"),
+    "admm.weight_solve": ("blocks", "joint"),
+    "admm.step_control": ("none", "backtrack"),
 }
 
 # (minimum, strict): a value must be > minimum when strict, >= minimum otherwise.
@@ -166,6 +211,11 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "admm.rho_max_scale": (1.0, False),
     "admm.a_newton_steps": (0, False),
     "admm.o_newton_steps": (0, False),
+    "admm.aux_sweeps": (0, False),
+    "admm.dual_step": (0.0, True),
+    "admm.resync_every": (0, False),
+    "admm.backtrack_max": (0, False),
+    "admm.momentum": (0.0, False),
     "output.log_every": (1, False),
     "checkpoint.every": (0, False),
     "checkpoint.keep": (1, False),
@@ -226,6 +276,9 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and (cfg.admm.schedule != "fused" or t.reduction != "fast"):
         raise ConfigError("train.parallel = async needs admm.schedule = fused and "
                           "train.reduction = fast (one statistics exchange per iteration)")
+    if t.parallel == "async" and cfg.admm.step_control != "none":
+        raise ConfigError("train.parallel = async needs admm.step_control = none (backtracking "
+                          "needs a global training loss per trial, a synchronisation point)")
     for key, (low, strict) in BOUNDS.items():
         section, name = key.split(".")
         v = d[section][name]

@@ -188,9 +188,22 @@ class AdmmAlgorithm:
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {}
+        """Engine scalars of the step control (admm.step_control = backtrack)."""
+        e = self.engine
+        out = {"alpha": np.float64(e.alpha),
+               "loss": np.float64(np.nan if e._loss is None else e._loss)}
+        if e._prev is not None:
+            out.update({f"prev.{k}": v for k, v in e._prev.arrays().items()})
+        return out
 
     def restore(self, iteration: int, per_sample: dict, arrays: dict) -> None:
+        e = self.engine
+        e.alpha = float(arrays.get("alpha", 1.0))
+        loss = float(arrays.get("loss", np.nan))
+        e._loss = None if np.isnan(loss) else loss
+        if "prev.U" in arrays:
+            e._prev = Params(*(np.asarray(arrays[f"prev.{k}"], np.float64)
+                               for k in Params.NAMES))
         lo = 0
         for part in self.engine.parts:
             n = part.data.n

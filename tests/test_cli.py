@@ -161,8 +161,8 @@ def test_process_exit_code_and_no_traceback(tmp_path):
 
 
 def test_version():
-    proc = subprocess.run([sys.executable, "-P", "-m", "padmmirnn", "--version"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-P", "-m", "padmmirnn", "--version"],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("padmmirnn ")
 
 
