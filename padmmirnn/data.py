@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -228,8 +230,37 @@ def write_dataset(
     extra: dict | None = None,
 ) -> None:
     """Write a split atomically (temporary file in the same folder, then rename)."""
+    with atomic_h5(path) as f:
+        _fill_split(f, inputs, targets, classes, vocab, source, license, extra)
+
+
+def write_dataset_with_names(
+    path: str | Path,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    *,
+    classes: int,
+    vocabulary: list[str] | None = None,
+    class_names: list[str] | None = None,
+    source: str = "",
+    license: str = "",
+    extra: dict | None = None,
+) -> None:
+    """Like :func:`write_dataset`, plus the token strings (dataset ``vocabulary``, in id
+    order; attribute ``vocab`` is its length) and the label names (``class_names``)."""
+    vocab = None if vocabulary is None else len(vocabulary)
+    with atomic_h5(path) as f:
+        _fill_split(f, inputs, targets, classes, vocab, source, license, extra)
+        for name, strings in (("vocabulary", vocabulary), ("class_names", class_names)):
+            if strings is not None:
+                f.create_dataset(name, data=np.array(strings, dtype=h5py.string_dtype()))
+
+
+@contextmanager
+def atomic_h5(path: str | Path) -> Iterator[h5py.File]:
+    """An HDF5 file open for writing that appears at ``path`` only when the block
+    completes; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    kind = "tokens" if inputs.ndim == 2 else "dense"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
@@ -237,18 +268,91 @@ def write_dataset(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with h5py.File(tmp, "w") as f:
-            opts = dict(compression="gzip", compression_opts=6, shuffle=True)
-            f.create_dataset("inputs", data=inputs, chunks=True, **opts)
-            f.create_dataset("targets", data=targets, chunks=True, **opts)
-            f.attrs["kind"] = kind
-            f.attrs["classes"] = int(classes)
-            if vocab is not None:
-                f.attrs["vocab"] = int(vocab)
-            f.attrs["source"] = source
-            f.attrs["license"] = license
-            for key, value in (extra or {}).items():
-                f.attrs[key] = value
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fill_split(f: h5py.File, inputs: np.ndarray, targets: np.ndarray, classes: int,
+                vocab: int | None, source: str, license: str, extra: dict | None) -> None:
+    opts = dict(compression="gzip", compression_opts=6, shuffle=True)
+    f.create_dataset("inputs", data=inputs, chunks=True, **opts)
+    f.create_dataset("targets", data=targets, chunks=True, **opts)
+    f.attrs["kind"] = "tokens" if inputs.ndim == 2 else "dense"
+    f.attrs["classes"] = int(classes)
+    if vocab is not None:
+        f.attrs["vocab"] = int(vocab)
+    f.attrs["source"] = source
+    f.attrs["license"] = license
+    for key, value in (extra or {}).items():
+        f.attrs[key] = value
+
+
+def read_strings(path: str, name: str) -> list[str] | None:
+    """The string table ``name`` (``vocabulary`` or ``class_names``) of a dataset file,
+    or None when the file has none."""
+    with h5py.File(path, "r") as f:
+        if name not in f:
+            return None
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in f[name][()]]
+
+
+def describe(path: str) -> str:
+    """A human-readable summary of a dataset file: shapes, classes and their balance,
+    vocabulary, source and licence (``padmmirnn data inspect``)."""
+    info = read_info(path)
+    with h5py.File(path, "r") as f:
+        x, y = f["inputs"], f["targets"]
+        lines = [f"{path}",
+                 f"  kind: {info.kind}, {'many-to-many' if info.many_to_many else 'many-to-one'}",
+                 f"  inputs: {list(x.shape)} {x.dtype}   targets: {list(y.shape)} {y.dtype}",
+                 f"  samples: {info.n}   steps: {info.steps}   "
+                 f"{'vocab' if info.kind == 'tokens' else 'features'}: {info.dim}"]
+        counts = np.bincount(np.asarray(y[()]).ravel().clip(0), minlength=info.classes)
+        attrs = {k: f.attrs[k] for k in f.attrs if k not in ("kind", "classes", "vocab")}
+    names = read_strings(path, "class_names") or read_strings(path, "vocabulary")
+    lines.append(f"  classes: {info.classes}")
+    lines.append("  balance: " + _balance(counts, names))
+    vocabulary = read_strings(path, "vocabulary")
+    if vocabulary is not None:
+        shown = " ".join(_show(t) for t in vocabulary[:20])
+        lines.append(f"  vocabulary ({len(vocabulary)}): {shown}"
+                     + (" ..." if len(vocabulary) > 20 else ""))
+    for key in sorted(attrs, key=lambda k: (k not in ("source", "license"), k)):
+        lines.append(f"  {key}: {attrs[key]}")
+    return "\n".join(lines)
+
+
+def _balance(counts: np.ndarray, names: list[str] | None, top: int = 10) -> str:
+    """Share of each class (the ``top`` most frequent when there are many)."""
+    total = max(int(counts.sum()), 1)
+    order = np.argsort(-counts, kind="stable")[:top] if len(counts) > top else range(len(counts))
+    parts = []
+    for c in order:
+        label = _show(names[c]) if names is not None and c < len(names) else str(c)
+        parts.append(f"{label} {int(counts[c])} ({100.0 * counts[c] / total:.1f}%)")
+    more = f", ... ({len(counts) - top} more classes)" if len(counts) > top else ""
+    return ", ".join(parts) + more
+
+
+def _show(token: str) -> str:
+    """A token as printed by inspect: quoted when it is empty or holds whitespace."""
+    plain = token.isprintable() and not any(c.isspace() for c in token)
+    return token if plain and token else repr(token)
+
+
+def builtin_listing() -> str:
+    """The built-in dataset names and what they hold (``padmmirnn data list``)."""
+    lines = []
+    for name, (train, test) in BUILTIN.items():
+        twin = next(other for other, files in BUILTIN.items()
+                    if files == (train, test) and other != "default")
+        if name == "default":
+            lines.append(f"{name:12s} = {twin} (the embedded default)")
+            continue
+        a, b = read_info(str(builtin_path(train))), read_info(str(builtin_path(test)))
+        lines.append(f"{name:12s} {a.kind}, {a.n} train + {b.n} test sequences of {a.steps} "
+                     f"steps x {a.dim}, {a.classes} classes ({train}, {test})")
+    return "\n".join(lines)
