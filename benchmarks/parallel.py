@@ -85,4 +85,33 @@ def main() -> int:
                                     [int(t) for t in a.taus.split(",")])
         print(table(result["ap"]))
     (out / "parallel.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "ap" in result:
+        plot_ap(result["ap"], out / "async_straggler.png")
     return 0
+
+
+def plot_ap(rows: list[dict], path: Path) -> None:
+    """Bars: rank 0's iterations per second, even ranks vs a straggler, per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: plot skipped (pip install 'padmmirnn[plot]')")
+        return
+    modes = [r["run"].rsplit("-", 1)[0] for r in rows if r["straggler"] == "-"]
+    rate = {(r["run"].rsplit("-", 1)[0], r["straggler"]): r["rank0_it_per_s"] for r in rows}
+    x = range(len(modes))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([i - 0.2 for i in x], [rate[(m, "-")] for m in modes], 0.4, label="no straggler")
+    ax.bar([i + 0.2 for i in x], [rate[(m, "1:2")] for m in modes], 0.4,
+           label="rank 1 slowed 2x (--straggler 1:2)")
+    ax.set_xticks(list(x), [m.replace("async", "AP tau=").replace("sync", "SP")
+                            for m in modes])
+    ax.set_ylabel("rank 0 iterations per second")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
