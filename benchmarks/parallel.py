@@ -110,7 +110,7 @@ def plot_ap(rows: list[dict], path: Path) -> None:
     ax.set_xticks(list(x), [m.replace("async", "AP tau=").replace("sync", "SP")
                             for m in modes])
     ax.set_ylabel("rank 0 iterations per second")
-    ax.legend()
+    ax.legend(loc="lower left", framealpha=0.95)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

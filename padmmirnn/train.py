@@ -430,9 +430,11 @@ def run_training(cfg: Config, comm) -> dict:
                     continue
                 metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
                 metrics.update(algo.describe(reduced))
-                t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm]))
+                t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm,
+                                                     t_comm - t_iter]))
                 record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start,
-                          **metrics, "t_compute_s": t_max[0], "t_comm_s": t_max[1]}
+                          **metrics, "t_compute_s": t_max[0], "t_comm_s": t_max[1],
+                          "t_imbalance_s": t_max[0] + t_max[2]}
                 out.metrics(record)
                 if not np.isfinite(metrics["train_loss"]):
                     log.warning("training loss is not finite at iteration %d: stopping", k)
@@ -454,7 +456,8 @@ def run_training(cfg: Config, comm) -> dict:
                         "" if ckpt_dir == Path(out_dir) / "checkpoints"
                         else f" --checkpoint-dir {ckpt_dir}")
         wall = time.perf_counter() - t_start
-        per_iter = comm.allreduce_max(timed[:2] / max(timed[2], 1))
+        mean = timed[:2] / max(timed[2], 1)
+        per_iter = comm.allreduce_max(np.array([mean[0], mean[1], -mean[0]]))
         summary = {
             "algo": cfg.train.algo,
             "parallel": ("async" if algo.exchange is not None else "sync") if comm.size > 1
@@ -467,10 +470,11 @@ def run_training(cfg: Config, comm) -> dict:
             **{k: metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
                                            "test_accuracy", "objective")},
             "wall_time_s": wall,
-            "time_per_iteration_s": float(per_iter.sum()),
+            "time_per_iteration_s": float(per_iter[0] + per_iter[1]),
             "iteration_unit": "iteration" if cfg.train.algo == "admm" else "epoch",
             "t_compute_s": float(per_iter[0]),
             "t_comm_s": float(per_iter[1]),
+            "t_imbalance_s": float(per_iter[0] + per_iter[2]),
             "bytes_reduced_per_iteration": algo.bytes_per_iteration,
             "config_hash": cfg.hash(),
             "stopped": stopped,
@@ -482,7 +486,7 @@ def run_training(cfg: Config, comm) -> dict:
         log.info("done: %d iterations in %.1f s (%.3f s/iteration, %.1f%% communication); "
                  "train accuracy %.4f, test accuracy %s", algo.iteration, wall,
                  summary["time_per_iteration_s"],
-                 100 * per_iter[1] / max(per_iter.sum(), 1e-12),
+                 100 * per_iter[1] / max(per_iter[0] + per_iter[1], 1e-12),
                  summary["train_accuracy"], _fmt(summary["test_accuracy"]))
         return summary
     finally:

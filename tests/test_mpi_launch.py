@@ -48,6 +48,7 @@ def test_two_rank_run_matches_serial_run(tmp_path, kind):
     summary = json.loads((tmp_path / "sp" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["parallel"] == "sync"
     assert summary["bytes_reduced_per_iteration"] > 0
+    assert 0 <= summary["t_imbalance_s"] <= summary["t_compute_s"]
     for a, b in zip(_metrics(tmp_path / "serial"), _metrics(tmp_path / "sp"), strict=True):
         for key in ("objective", "train_loss", "test_loss", "residual_a", "residual_o"):
             assert b[key] == pytest.approx(a[key], rel=1e-10), key
