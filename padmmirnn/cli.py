@@ -123,6 +123,63 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("files", nargs="+", metavar="FILE")
     dsub.add_parser("list", help="built-in dataset names")
 
+    scal = sub.add_parser("scaling", help="strong/weak scaling studies: Slurm scripts, local "
+                          "runs, CSV report, model and plots")
+    ssub = scal.add_subparsers(dest="scaling_command", required=True)
+    splan = ssub.add_parser("plan", help="write one sbatch script per point, the datasets and "
+                            "a manifest", description="Write DIR/{kind}-{P}r-{M}n.sbatch for "
+                            "each rank count, the datasets the points need (weak: N = n * P "
+                            "samples; taken from --dataset, repeated cyclically if it is "
+                            "smaller) and DIR/manifest.json. See slurm/README.md.")
+    splan.add_argument("--kind", required=True, choices=("strong", "weak"))
+    splan.add_argument("--ranks", required=True, metavar="P1,P2,...", help="rank counts")
+    splan.add_argument("--nodes", metavar="M1,M2,...",
+                       help="nodes of each point, or one value for all (default 1)")
+    ssize = splan.add_mutually_exclusive_group()
+    ssize.add_argument("--samples", type=int, metavar="N",
+                       help="strong: total training samples (default: the whole dataset)")
+    ssize.add_argument("--samples-per-rank", type=int, metavar="n",
+                       help="weak: training samples per rank")
+    splan.add_argument("--dataset", default="default",
+                       help="source of the samples: built-in name or _train.h5 path")
+    splan.add_argument("--algo", default="admm", help="training algorithm (admm)")
+    splan.add_argument("--parallel", dest="study_parallel", choices=("sync", "async"),
+                       default="sync", help="mode of the multi-rank points (1 rank: none)")
+    splan.add_argument("--iterations", type=int, default=20, help="iterations per point")
+    splan.add_argument("--threads", type=int, default=1,
+                       help="threads per rank (--cpus-per-task; default 1)")
+    splan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="config override for every point (repeatable)")
+    splan.add_argument("--time", default="00:30:00", help="walltime of each job")
+    splan.add_argument("--signal-seconds", type=int, default=120,
+                       help="SIGUSR1 (checkpoint and exit) this long before the walltime")
+    splan.add_argument("--partition", help="Slurm partition")
+    splan.add_argument("--account", help="Slurm account")
+    splan.add_argument("--overcommit", action="store_true",
+                       help="allow more ranks than CPUs (e.g. 4 ranks on a 2-core node)")
+    splan.add_argument("--launcher", choices=("srun", "mpiexec"), default="srun",
+                       help="how the jobs start the ranks (default srun --mpi=pmi2)")
+    splan.add_argument("--slurm-dir", metavar="DIR", help="folder with train.sbatch and "
+                       "scaling-point.sbatch.in (default: slurm/ of the source tree)")
+    splan.add_argument("--out", required=True, help="study folder")
+    srun_ = ssub.add_parser("run", help="run a study's points here with mpiexec, one by one")
+    srun_.add_argument("dir", help="study folder written by scaling plan")
+    srun_.add_argument("--points", metavar="NAME,...", help="only these points")
+    srun_.add_argument("--mpiexec", help="mpiexec to use (default: beside python, or PATH)")
+    srun_.add_argument("--timeout", type=float, default=900.0,
+                       help="seconds per point before it is killed (default 900)")
+    srep = ssub.add_parser("report", help="scaling.csv, fitted model, projection, PNG plots")
+    srep.add_argument("dir", help="study folder")
+    srep.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    srep.add_argument("--ranks-per-node", type=int,
+                      help="ranks per node of the projection (default: as measured)")
+    srep.add_argument("--project-nodes", type=int, default=64,
+                      help="project up to this many nodes (default 64)")
+    srep.add_argument("--latency-us", type=float,
+                      help="use this reduction latency per stage instead of the fitted one")
+    srep.add_argument("--bandwidth-gbs", type=float,
+                      help="use this reduction bandwidth (GB/s) instead of the fitted one")
+
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="checkpoint_command", required=True)
     inspect = cksub.add_parser("inspect", help="print what a checkpoint holds")
@@ -237,6 +294,32 @@ def _evaluate(args, comm) -> int:
     return 0
 
 
+def _scaling(args, comm) -> int:
+    from padmmirnn import scaling
+
+    if comm.size > 1:
+        raise PadmmError("padmmirnn scaling runs on one process (it starts the MPI jobs)")
+    if args.scaling_command == "plan":
+        lines = scaling.plan(scaling.PlanOptions.from_text(
+            args.ranks, args.nodes, kind=args.kind, samples=args.samples,
+            samples_per_rank=args.samples_per_rank, dataset=args.dataset, algo=args.algo,
+            parallel=args.study_parallel, iterations=args.iterations, threads=args.threads,
+            sets=tuple(args.set), time_limit=args.time, signal_seconds=args.signal_seconds,
+            partition=args.partition, account=args.account, overcommit=args.overcommit,
+            launcher=args.launcher, slurm_dir=args.slurm_dir, out=args.out))
+    elif args.scaling_command == "run":
+        lines = scaling.run_points(args.dir, args.points, args.mpiexec, args.timeout,
+                                   say=lambda line: print(line, flush=True))
+    else:
+        if args.project_nodes < 1 or (args.ranks_per_node is not None and
+                                      args.ranks_per_node < 1):
+            raise PadmmError("--project-nodes and --ranks-per-node must be positive")
+        lines = scaling.report(args.dir, not args.no_plots, args.ranks_per_node,
+                               args.project_nodes, args.latency_us, args.bandwidth_gbs)
+    print("\n".join(lines))
+    return 0
+
+
 def _checkpoint(args, comm) -> int:
     from pathlib import Path
 
@@ -264,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))
         handler = {"train": _train, "compare": _compare, "data": _data,
-                   "checkpoint": _checkpoint, "evaluate": _evaluate}[args.command]
+                   "checkpoint": _checkpoint, "evaluate": _evaluate,
+                   "scaling": _scaling}[args.command]
         return handler(args, comm)
     except PadmmError as exc:
         if rank == 0:

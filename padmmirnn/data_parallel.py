@@ -29,7 +29,7 @@ from padmmirnn.config import Config
 from padmmirnn.data import LocalData
 from padmmirnn.model import Params
 
-DEFAULT_LR = {"sgd": 0.05, "momentum": 0.02, "adam": 3e-3, "rmsprop": 1e-3, "adagrad": 0.05,
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.005, "adam": 3e-3, "rmsprop": 1e-3, "adagrad": 0.05,
               "celgc": 0.05}
 
 
