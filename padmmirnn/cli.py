@@ -1,13 +1,15 @@
 """The ``padmmirnn`` command line: the only module that parses argv.
 
     padmmirnn train [--config FILE.toml] [--set key=value ...] [--dataset NAME|PATH]
-                    [--algo admm] [--iterations N] [--seed S] [--out DIR]
+                    [--algo admm|sgd|adam|...] [--iterations N] [--parallel ...] [--out DIR]
+                    [--checkpoint-every N] [--resume latest|PATH] [--max-walltime S]
     padmmirnn compare --algos admm,adam,... [--budget-seconds S] [train options] --out DIR
     padmmirnn data prepare adding|idx|imdb|csv|text --out NAME_train.h5 [--source PATH] ...
     padmmirnn data fetch mnist|fashion-mnist|imdb --to DIR [--base-url URL]
     padmmirnn data inspect FILE...  |  padmmirnn data list
     padmmirnn evaluate --weights FILE | --checkpoint FILE [--dataset NAME|PATH]
     padmmirnn checkpoint inspect FILE
+    padmmirnn scaling plan|run|report ...
     padmmirnn --version
 
 A user error (bad config, bad data) prints one line ``padmmirnn: error: ...`` and
