@@ -1,0 +1,164 @@
+"""Performance of one ADMM iteration against the machine and against BPTT (issue 10).
+
+In one run: the GEMM rate of this machine's BLAS (float64 and float32, one
+thread); the analytic floating-point work of one fused ADMM iteration (dense
+products only); median times of each block of an iteration on the default
+dataset at several hidden sizes and on a token task; one epoch of the Adam
+baseline on the same data; the ratios achieved/GEMM FLOP/s, ADMM iteration / BPTT
+epoch, the share of time in Numba kernels, and the bytes of ADMM state per
+training sample. Run it with the thread count of one rank (the default: 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import table
+
+
+def gemm_rate(dtype, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix product (best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2.0 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def admm_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
+               tokens: bool) -> float:
+    """Dense floating-point work of one fused iteration (with the residual pass):
+    statistics, the pre-activation and s-update products, the s solve, the outputs."""
+    rows, orows = n * steps, n * out_steps
+    proj = 0.0 if tokens else 2.0 * rows * d * h  # x U^T (a gather for tokens)
+    stats = (0.0 if tokens else 2 * 2.0 * rows * d * h) + 2 * 2.0 * rows * h * h \
+        + 2.0 * orows * h * (h + k)
+    a_block = proj + 2.0 * rows * h * h
+    s_block = proj + 2.0 * rows * h * h + 2.0 * orows * k * h + 2.0 * rows * h * h
+    o_block = 2.0 * orows * h * k
+    residual = proj + 2.0 * rows * h * h + 2.0 * orows * h * k
+    return stats + a_block + s_block + o_block + residual
+
+
+def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
+    """Median seconds of each block of a fused iteration (after two warm-up iterations)."""
+    from padmmirnn.admm import AdmmEngine
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.config import build_config
+
+    cfg = build_config(overrides={"model.hidden": hidden})
+    eng = AdmmEngine(cfg, [local], n_global, SerialComm())
+    eng.iterate(want_sums=False)
+    eng.iterate(want_sums=False)
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        pen = eng.penalty()
+        t = {}
+        t0 = time.perf_counter()
+        st = eng.reduce_fused(pen)
+        t["statistics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eng.weights_in(st[0], pen)
+        eng.weights_out(st[1], pen)
+        t["weight_solves"] = time.perf_counter() - t0
+        for name, fn in (("a_block", eng.block_a), ("s_block", eng.block_s),
+                         ("o_block", eng.block_o)):
+            t0 = time.perf_counter()
+            fn(pen)
+            t[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eng.residuals(pen, (False, False, False))
+        t["residuals"] = time.perf_counter() - t0
+        eng.iteration += 1
+        for key, value in t.items():
+            samples.setdefault(key, []).append(value)
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    med["iteration"] = sum(med.values())
+    state = sum(a.nbytes for a in (eng.parts[0].state.A, eng.parts[0].state.S,
+                                   eng.parts[0].state.O, eng.parts[0].state.L1,
+                                   eng.parts[0].state.L2, eng.parts[0].state.L3,
+                                   eng.parts[0].work))
+    med["state_bytes_per_sample"] = state / local.n
+    return med
+
+
+def adam_epoch(local, n_global: int, hidden: int, repeats: int) -> float:
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.config import build_config
+    from padmmirnn.data_parallel import GradientTrainer
+    from padmmirnn.model import init_params
+
+    cfg = build_config(overrides={"model.hidden": hidden, "train.algo": "adam"})
+    p = init_params(local.info.dim, hidden, local.info.classes, 0, "orthogonal", 1.0)
+    tr = GradientTrainer(cfg, local, n_global, SerialComm(), p)
+    tr.epoch()
+    return statistics.median(_timed(tr.epoch) for _ in range(repeats))
+
+
+def token_task(n: int = 4000, steps: int = 28, vocab: int = 1000, seed: int = 0):
+    """A random token classification task of the default dataset's size."""
+    from padmmirnn.data import DatasetInfo, LocalData
+
+    rng = np.random.default_rng(seed)
+    info = DatasetInfo("tokens", n, steps, vocab, 10, "tokens", False)
+    x = rng.integers(0, vocab, (steps, n)).astype(np.int32)
+    y = rng.integers(0, 10, (1, n)).astype(np.int32)
+    return LocalData(info, x, y, 0, n)
+
+
+def main() -> int:
+    from padmmirnn import data as datasets
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks kernels")
+    p.add_argument("--out", default="runs/bench-kernels")
+    p.add_argument("--hidden", default="64,128,256")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rate64, rate32 = gemm_rate(np.float64), gemm_rate(np.float32)
+    train, _ = datasets.resolve("default")
+    info = datasets.read_info(train)
+    dense = datasets.read_slice(info, 0, info.n, np.float64)
+    tasks = [("mnist-rows", dense, int(h)) for h in a.hidden.split(",")]
+    tasks.append(("tokens-1000", token_task(), 64))
+    rows = []
+    bptt = {}
+    for name, local, h in tasks:
+        blocks = time_blocks(local, local.info.n, h, a.repeats)
+        flops = admm_flops(local.info.n, local.info.steps, local.info.dim, h, local.info.classes,
+                           1, local.info.kind == "tokens")
+        key = (name, h)
+        if key not in bptt:
+            bptt[key] = adam_epoch(local, local.info.n, h, a.repeats)
+        kernels = blocks["a_block"] + blocks["o_block"]
+        rows.append({
+            "task": name, "hidden": h, "iteration_s": blocks["iteration"],
+            "gflop_per_iteration": flops / 1e9,
+            "achieved_over_gemm": flops / blocks["iteration"] / rate64,
+            "admm_iteration_over_bptt_epoch": blocks["iteration"] / bptt[key],
+            "numba_kernel_share": kernels / blocks["iteration"],
+            "a_block_share": blocks["a_block"] / blocks["iteration"],
+            "state_bytes_per_sample": blocks["state_bytes_per_sample"],
+            "bptt_epoch_s": bptt[key],
+        })
+    result = {"gemm_gflops_float64": rate64 / 1e9, "gemm_gflops_float32": rate32 / 1e9,
+              "rows": rows}
+    print(f"GEMM (1024^3, one thread): float64 {rate64 / 1e9:.1f} GFLOP/s, "
+          f"float32 {rate32 / 1e9:.1f} GFLOP/s")
+    print(table(rows))
+    (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
