@@ -6,6 +6,13 @@
 """
 
 import sys
+from pathlib import Path
+
+# `python -m benchmarks` from the repository root puts the source tree first on
+# sys.path, where kernels/ is not mapped to padmmirnn.kernels: measure the
+# installed package instead (this package is already imported).
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 
 def main() -> int:
