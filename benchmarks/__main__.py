@@ -14,6 +14,8 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
+import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before numpy loads)
+
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("parallel", "kernels"):
