@@ -261,7 +261,7 @@ class AdmmEngine:
         resync = a.resync_every > 0 and self.iteration % a.resync_every == 0
         if a.schedule == "fused":
             st_in, st_out = self.reduce_fused(pen)
-            old = self.params.copy() if a.step_control == "backtrack" else None
+            old = self.params.copy() if self.cfg.backtracking() else None
             self.weights_in(st_in, pen)
             self.weights_out(st_out, pen)
             if old is not None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     algo: str = "admm"
-    iterations: int = 30
+    iterations: int = 60
     seed: int = 0
     dtype: str = "float64"
     parallel: str = "auto"
@@ -51,12 +52,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AdmmConfig:
+    """ADMM settings. The defaults are the *hybrid* configuration that trains
+    (docs/admm-convergence.md): auxiliaries re-synchronised by a forward pass,
+    multipliers from their least-squares (KKT) estimate -- a backward recursion in
+    time, so not back-propagation free -- joint weight solves and a backtracking
+    step. ``--config faithful`` selects the back-propagation-free formulation of
+    DESIGN.md section 3 (multiplier ascent, a/s/o block updates)."""
+
     rho1: float = 1.0
     rho2: float = 1.0
     rho3: float = 1.0
     nu: float = 1e-3
-    multipliers: str = "none"
-    warmup: int = 5
+    multipliers: str = "all"
+    warmup: int = 0
     rho_schedule: str = "constant"
     rho_growth: float = 1.1
     rho_max_scale: float = 100.0
@@ -64,12 +72,12 @@ class AdmmConfig:
     a_newton_steps: int = 3
     o_newton_steps: int = 20
     aux_order: str = "jacobi"
-    aux_sweeps: int = 1
+    aux_sweeps: int = 0
     dual_step: float = 1.0
-    resync_every: int = 0
-    multiplier_update: str = "ascent"
-    weight_solve: str = "blocks"
-    step_control: str = "none"
+    resync_every: int = 1
+    multiplier_update: str = "kkt"
+    weight_solve: str = "joint"
+    step_control: str = "auto"
     backtrack_max: int = 4
     momentum: float = 0.0
 
@@ -98,9 +106,9 @@ class AdmmConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"config key 'admm.momentum' must be in [0, 1); "
                               f"got {self.momentum!r}")
-        if self.momentum and self.step_control != "backtrack":
+        if self.momentum and self.step_control == "none":
             raise ConfigError("config key 'admm.momentum' > 0 needs "
-                              "admm.step_control = 'backtrack'")
+                              "admm.step_control = 'backtrack' or 'auto'")
         if not 0.0 < self.dual_step <= 2.0:
             raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
                               f"got {self.dual_step!r}")
@@ -150,6 +158,15 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    def backtracking(self) -> bool:
+        """The step control in force: ``auto`` backtracks where it can (weights from a
+        fused solve, auxiliaries re-synchronised every iteration) except in async runs,
+        where each trial would need a global training loss (a synchronisation point)."""
+        a = self.admm
+        if a.step_control != "auto":
+            return a.step_control == "backtrack"
+        return a.resync_every == 1 and a.schedule == "fused" and self.train.parallel != "async"
+
     def to_toml(self) -> str:
         lines = []
         for section, values in self.to_dict().items():
@@ -189,7 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "admm.aux_order": ("jacobi", "backward"),
     "admm.multiplier_update": ("ascent", "kkt"),
     "admm.weight_solve": ("blocks", "joint"),
-    "admm.step_control": ("none", "backtrack"),
+    "admm.step_control": ("auto", "none", "backtrack"),
 }
 
 # (minimum, strict): a value must be > minimum when strict, >= minimum otherwise.
@@ -276,9 +293,9 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and (cfg.admm.schedule != "fused" or t.reduction != "fast"):
         raise ConfigError("train.parallel = async needs admm.schedule = fused and "
                           "train.reduction = fast (one statistics exchange per iteration)")
-    if t.parallel == "async" and cfg.admm.step_control != "none":
-        raise ConfigError("train.parallel = async needs admm.step_control = none (backtracking "
-                          "needs a global training loss per trial, a synchronisation point)")
+    if t.parallel == "async" and (cfg.admm.step_control == "backtrack" or cfg.admm.momentum):
+        raise ConfigError("train.parallel = async needs admm.step_control auto or none and no "
+                          "admm.momentum (backtracking needs a global training loss per trial)")
     for key, (low, strict) in BOUNDS.items():
         section, name = key.split(".")
         v = d[section][name]
@@ -358,13 +375,22 @@ def load_config_text(text: str) -> Config:
     return build_config(tomllib.loads(text))
 
 
+def preset_path(name: str) -> Path | None:
+    """The packaged preset ``padmmirnn/presets/NAME.toml``, if there is one."""
+    candidate = Path(str(resources.files("padmmirnn").joinpath("presets", f"{name}.toml")))
+    return candidate if candidate.is_file() else None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a TOML file (optional) and apply overrides; raises :class:`ConfigError`."""
+    """Load a TOML file or a packaged preset name (optional) and apply overrides;
+    raises :class:`ConfigError`."""
     mapping: dict[str, dict[str, Any]] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            p = preset_path(str(path)) or p
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
         try:
             mapping = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import numpy as np
 import pytest
 
+from padmmirnn.config import preset_path
 from padmmirnn.data import DatasetInfo, LocalData, write_dataset
+
+# The faithful formulation (the packaged preset), as dotted overrides: tests of the
+# ADMMiRNN block theory pin it, whatever the defaults are.
+FAITHFUL = {f"admm.{k}": v for k, v in
+            tomllib.loads(preset_path("faithful").read_text())["admm"].items()}
 
 
 def make_local(kind: str, many_to_many: bool, n: int = 12, steps: int = 5, dim: int = 4,

@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import make_local
+from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm
@@ -24,7 +24,7 @@ CASES = list(itertools.product(("tanh", "relu"), ("dense", "tokens"), (False, Tr
 
 def _engine(act, kind, m2m, seed=0, **admm):
     data = make_local(kind, m2m, n=16, steps=5, dim=4, classes=3, seed=seed)
-    overrides = {"model.hidden": 6, "model.activation": act, "train.seed": seed,
+    overrides = {**FAITHFUL, "model.hidden": 6, "model.activation": act, "train.seed": seed,
                  "model.init_scale": 1.5}
     overrides.update({f"admm.{k}": v for k, v in admm.items()})
     return AdmmEngine(build_config(overrides=overrides), [data], data.n, SerialComm())
@@ -167,7 +167,7 @@ def test_float32_tracks_float64():
     data32 = make_local("dense", False, n=20, steps=4, seed=9, dtype=np.float32)
     runs = []
     for dt, data in (("float64", data64), ("float32", data32)):
-        cfg = build_config(overrides={"model.hidden": 5, "train.dtype": dt})
+        cfg = build_config(overrides={**FAITHFUL, "model.hidden": 5, "train.dtype": dt})
         eng = AdmmEngine(cfg, [data], data.n, SerialComm())
         for _ in range(5):
             eng.iterate(want_sums=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_local
+from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm
@@ -38,7 +38,9 @@ RECOMMENDED = {
 
 
 def _engine(data, hidden=8, seed=0, act="tanh", parts=None, **admm):
-    overrides = {"model.hidden": hidden, "model.activation": act, "train.seed": seed}
+    """An engine of the faithful formulation, with ``admm`` settings on top."""
+    overrides = {**FAITHFUL, "model.hidden": hidden, "model.activation": act,
+                 "train.seed": seed}
     overrides.update({f"admm.{k}": v for k, v in admm.items()})
     return AdmmEngine(build_config(overrides=overrides), parts or [data], data.n, SerialComm())
 
@@ -73,8 +75,18 @@ def test_recommended_configuration_trains():
     assert _loss(eng, data)[1] > 0.6  # chance is 1/3
 
 
+def test_defaults_are_the_recommended_configuration():
+    cfg = build_config()
+    for key, value in RECOMMENDED.items():
+        assert getattr(cfg.admm, key) == value or (key == "step_control" and
+                                                   cfg.admm.step_control == "auto"), key
+    assert cfg.backtracking()
+    assert not build_config(overrides={"train.parallel": "async"}).backtracking()
+    assert not build_config(overrides=FAITHFUL).backtracking()
+
+
 def test_faithful_default_trains_less():
-    """The same budget with the faithful formulation (defaults) reaches a higher loss:
+    """The same budget with the faithful formulation (the preset) reaches a higher loss:
     the point of the new options, pinned on a small problem."""
     data = _learnable()
     rec, faithful = _engine(data, **RECOMMENDED), _engine(data)
@@ -212,9 +224,9 @@ def test_resync_makes_the_point_feasible():
 
 
 @pytest.mark.parametrize("overrides", [
-    {"admm.multiplier_update": "kkt"},                       # needs multipliers all
-    {"admm.step_control": "backtrack", "admm.multipliers": "all"},  # needs resync_every 1
-    {"admm.momentum": 0.5},                                   # needs backtrack
+    {"admm.multipliers": "none"},                             # kkt needs multipliers all
+    {"admm.step_control": "backtrack", "admm.resync_every": 0},  # needs resync_every 1
+    {"admm.momentum": 0.5, "admm.step_control": "none"},      # needs backtracking
     {"admm.dual_step": 0.0},
     {"admm.aux_sweeps": -1},
     {"admm.aux_order": "forward"},

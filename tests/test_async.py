@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_local
+from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import MPIComm, RmaStatsExchange
@@ -27,10 +27,13 @@ def _local(full: LocalData, comm) -> LocalData:
                      np.ascontiguousarray(full.targets[:, start:stop]), start, stop)
 
 
-def _engine(comm, data, n, **admm):
-    cfg = build_config(overrides={"model.hidden": 7, **{f"admm.{k}": v for k, v in
-                                                         admm.items()}})
+def _engine(comm, data, n, base=FAITHFUL, **admm):
+    cfg = build_config(overrides={**base, "model.hidden": 7,
+                                  **{f"admm.{k}": v for k, v in admm.items()}})
     return AdmmEngine(cfg, [data], n, comm)
+
+
+HYBRID_ASYNC = {"admm.step_control": "none"}  # the defaults as async runs use them
 
 
 def _exchange(engine, comm, tau):
@@ -40,12 +43,15 @@ def _exchange(engine, comm, tau):
     return ex
 
 
-@pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
-def test_staleness_zero_equals_sp(comm, kind, m2m):
+@pytest.mark.parametrize("kind,m2m,base", [("dense", False, FAITHFUL),
+                                           ("tokens", True, FAITHFUL),
+                                           ("dense", True, HYBRID_ASYNC)])
+def test_staleness_zero_equals_sp(comm, kind, m2m, base):
     full = make_local(kind, m2m, n=29, steps=5, dim=6, classes=4, seed=7)
     data = _local(full, comm)
-    sp = _engine(comm, data, 29, multipliers="all", warmup=2)
-    ap = _engine(comm, data, 29, multipliers="all", warmup=2)
+    extra = {} if base is HYBRID_ASYNC else {"multipliers": "all", "warmup": 2}
+    sp = _engine(comm, data, 29, base, **extra)
+    ap = _engine(comm, data, 29, base, **extra)
     ex = _exchange(ap, comm, 0)
     try:
         for _ in range(6):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_local
+from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import MPIComm, SerialComm, agree, sum_parts
@@ -42,6 +42,8 @@ CASES = [
     ("dense", True, 20, "all", "paper"),
     ("tokens", False, 21, "output", "fused"),
     ("tokens", True, 4001, "all", "fused"),
+    ("dense", False, 37, "hybrid", "fused"),  # the defaults: KKT multipliers, backtracking
+    ("tokens", True, 21, "hybrid", "fused"),
 ]
 
 
@@ -49,8 +51,9 @@ CASES = [
 def test_sp_matches_serial_every_iteration(comm, kind, m2m, n, mode, schedule):
     assert comm.size == 2
     full = make_local(kind, m2m, n=n, steps=5, dim=6, classes=4, seed=n)
-    cfg = build_config(overrides={"model.hidden": 7, "admm.multipliers": mode,
-                                  "admm.warmup": 1, "admm.schedule": schedule,
+    base = {} if mode == "hybrid" else {**FAITHFUL, "admm.multipliers": mode,
+                                        "admm.warmup": 1, "admm.schedule": schedule}
+    cfg = build_config(overrides={**base, "model.hidden": 7,
                                   "admm.rho_schedule": "geometric"})
     serial, sp = _pair(comm, cfg, full)
     for _ in range(6):
@@ -69,8 +72,7 @@ def test_sp_matches_serial_every_iteration(comm, kind, m2m, n, mode, schedule):
 def test_deterministic_reduction_is_bitwise_rank_independent(comm):
     full = make_local("dense", False, n=103, steps=6, dim=5, classes=3, seed=3)
     cfg = build_config(overrides={"model.hidden": 9, "train.reduction": "deterministic",
-                                  "train.chunk": 10, "admm.multipliers": "all",
-                                  "admm.warmup": 1})
+                                  "train.chunk": 10})
     serial = AdmmEngine(cfg, split_parts(full, 10), 103, SerialComm())
     start, stop = chunk_partition(103, 10, comm.size, comm.rank)
     assert start % 10 == 0
