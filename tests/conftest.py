@@ -7,6 +7,7 @@ import tomllib
 import numpy as np
 import pytest
 
+from padmmirnn.comm import MPIComm
 from padmmirnn.config import preset_path
 from padmmirnn.data import DatasetInfo, LocalData, write_dataset
 
@@ -47,3 +48,11 @@ def write_random_split(path, kind="dense", many_to_many=False, n=40, steps=6, di
 @pytest.fixture
 def local_factory():
     return make_local
+
+
+@pytest.fixture
+def comm():
+    """A duplicate of COMM_WORLD for tests run under ``mpiexec`` (pytest-mpi)."""
+    c = MPIComm()
+    yield c
+    c.free()

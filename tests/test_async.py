@@ -7,18 +7,12 @@ import pytest
 from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
-from padmmirnn.comm import MPIComm, RmaStatsExchange
+from padmmirnn.comm import RmaStatsExchange
 from padmmirnn.config import build_config
 from padmmirnn.data import LocalData, partition
 
 pytestmark = pytest.mark.mpi
 
-
-@pytest.fixture
-def comm():
-    c = MPIComm()
-    yield c
-    c.free()
 
 
 def _local(full: LocalData, comm) -> LocalData:

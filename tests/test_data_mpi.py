@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 from test_converters import write_idx_folder
 
-from padmmirnn.comm import MPIComm
 from padmmirnn.converters import PrepareOptions, prepare
 from padmmirnn.data import partition, read_info, read_slice
 
 pytestmark = pytest.mark.mpi
 
-
-@pytest.fixture
-def comm():
-    c = MPIComm()
-    yield c
-    c.free()
 
 
 def _prepared_files(folder: Path) -> list[str]:

@@ -8,19 +8,13 @@ import pytest
 from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
-from padmmirnn.comm import MPIComm, SerialComm, agree, sum_parts
+from padmmirnn.comm import SerialComm, agree, sum_parts
 from padmmirnn.config import build_config
 from padmmirnn.data import LocalData, chunk_partition, partition, split_parts
 from padmmirnn.errors import DataError
 
 pytestmark = pytest.mark.mpi
 
-
-@pytest.fixture
-def comm():
-    c = MPIComm()
-    yield c
-    c.free()
 
 
 def _slice(full: LocalData, start: int, stop: int) -> LocalData:
