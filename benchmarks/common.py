@@ -36,6 +36,7 @@ def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k])
+        lines.append("| " + " | ".join("-" if r[k] is None else f"{r[k]:.4g}"
+                                       if isinstance(r[k], float) else str(r[k])
                                        for k in keys) + " |")
     return "\n".join(lines)

@@ -53,13 +53,56 @@ def admm_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
     return stats + a_block + s_block + o_block + residual
 
 
-def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
-    """Median seconds of each block of a fused iteration (after two warm-up iterations)."""
+def time_default(local, n_global: int, hidden: int, repeats: int) -> dict:
+    """Median seconds of one iteration of the default (hybrid) configuration and the
+    share of its time in Numba kernels (sampled with a profiler-free wrapper)."""
+    from padmmirnn import kernels
     from padmmirnn.admm import AdmmEngine
     from padmmirnn.comm import SerialComm
     from padmmirnn.config import build_config
+    from padmmirnn.kernels import bptt as bptt_kernels
 
-    cfg = build_config(overrides={"model.hidden": hidden})
+    eng = AdmmEngine(build_config(overrides={"model.hidden": hidden}), [local], n_global,
+                     SerialComm())
+    eng.iterate(want_sums=False)
+    eng.iterate(want_sums=False)
+    spent = {"numba": 0.0}
+    originals = {}
+    targets = [(kernels, n) for n in ("loss_and_correct", "gather_columns", "segment_sum",
+                                      "token_counts", "o_update", "a_update",
+                                      "activation_residual")]
+    targets += [(bptt_kernels, n) for n in ("output_delta", "step_backward", "segment_add")]
+    for module, name in targets:
+        fn = getattr(module, name)
+        originals[(module, name)] = fn
+
+        def wrapped(*args, _fn=fn):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args)
+            finally:
+                spent["numba"] += time.perf_counter() - t0
+        setattr(module, name, wrapped)
+    try:
+        times = []
+        for _ in range(repeats):
+            spent["numba"] = 0.0
+            times.append(_timed(lambda: eng.iterate(want_sums=False)))
+        numba_share = spent["numba"] / times[-1]
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
+    return {"iteration": statistics.median(times), "numba_share": numba_share}
+
+
+def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
+    """Median seconds of each block of a faithful fused iteration (after two warm-up
+    iterations)."""
+    from padmmirnn.admm import AdmmEngine
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.config import build_config, load_config
+
+    cfg = build_config({**load_config("faithful").to_dict(), "model": {"hidden": hidden}})
     eng = AdmmEngine(cfg, [local], n_global, SerialComm())
     eng.iterate(want_sums=False)
     eng.iterate(want_sums=False)
@@ -138,15 +181,24 @@ def main() -> int:
     rows = []
     bptt = {}
     for name, local, h in tasks:
-        blocks = time_blocks(local, local.info.n, h, a.repeats)
-        flops = admm_flops(local.info.n, local.info.steps, local.info.dim, h, local.info.classes,
-                           1, local.info.kind == "tokens")
         key = (name, h)
         if key not in bptt:
             bptt[key] = adam_epoch(local, local.info.n, h, a.repeats)
+        default = time_default(local, local.info.n, h, a.repeats)
+        rows.append({
+            "task": name, "config": "default (hybrid)", "hidden": h,
+            "iteration_s": default["iteration"], "gflop_per_iteration": None,
+            "achieved_over_gemm": None,
+            "admm_iteration_over_bptt_epoch": default["iteration"] / bptt[key],
+            "numba_kernel_share": default["numba_share"], "a_block_share": 0.0,
+            "state_bytes_per_sample": None, "bptt_epoch_s": bptt[key],
+        })
+        blocks = time_blocks(local, local.info.n, h, a.repeats)
+        flops = admm_flops(local.info.n, local.info.steps, local.info.dim, h, local.info.classes,
+                           1, local.info.kind == "tokens")
         kernels = blocks["a_block"] + blocks["o_block"]
         rows.append({
-            "task": name, "hidden": h, "iteration_s": blocks["iteration"],
+            "task": name, "config": "faithful", "hidden": h, "iteration_s": blocks["iteration"],
             "gflop_per_iteration": flops / 1e9,
             "achieved_over_gemm": flops / blocks["iteration"] / rate64,
             "admm_iteration_over_bptt_epoch": blocks["iteration"] / bptt[key],
