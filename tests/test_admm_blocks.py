@@ -162,12 +162,13 @@ def test_rho_schedule_geometric_with_cap():
     assert [eng.penalty(k).rho1 for k in (1, 2, 3, 4, 10)] == [0.5, 1.0, 2.0, 2.5, 2.5]
 
 
-def test_float32_tracks_float64():
+@pytest.mark.parametrize("base", [FAITHFUL, {}], ids=["faithful", "default"])
+def test_float32_tracks_float64(base):
     data64 = make_local("dense", False, n=20, steps=4, seed=9)
     data32 = make_local("dense", False, n=20, steps=4, seed=9, dtype=np.float32)
     runs = []
     for dt, data in (("float64", data64), ("float32", data32)):
-        cfg = build_config(overrides={**FAITHFUL, "model.hidden": 5, "train.dtype": dt})
+        cfg = build_config(overrides={**base, "model.hidden": 5, "train.dtype": dt})
         eng = AdmmEngine(cfg, [data], data.n, SerialComm())
         for _ in range(5):
             eng.iterate(want_sums=False)
