@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--parallel", help="auto (default: sync under MPI), none, sync or async")
     train.add_argument("--staleness", type=int, metavar="TAU",
                        help="async: how many iterations a worker may run ahead (default 1)")
+    train.add_argument("--staleness-kind", choices=("iterations", "publishes"),
+                       help="async: bound the iteration gap (default) or the delay in "
+                            "publishes (fast ranks do more iterations)")
     train.add_argument("--straggler", metavar="RANK:FACTOR",
                        help="slow one rank's compute by FACTOR (experiments)")
     train.add_argument("--out", help="output folder (default runs/ALGO-TIMESTAMP)")
@@ -204,6 +207,7 @@ FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "tra
              "checkpoint_dir": "checkpoint.dir", "keep_checkpoints": "checkpoint.keep",
              "resume": "checkpoint.resume", "force": "checkpoint.force",
              "max_walltime": "checkpoint.max_walltime", "staleness": "train.staleness",
+             "staleness_kind": "train.staleness_kind",
              "straggler": "train.straggler"}
 
 

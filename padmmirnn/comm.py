@@ -245,6 +245,12 @@ class RmaStatsExchange:
     one Allreduce, up to the rounding of accumulating differences). Invariant:
     window 1 equals the sum of every worker's latest published contribution.
 
+    ``kind = "publishes"`` bounds the *delay* instead (as partial-barrier
+    asynchronous ADMM): every publish advances a global version; step 1 goes,
+    and step 3 waits only while some worker's latest contribution is more than
+    ``tau`` publishes old (or a stop is agreed). Fast workers then run more
+    iterations than slow ones instead of waiting for them.
+
     Lock discipline without ``MPI_Win_lock``: all ranks hold one passive
     ``Lock_all`` epoch for the whole run and complete each operation with
     ``Flush``; the mutex is a ``Compare_and_swap`` on window 2. Measured here with
@@ -256,20 +262,26 @@ class RmaStatsExchange:
 
     NO_STOP = np.iinfo(np.int64).max
 
-    def __init__(self, comm: MPIComm, size: int, staleness: int, host: int = 0):
+    def __init__(self, comm: MPIComm, size: int, staleness: int, host: int = 0,
+                 kind: str = "iterations"):
         MPI = comm._MPI
         self._MPI = MPI
-        self.comm, self.tau, self.host = comm, staleness, host
+        self.comm, self.tau, self.host, self.kind = comm, staleness, host, kind
         self.rank, self.size = comm.rank, comm.size
         p = self.size
+        # int64 window: mutex | published[p] | consumed[p] | stop last, reason | version |
+        # version at each worker's last publish[p]
+        self._stop = 1 + 2 * p
+        self._version = self._stop + 2
         here = self.rank == host
         self.win_stats = MPI.Win.Allocate(size * 8 if here else 0, 8, comm=comm.comm)
-        self.win_count = MPI.Win.Allocate((3 + 2 * p) * 8 if here else 0, 8, comm=comm.comm)
+        self.win_count = MPI.Win.Allocate((self._version + 1 + p) * 8 if here else 0, 8,
+                                          comm=comm.comm)
         if here:
             np.frombuffer(self.win_stats.tomemory(), np.float64)[:] = 0.0
             counts = np.frombuffer(self.win_count.tomemory(), np.int64)
             counts[:] = 0
-            counts[1 + 2 * p] = self.NO_STOP
+            counts[self._stop] = self.NO_STOP
         comm.barrier()
         self.win_stats.Lock_all()
         self.win_count.Lock_all()
@@ -280,7 +292,7 @@ class RmaStatsExchange:
         self.staleness = 0
         self._one = np.ones(1, np.int64)
         self._zero = np.zeros(1, np.int64)
-        self._counts = np.empty(2 * p, np.int64)
+        self._counts = np.empty(self._version + p, np.int64)
 
     # -- primitives ------------------------------------------------------------------
 
@@ -307,20 +319,30 @@ class RmaStatsExchange:
                                   op=self._MPI.REPLACE)
         self.win_count.Flush(self.host)
 
-    def counters(self) -> tuple[np.ndarray, np.ndarray]:
-        """(published, consumed) of every rank, read element-atomically."""
+    def _read_counts(self) -> np.ndarray:
+        """Every counter after the mutex word, read element-atomically."""
         self.win_count.Get_accumulate(self._counts, self._counts, self.host, 1,
                                       op=self._MPI.NO_OP)
         self.win_count.Flush(self.host)
-        p = self.size
-        return self._counts[:p].copy(), self._counts[p:].copy()
+        return self._counts
 
-    def _wait(self, which: int, target: int) -> None:
+    def counters(self) -> tuple[np.ndarray, np.ndarray]:
+        """(published, consumed) of every rank."""
+        c, p = self._read_counts(), self.size
+        return c[:p].copy(), c[p:2 * p].copy()
+
+    def delays(self) -> np.ndarray:
+        """For every rank, how many publishes ago (by anyone) it last published."""
+        c, v = self._read_counts(), self._version - 1
+        return c[v] - c[v + 1:v + 1 + self.size]
+
+    def _wait(self, ready, stop_releases: bool = False) -> None:
+        """Poll (backoff 0.1 ms to 10 ms) until ``ready()``; with ``stop_releases`` also
+        stop waiting once a stop is agreed (a stopped rank publishes no more)."""
         delay = 1e-4
         t0 = time.perf_counter()
-        while True:
-            value = self.counters()[which].min()
-            if value >= target:
+        while not ready():
+            if stop_releases and self.agreed_stop()[0] is not None:
                 break
             time.sleep(delay)
             delay = min(2 * delay, 1e-2)
@@ -330,7 +352,7 @@ class RmaStatsExchange:
         """Ask every rank to stop after iteration ``last`` (the earliest proposal wins;
         the reason code is the largest). Safe when ``last`` >= this rank's consumed
         iteration + 1 + tau: no worker can have started an iteration beyond it."""
-        disp = 1 + 2 * self.size
+        disp = self._stop
         self.win_count.Accumulate(np.array([last], np.int64), self.host, disp,
                                   op=self._MPI.MIN)
         self.win_count.Accumulate(np.array([reason], np.int64), self.host, disp + 1,
@@ -340,8 +362,7 @@ class RmaStatsExchange:
     def agreed_stop(self) -> tuple[int | None, int]:
         """(last iteration to run, reason code), or (None, 0) when nobody asked to stop."""
         out = np.empty(2, np.int64)
-        self.win_count.Get_accumulate(out, out, self.host, 1 + 2 * self.size,
-                                      op=self._MPI.NO_OP)
+        self.win_count.Get_accumulate(out, out, self.host, self._stop, op=self._MPI.NO_OP)
         self.win_count.Flush(self.host)
         return (None if out[0] == self.NO_STOP else int(out[0])), int(out[1])
 
@@ -363,18 +384,31 @@ class RmaStatsExchange:
         replace it, in place, by a snapshot of the global sum within staleness tau."""
         t0 = time.perf_counter()
         k = self.k + 1
-        self._wait(1, k - 1 - self.tau)
+        iterations = self.kind == "iterations"
+        if iterations:
+            self._wait(lambda: self.counters()[1].min() >= k - 1 - self.tau)
         delta = buf - self.previous
         self._acquire()
         try:
             self.win_stats.Accumulate(delta, self.host, op=self._MPI.SUM)
             self.win_stats.Flush(self.host)
+            if not iterations:
+                version = np.empty(1, np.int64)
+                self.win_count.Fetch_and_op(self._one, version, self.host, self._version,
+                                            op=self._MPI.SUM)
+                self.win_count.Flush(self.host)
+                self.win_count.Accumulate(version + 1, self.host,
+                                          self._version + 1 + self.rank, op=self._MPI.REPLACE)
             self._set(0, k)
         finally:
             self._release()
         self.previous = buf.copy()
-        self._wait(0, k - self.tau)
-        self.staleness = int(k - self.counters()[0].min())
+        if iterations:
+            self._wait(lambda: self.counters()[0].min() >= k - self.tau)
+            self.staleness = int(k - self.counters()[0].min())
+        else:
+            self._wait(lambda: self.delays().max() <= self.tau, stop_releases=True)
+            self.staleness = int(self.delays().max())
         buf[...] = self.window_sum()
         self._set(1, k)
         self.k = k

@@ -46,7 +46,11 @@ class TrainConfig:
     chunk: int = 250
     eval_every: int = 0  # 0: every iteration (serial, sync); at the end only (async)
     budget_seconds: float = 0.0  # 0: no limit; else stop at the first iteration past it
-    staleness: int = 1  # async: a worker may run this many iterations ahead of the slowest
+    staleness: int = 1  # async: tau, counted as below
+    # async: "iterations" (no worker more than tau iterations ahead of the slowest) or
+    # "publishes" (bounded delay: no contribution read is more than tau publishes old;
+    # fast ranks do more iterations, train.iterations bounds the fastest)
+    staleness_kind: str = "iterations"
     straggler: str = ""  # "RANK:FACTOR": slow that rank's compute by FACTOR (experiments)
 
 
@@ -189,7 +193,7 @@ class Config:
 
 # train.* keys that control a run without changing its iterates
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
-               "straggler")
+               "staleness_kind", "straggler")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation": ("tanh", "relu"),
@@ -200,6 +204,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("float64", "float32"),
     "train.parallel": ("auto", "none", "sync", "async"),
     "train.reduction": ("fast", "deterministic"),
+    "train.staleness_kind": ("iterations", "publishes"),
     "admm.multipliers": ("all", "output", "none"),
     "admm.rho_schedule": ("constant", "geometric"),
     "admm.schedule": ("fused", "paper"),
@@ -293,6 +298,12 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and (cfg.admm.schedule != "fused" or t.reduction != "fast"):
         raise ConfigError("train.parallel = async needs admm.schedule = fused and "
                           "train.reduction = fast (one statistics exchange per iteration)")
+    if t.staleness_kind == "publishes" and (t.parallel != "async" or t.eval_every
+                                             or cfg.checkpoint.every):
+        raise ConfigError("train.staleness_kind = publishes is for train.parallel = async, "
+                          "without train.eval_every or checkpoint.every (ranks reach a given "
+                          "iteration at very different times; evaluation and checkpoints "
+                          "happen at the end and on a stop)")
     if t.parallel == "async" and (cfg.admm.step_control == "backtrack" or cfg.admm.momentum):
         raise ConfigError("train.parallel = async needs admm.step_control auto or none and no "
                           "admm.momentum (backtracking needs a global training loss per trial)")

@@ -124,7 +124,8 @@ class AdmmAlgorithm:
         if cfg.train.parallel == "async" and comm.size > 1:
             # the engine's one statistics reduction per iteration becomes the RMA exchange
             size = self.engine.in_layout.size + self.engine.out_layout.size
-            self.exchange = RmaStatsExchange(comm, size, cfg.train.staleness)
+            self.exchange = RmaStatsExchange(comm, size, cfg.train.staleness,
+                                             kind=cfg.train.staleness_kind)
             self.engine.comm = self.exchange
 
     def quiesce(self) -> None:
@@ -442,6 +443,9 @@ def run_training(cfg: Config, comm) -> dict:
                 progress.update(k, _brief(metrics))
                 if last:
                     break
+            else:
+                if algo.exchange is not None and algo.exchange.kind == "publishes":
+                    algo.exchange.propose_stop(-1, 1)  # the fastest rank ends the run
         progress.close()
         algo.quiesce()
         if algo.exchange is not None or not metrics:
@@ -462,11 +466,12 @@ def run_training(cfg: Config, comm) -> dict:
             "algo": cfg.train.algo,
             "parallel": ("async" if algo.exchange is not None else "sync") if comm.size > 1
             else "none",
-            **({"staleness": cfg.train.staleness,
+            **({"staleness": cfg.train.staleness, "staleness_kind": cfg.train.staleness_kind,
                 "wait_s_per_iteration": algo.exchange.wait_seconds / max(ran, 1)}
                if algo.exchange is not None else {}),
             "ranks": comm.size,
             "iterations": algo.iteration,
+            "iterations_per_rank": comm.allgather(algo.iteration),
             **{k: metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
                                            "test_accuracy", "objective")},
             "wall_time_s": wall,
@@ -519,7 +524,9 @@ def _control_async(cfg: Config, exchange, k: int, t_start: float,
     before the first iteration past the agreed value."""
     code, _ = _local_stop_reason(cfg, t_start, signals)
     if code:
-        exchange.propose_stop(k + exchange.tau, code)
+        # iteration gap: k + tau is the first iteration no worker can have started;
+        # bounded delay: iteration counts differ anyway, everybody stops now
+        exchange.propose_stop(k + exchange.tau if exchange.kind == "iterations" else -1, code)
     last, agreed = exchange.agreed_stop()
     if last is None or k <= last:
         return False, None

@@ -94,3 +94,32 @@ def test_async_with_staleness_still_descends(comm):
         ex.free()
     eng.comm = comm
     assert eng.lagrangian() < start
+
+
+def test_bounded_delay_lets_the_fast_rank_run_ahead(comm):
+    import time
+
+    full = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=11)
+    eng = _engine(comm, _local(full, comm), 40)
+    size = eng.in_layout.size + eng.out_layout.size
+    ex = RmaStatsExchange(comm, size, 3, kind="publishes")
+    eng.comm = ex
+    try:
+        t0 = time.perf_counter()
+        delays = []
+        while time.perf_counter() - t0 < 1.5 and ex.agreed_stop()[0] is None:
+            if comm.rank == 1:
+                time.sleep(0.15)  # a straggler
+            eng.iterate(want_sums=False)
+            delays.append(ex.staleness)
+        ex.propose_stop(-1, 1)
+        comm.barrier()
+        counts = comm.allgather(eng.iteration)
+        assert counts[0] > 2 * counts[1] > 0  # the fast rank did not wait for the slow one
+        if comm.rank == 0:
+            assert max(delays[:-1]) <= 3  # within the bound, except when a stop released it
+        window = ex.window_sum()
+        np.testing.assert_allclose(window, comm.allreduce_sum(ex.previous.copy()),
+                                   rtol=1e-12, atol=1e-12)
+    finally:
+        ex.free()

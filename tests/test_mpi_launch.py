@@ -148,3 +148,24 @@ def test_straggler_slows_one_rank(tmp_path):
 def test_bad_straggler_is_a_clear_error(tmp_path, spec, message):
     proc, _ = _run(["train", "--straggler", spec, "--out", str(tmp_path / "o")], ranks=0)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_bounded_delay_job_under_a_straggler(tmp_path):
+    write_random_split(tmp_path / "d_train.h5", n=400, steps=20, seed=1)
+    proc, _ = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
+                    "--staleness-kind", "publishes", "--staleness", "4", "--straggler", "1:3",
+                    "--iterations", "15", "--set", "model.hidden=24",
+                    "--out", str(tmp_path / "o")], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = _summary(tmp_path / "o")
+    fast, slow = s["iterations_per_rank"]
+    assert fast == 15 and slow < fast
+    assert s["staleness_kind"] == "publishes" and s["train_accuracy"] is not None
+
+
+@pytest.mark.parametrize("extra", [["--parallel", "sync"], ["--parallel", "async", "--set",
+                                                            "train.eval_every=2"]])
+def test_bounded_delay_needs_async_without_periodic_collectives(tmp_path, extra):
+    proc, _ = _run(["train", "--staleness-kind", "publishes", *extra,
+                    "--out", str(tmp_path / "o")], ranks=0)
+    assert proc.returncode == 2 and "staleness_kind = publishes" in proc.stderr
