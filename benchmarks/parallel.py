@@ -53,6 +53,8 @@ def ap_straggler(out: Path, hidden: int, iterations: int, taus: list[int]) -> li
             args = ["--set", f"model.hidden={hidden}", "--iterations", str(iterations),
                     "--parallel", mode, "--staleness", str(tau), "--staleness-kind", kind,
                     "--set", "admm.step_control=none"]
+            if mode == "sync":  # evaluate at the end only, as async runs do
+                args += ["--set", f"train.eval_every={iterations}"]
             if straggler:
                 args += ["--straggler", straggler]
             summary = run_job(args, 2, out / name)
