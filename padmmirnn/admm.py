@@ -117,7 +117,7 @@ class AdmmEngine:
         return layout.unpack(self.sum_parts([layout.pack(v) for v in local]))
 
     def reduce_input(self, pen: up.Penalty) -> dict:
-        return self._reduce(self.in_layout, [up.input_stats(p.state, p.data, pen.rho1)
+        return self._reduce(self.in_layout, [up.input_stats(p.state, p.data, pen.rho1, p.work)
                                              for p in self.parts])
 
     def reduce_output(self, pen: up.Penalty) -> dict:
@@ -131,7 +131,7 @@ class AdmmEngine:
         vectors = []
         for p in self.parts:
             buf = np.empty(n_in + self.out_layout.size)
-            self.in_layout.pack(up.input_stats(p.state, p.data, pen.rho1), buf[:n_in])
+            self.in_layout.pack(up.input_stats(p.state, p.data, pen.rho1, p.work), buf[:n_in])
             self.out_layout.pack(up.output_stats(p.state, m2m, pen.rho3), buf[n_in:])
             vectors.append(buf)
         total = self.sum_parts(vectors)

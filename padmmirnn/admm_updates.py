@@ -83,12 +83,19 @@ def constant_stats(data: LocalData) -> dict[str, np.ndarray]:
     return {"XX": gram(x, x), "sX": colsum(x)}
 
 
-def input_stats(state: AdmmState, data: LocalData, rho1: float) -> dict[str, np.ndarray]:
+def input_stats(state: AdmmState, data: LocalData, rho1: float,
+                work: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Local sums over all (i, t) of x s_{t-1}^T, x a_hat^T, s_{t-1} s_{t-1}^T,
-    s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1)."""
+    s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1). ``work`` (``[T, n, h]``), if
+    given, holds a_hat instead of a new array."""
     steps = state.A.shape[0]
     sp = _rows(state.S[:steps])
-    ah = _rows(state.a_hat(rho1))
+    if state.L1.size and work is not None:
+        np.divide(state.L1, rho1, out=work)
+        work += state.A
+        ah = _rows(work)
+    else:
+        ah = _rows(state.a_hat(rho1))
     if data.info.kind == "tokens":
         tok = data.inputs.reshape(-1)
         d = data.info.dim
@@ -337,9 +344,11 @@ def resync_forward(p: Params, state: AdmmState, data: LocalData, act: str) -> No
     every residual becomes zero. Not a minimisation of L: it may increase L."""
     steps = state.A.shape[0]
     input_projection(p.U, p.b, data, state.A)
+    rec = np.empty_like(state.A[0])
     for t in range(steps):
         if t:
-            state.A[t] += state.S[t] @ p.W.T
+            np.matmul(state.S[t], p.W.T, out=rec)
+            state.A[t] += rec
         activate(state.A[t], act, out=state.S[t + 1])
     np.matmul(state.out_states(data.info.many_to_many), p.V.T, out=state.O)
     state.O += p.c
