@@ -140,8 +140,9 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
             else:
                 opt.attrs[name] = value  # scalars (step counts) as attributes
         st = f.create_group("state")
-        for name in sorted(per_sample):
+        for name in names:
             block = comm.gather_samples(per_sample[name], n_global)
+            gathered.append(name)
             st.create_dataset(name, data=block, fletcher32=True, chunks=True)
         for key, value in attrs.items():
             f.attrs[key] = value
@@ -150,20 +151,33 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
         f.attrs["padmmirnn_version"] = __version__
         f.attrs["complete"] = 1
 
+    names = sorted(per_sample)
+    gathered: list[str] = []
     if comm.rank == 0:
         try:
             _atomic_h5(path, fill)
-            for old in list_checkpoints(directory)[keep:]:
-                old.unlink(missing_ok=True)
+            _prune(directory, iteration, keep)
         except Exception as exc:  # report on every rank, do not leave others waiting
             error = f"writing checkpoint {path} failed: {exc}"
+            for name in names[len(gathered):]:  # the other ranks are in these gathers
+                comm.gather_samples(per_sample[name], n_global)
     else:
-        for name in sorted(per_sample):
+        for name in names:
             comm.gather_samples(per_sample[name], n_global)
     error = comm.bcast(error)
     if error:
         raise PadmmError(error)
     return path
+
+
+def _prune(directory: Path, iteration: int, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``iteration`` (the one just written
+    among them); later ones belong to a run that was resumed from an earlier point."""
+    newer_first = list_checkpoints(directory)
+    later = [p for p in newer_first if int(CHECKPOINT_NAME.match(p.name).group(1)) > iteration]
+    earlier = [p for p in newer_first if p not in later]
+    for old in later + earlier[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -223,14 +223,14 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
-def _train(args, comm) -> int:
+def _train(args, comm, cfg) -> int:
     from padmmirnn.train import run_training
 
-    run_training(_config(args), comm)
+    run_training(cfg, comm)
     return 0
 
 
-def _compare(args, comm) -> int:
+def _compare(args, comm, cfg) -> int:
     from pathlib import Path
 
     from padmmirnn.compare import run_compare
@@ -238,9 +238,6 @@ def _compare(args, comm) -> int:
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     if not algos or len(set(algos)) != len(algos):
         raise PadmmError(f"--algos needs distinct algorithm names, got {args.algos!r}")
-    if args.budget_seconds and args.iterations is None:
-        args.iterations = 1_000_000  # the budget ends each run
-    cfg = _config(args)
     out = Path(args.out)
     run_compare(cfg, algos, out, comm, plots=not args.no_plots)
     return 0
@@ -290,7 +287,7 @@ def _evaluate(args, comm) -> int:
     info = datasets.read_info(path)
     if (info.dim, info.classes) != (meta["input_dim"], meta["classes"]):
         raise PadmmError(f"{path}: dataset ({info.kind}, input size {info.dim}, {info.classes} "
-                         f"classes) does not fit the weights {args.weights}")
+                         f"classes) does not fit the weights {args.weights or args.checkpoint}")
     start, stop = datasets.partition(info.n, comm.size, comm.rank)
     local = datasets.read_slice(info, start, stop, np.float64)
     sums = comm.allreduce_sum(loss_sums(params, local, meta["activation"], meta["loss"]))
@@ -343,17 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     from padmmirnn.comm import abort_on_exception, launcher_rank, make_comm
     from padmmirnn.logs import setup_logging
 
-    parallel = getattr(args, "parallel", None) or "auto"
     comm = None
     rank, size = launcher_rank(), 1
     try:
-        if parallel not in ("auto", "none", "sync", "async"):
-            raise PadmmError(f"--parallel must be auto, none, sync or async; got {parallel!r}")
-        comm = make_comm(parallel)
+        if args.command in ("train", "compare"):
+            if args.command == "compare" and args.budget_seconds and args.iterations is None:
+                args.iterations = 1_000_000  # the budget ends each run
+            # the configuration (validated, no MPI yet) says how to run, --parallel included
+            cfg = _config(args)
+            comm = make_comm(cfg.train.parallel)
+            rank, size = comm.rank, comm.size
+            setup_logging(rank, size, getattr(args, "verbose", False))
+            return {"train": _train, "compare": _compare}[args.command](args, comm, cfg)
+        comm = make_comm("auto")
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))
-        handler = {"train": _train, "compare": _compare, "data": _data,
-                   "checkpoint": _checkpoint, "evaluate": _evaluate,
+        handler = {"data": _data, "checkpoint": _checkpoint, "evaluate": _evaluate,
                    "scaling": _scaling}[args.command]
         return handler(args, comm)
     except PadmmError as exc:

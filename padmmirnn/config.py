@@ -110,9 +110,6 @@ class AdmmConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"config key 'admm.momentum' must be in [0, 1); "
                               f"got {self.momentum!r}")
-        if self.momentum and self.step_control == "none":
-            raise ConfigError("config key 'admm.momentum' > 0 needs "
-                              "admm.step_control = 'backtrack' or 'auto'")
         if not 0.0 < self.dual_step <= 2.0:
             raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
                               f"got {self.dual_step!r}")
@@ -191,7 +188,9 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-# train.* keys that control a run without changing its iterates
+# train.* keys a resumed run may change: how long and how it runs. The async ones
+# (parallel, staleness, staleness_kind, straggler) do change the iterates -- an async
+# run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
                "staleness_kind", "straggler")
 
@@ -304,6 +303,12 @@ def _validate(cfg: Config) -> None:
                           "without train.eval_every or checkpoint.every (ranks reach a given "
                           "iteration at very different times; evaluation and checkpoints "
                           "happen at the end and on a stop)")
+    if cfg.admm.momentum and not cfg.backtracking():
+        raise ConfigError("config key 'admm.momentum' > 0 needs backtracking (admm.step_control "
+                          "backtrack, or auto with resync_every = 1 and not async)")
+    if t.parallel == "async" and t.algo != "admm":
+        raise ConfigError("train.parallel = async is for train.algo = admm (gradient methods "
+                          "run sync, or CELGC for local steps)")
     if t.parallel == "async" and (cfg.admm.step_control == "backtrack" or cfg.admm.momentum):
         raise ConfigError("train.parallel = async needs admm.step_control auto or none and no "
                           "admm.momentum (backtracking needs a global training loss per trial)")

@@ -27,6 +27,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def _iteration(line: str) -> float:
+    """The iteration of a metrics line; a line cut short by a killed job counts as none."""
+    try:
+        return json.loads(line)["iteration"] if line.endswith("\n") else float("inf")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunOutput:
     """The output folder of one run (a no-op on ranks other than 0)."""
 
@@ -42,7 +50,7 @@ class RunOutput:
             kept = ""
             if resume_after is not None and path.exists():
                 kept = "".join(line for line in path.read_text().splitlines(keepends=True)
-                               if json.loads(line)["iteration"] <= resume_after)
+                               if _iteration(line) <= resume_after)
             atomic_write_text(path, kept)
             self._metrics = open(path, "a")
 

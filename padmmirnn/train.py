@@ -142,7 +142,9 @@ class AdmmAlgorithm:
         # the weight blocks are solved one after the other (U from the previous W, b):
         # redo the last solve from rank 0's starting weights and the final statistics
         flat = self.comm.bcast_array(np.concatenate(
-            [a.ravel() for a in self.before_solve.arrays().values()]))
+            [a.ravel() for a in self.before_solve.arrays().values()]
+            + [np.array([engine.iteration], np.float64)]))
+        engine.iteration = int(flat[-1])  # rank 0's (bounded-delay ranks differ)
         arrays, lo = [], 0
         for a in self.before_solve.arrays().values():
             arrays.append(flat[lo:lo + a.size].reshape(a.shape).copy())
@@ -172,7 +174,7 @@ class AdmmAlgorithm:
         return self.engine.iterate(want_sums=evaluate)
 
     def describe(self, reduced: np.ndarray | None) -> dict:
-        return self.engine.summarize(reduced)
+        return {} if reduced is None else self.engine.summarize(reduced)
 
     def _arrays(self, part, name: str) -> np.ndarray:
         """A time-major state array of a part (s_0 = 0 is not state)."""
@@ -330,7 +332,14 @@ def _load_resume(cfg: Config, comm, path: Path, n_global: int, local) -> tuple:
 
 
 def run_training(cfg: Config, comm) -> dict:
-    """Train with ``cfg`` on ``comm``; returns the summary (identical on every rank)."""
+    """Train with ``cfg`` on ``comm``; returns the summary (identical on every rank).
+    SIGTERM/SIGUSR1 are caught for the whole run: during the iterations they lead to
+    a checkpoint and a clean exit; before or after them the run just ends normally."""
+    with StopSignals() as signals:
+        return _run(cfg, comm, signals)
+
+
+def _run(cfg: Config, comm, signals: StopSignals) -> dict:
     log = get_logger()
     train, test = load_data(cfg, comm)
     out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
@@ -365,6 +374,7 @@ def run_training(cfg: Config, comm) -> dict:
     t_start = time.perf_counter() - elapsed_before
     timed = np.zeros(3)  # compute seconds, communication seconds, iterations (after warm-up)
     metrics: dict = {}
+    evaluated_at = -1  # the iteration the metrics belong to
     stopped = None
     ran = 0  # iterations run by this process (the first TIMING_WARMUP are not timed)
 
@@ -389,66 +399,67 @@ def run_training(cfg: Config, comm) -> dict:
         return path
 
     try:
-        with StopSignals() as signals:
-            for k in range(algo.iteration + 1, total + 1):
-                if k == fault_at:
-                    raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
-                if algo.exchange is not None:
-                    ended, stopped = _control_async(cfg, algo.exchange, k, t_start, signals)
-                    if ended or stopped:
-                        break
-                    last = False  # the final evaluation follows the loop
-                    evaluate = bool(cfg.train.eval_every) and k % cfg.train.eval_every == 0
-                else:
-                    over_budget, stopped = _control(cfg, comm, t_start, signals)
-                    if stopped:
-                        break
-                    last = k == total or over_budget
-                    evaluate = last or k % max(cfg.train.eval_every, 1) == 0
-                comm_before = comm.timer.seconds
-                wait_before = algo.exchange.wait_seconds if algo.exchange is not None else 0.0
-                t0 = time.perf_counter()
-                sums = algo.step(evaluate)
-                t_iter = time.perf_counter() - t0
-                t_comm = comm.timer.seconds - comm_before
-                if slow_factor > 1.0:  # a straggler: its compute takes FACTOR times longer
-                    time.sleep((slow_factor - 1.0) * (t_iter - t_comm))
-                    t_iter = time.perf_counter() - t0
-                if rank_log is not None:
-                    rank_log.write(json.dumps({
-                        "iteration": k, "wall_time_s": time.perf_counter() - t_start,
-                        "iteration_s": t_iter, "comm_s": t_comm,
-                        "wait_s": algo.exchange.wait_seconds - wait_before,
-                        "staleness": algo.exchange.staleness}) + "\n")
-                ran += 1
-                if ran > TIMING_WARMUP:
-                    timed += (t_iter - t_comm, t_comm, 1)
-                if cfg.checkpoint.every and k % cfg.checkpoint.every == 0:
-                    algo.quiesce()
-                    save_checkpoint()
-                if not evaluate:
-                    progress.update(k, "")
-                    continue
-                metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
-                metrics.update(algo.describe(reduced))
-                t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm,
-                                                     t_comm - t_iter]))
-                record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start,
-                          **metrics, "t_compute_s": t_max[0], "t_comm_s": t_max[1],
-                          "t_imbalance_s": t_max[0] + t_max[2]}
-                out.metrics(record)
-                if not np.isfinite(metrics["train_loss"]):
-                    log.warning("training loss is not finite at iteration %d: stopping", k)
+        for k in range(algo.iteration + 1, total + 1):
+            if k == fault_at:
+                raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
+            if algo.exchange is not None:
+                ended, stopped = _control_async(cfg, algo.exchange, k, t_start, signals)
+                if ended or stopped:
                     break
-                progress.update(k, _brief(metrics))
-                if last:
-                    break
+                last = False  # the final evaluation follows the loop
+                evaluate = bool(cfg.train.eval_every) and k % cfg.train.eval_every == 0
             else:
-                if algo.exchange is not None and algo.exchange.kind == "publishes":
-                    algo.exchange.propose_stop(-1, 1)  # the fastest rank ends the run
+                over_budget, stopped = _control(cfg, comm, t_start, signals)
+                if stopped:
+                    break
+                last = k == total or over_budget
+                evaluate = last or k % max(cfg.train.eval_every, 1) == 0
+            comm_before = comm.timer.seconds
+            wait_before = algo.exchange.wait_seconds if algo.exchange is not None else 0.0
+            t0 = time.perf_counter()
+            sums = algo.step(evaluate)
+            t_iter = time.perf_counter() - t0
+            t_comm = comm.timer.seconds - comm_before
+            if slow_factor > 1.0:  # a straggler: its compute takes FACTOR times longer
+                time.sleep((slow_factor - 1.0) * (t_iter - t_comm))
+                t_iter = time.perf_counter() - t0
+            if rank_log is not None:
+                rank_log.write(json.dumps({
+                    "iteration": k, "wall_time_s": time.perf_counter() - t_start,
+                    "iteration_s": t_iter, "comm_s": t_comm,
+                    "wait_s": algo.exchange.wait_seconds - wait_before,
+                    "staleness": algo.exchange.staleness}) + "\n")
+            ran += 1
+            if ran > TIMING_WARMUP:
+                timed += (t_iter - t_comm, t_comm, 1)
+            if cfg.checkpoint.every and k % cfg.checkpoint.every == 0:
+                algo.quiesce()
+                save_checkpoint()
+            if not evaluate:
+                progress.update(k, "")
+                continue
+            metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
+            metrics.update(algo.describe(reduced))
+            t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm,
+                                                 t_comm - t_iter]))
+            record = {"iteration": k, "wall_time_s": time.perf_counter() - t_start,
+                      **metrics, "t_compute_s": t_max[0], "t_comm_s": t_max[1],
+                      "t_imbalance_s": t_max[0] + t_max[2]}
+            out.metrics(record)
+            evaluated_at = k
+            if not np.isfinite(metrics["train_loss"]):
+                log.warning("training loss is not finite at iteration %d: stopping", k)
+                break
+            progress.update(k, _brief(metrics))
+            if last:
+                break
+        else:
+            if algo.exchange is not None and algo.exchange.kind == "publishes":
+                algo.exchange.propose_stop(-1, 1)  # the fastest rank ends the run
         progress.close()
+        per_rank = comm.allgather(algo.iteration)  # before quiesce adopts rank 0's count
         algo.quiesce()
-        if algo.exchange is not None or not metrics:
+        if algo.exchange is not None or evaluated_at != algo.iteration:
             metrics, _ = evaluate_params(algo.params, cfg, comm, train, test)
             metrics.update(algo.describe(None) if algo.exchange is None else {})
             out.metrics({"iteration": algo.iteration,
@@ -456,8 +467,8 @@ def run_training(cfg: Config, comm) -> dict:
         if stopped:
             path = save_checkpoint()
             log.warning("stopped by %s at iteration %d; checkpoint %s. Resume with the same "
-                        "command plus: --resume latest%s", stopped, algo.iteration, path,
-                        "" if ckpt_dir == Path(out_dir) / "checkpoints"
+                        "command plus: --resume latest --out %s%s", stopped, algo.iteration,
+                        path, out_dir, "" if ckpt_dir == Path(out_dir) / "checkpoints"
                         else f" --checkpoint-dir {ckpt_dir}")
         wall = time.perf_counter() - t_start
         mean = timed[:2] / max(timed[2], 1)
@@ -471,7 +482,7 @@ def run_training(cfg: Config, comm) -> dict:
                if algo.exchange is not None else {}),
             "ranks": comm.size,
             "iterations": algo.iteration,
-            "iterations_per_rank": comm.allgather(algo.iteration),
+            "iterations_per_rank": per_rank,
             **{k: metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
                                            "test_accuracy", "objective")},
             "wall_time_s": wall,
@@ -493,12 +504,17 @@ def run_training(cfg: Config, comm) -> dict:
                  summary["time_per_iteration_s"],
                  100 * per_iter[1] / max(per_iter[0] + per_iter[1], 1e-12),
                  summary["train_accuracy"], _fmt(summary["test_accuracy"]))
+        algo.close()
         return summary
+    except PadmmError:
+        algo.close()  # raised on every rank alike (agreed errors): freeing is collective
+        raise
     finally:
+        # any other exception ends the job through MPI_Abort: freeing the windows here
+        # (a collective) would leave this rank waiting for ranks that never come
         out.close()
         if rank_log is not None:
             rank_log.close()
-        algo.close()
 
 
 STOP_REASONS = {1: "budget", 2: "walltime", 3: "signal"}

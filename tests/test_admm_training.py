@@ -227,6 +227,7 @@ def test_resync_makes_the_point_feasible():
     {"admm.multipliers": "none"},                             # kkt needs multipliers all
     {"admm.step_control": "backtrack", "admm.resync_every": 0},  # needs resync_every 1
     {"admm.momentum": 0.5, "admm.step_control": "none"},      # needs backtracking
+    {"admm.momentum": 0.5, "admm.resync_every": 0},           # auto does not backtrack here
     {"admm.dual_step": 0.0},
     {"admm.aux_sweeps": -1},
     {"admm.aux_order": "forward"},

@@ -242,3 +242,28 @@ def test_inspect_and_evaluate_checkpoint(tmp_path, toy, capsys):
     result = json.loads(capsys.readouterr().out)
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["accuracy"] == pytest.approx(last["test_accuracy"], abs=1e-12)
+
+
+def test_resume_from_an_earlier_checkpoint_prunes_the_abandoned_ones(tmp_path, toy):
+    out = tmp_path / "run"
+    assert main(["train", *toy, "--iterations", "6", "--checkpoint-every", "2",
+                 "--keep-checkpoints", "5", "--out", str(out)]) == 0
+    names = [p.name for p in list_checkpoints(out / "checkpoints")]
+    assert names == ["ckpt-00000006.h5", "ckpt-00000004.h5", "ckpt-00000002.h5"]
+    earlier = out / "checkpoints" / "ckpt-00000002.h5"
+    assert main(["train", *toy, "--iterations", "3", "--checkpoint-every", "3",
+                 "--keep-checkpoints", "1", "--resume", str(earlier), "--out", str(out)]) == 0
+    # the checkpoint just written is kept; 4 and 6 belonged to the abandoned run
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-00000003.h5"]
+
+
+def test_resume_tolerates_a_metrics_line_cut_by_a_kill(tmp_path, toy):
+    out = tmp_path / "run"
+    assert main(["train", *toy, "--iterations", "2", "--checkpoint-every", "2",
+                 "--out", str(out)]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 3, "train_lo')  # what a SIGKILL mid-write leaves
+    assert main(["train", *toy, "--iterations", "3", "--resume", "latest",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]

@@ -169,3 +169,18 @@ def test_bounded_delay_needs_async_without_periodic_collectives(tmp_path, extra)
     proc, _ = _run(["train", "--staleness-kind", "publishes", *extra,
                     "--out", str(tmp_path / "o")], ranks=0)
     assert proc.returncode == 2 and "staleness_kind = publishes" in proc.stderr
+
+
+def test_exception_on_one_rank_ends_an_async_job(tmp_path):
+    """No rank may wait on a window (or its collective free) for a rank that failed."""
+    write_random_split(tmp_path / "d_train.h5", n=30, seed=1)
+    proc, seconds = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--iterations",
+                          "50", "--parallel", "async", "--out", str(tmp_path / "o")],
+                         env={"PADMMIRNN_FAULT_INJECT": "1:2"}, timeout=60)
+    assert proc.returncode != 0 and seconds < 30
+    assert "[rank 1/2] unhandled exception" in proc.stderr
+
+
+def test_parallel_from_the_configuration_is_honoured(tmp_path):
+    proc, _ = _run(["train", "--set", "train.parallel=none", "--out", str(tmp_path / "o")])
+    assert proc.returncode == 2 and "--parallel none was asked for" in proc.stderr
