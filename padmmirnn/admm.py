@@ -7,6 +7,11 @@ Schedules (DESIGN.md section 3):
   solved), so ONE reduction per iteration; then U, W, b, V, c, a, s, o, lambda.
 * ``paper``: U, W, b, a, s, V, c, o, lambda -- a second reduction for V, c.
 
+The default configuration (``AdmmConfig``) runs the fused schedule with no
+a/s/o sweeps: the weights, then a forward re-synchronisation of a, s, o (with
+backtracking on the true loss), then the KKT multiplier estimate; the block
+order above is that of the faithful formulation (``--config faithful``).
+
 Multiplier modes: ``all`` (lambda1..3), ``output`` (lambda3 only), ``none``
 (pure penalty: the iteration never increases the augmented Lagrangian). No
 multiplier update happens during the first ``warmup`` iterations. rho follows

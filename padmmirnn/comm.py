@@ -43,9 +43,6 @@ class CommTimer:
         self.seconds = 0.0
         self.bytes = 0
 
-    def snapshot(self) -> tuple[float, int]:
-        return self.seconds, self.bytes
-
 
 def sum_parts(comm, parts: list[np.ndarray], ordered: bool) -> np.ndarray:
     """Global sum of float64 vectors, one per local part (parts are in global order).

@@ -517,28 +517,25 @@ def _run(cfg: Config, comm, signals: StopSignals) -> dict:
             rank_log.close()
 
 
-STOP_REASONS = {1: "budget", 2: "walltime", 3: "signal"}
-
-
-def _local_stop_reason(cfg: Config, t_start: float, signals: StopSignals) -> tuple[int, str]:
-    """This rank's own view: (code, text) of a reason to stop, or (0, "")."""
-    elapsed = time.perf_counter() - t_start
-    if signals.received:
-        return 3, signal.Signals(signals.received).name
+def _stop_reason(cfg: Config, elapsed: float, signum: int) -> tuple[int, str | None]:
+    """(code, text) of a reason to end the run: 3 a signal, 2 the walltime (both end
+    with a checkpoint), 1 the training budget (a normal end), 0 none (text None)."""
+    if signum:
+        return 3, signal.Signals(int(signum)).name
     wall = cfg.checkpoint.max_walltime
     if wall and elapsed >= wall:
         return 2, f"--max-walltime {wall:g} s"
     if cfg.train.budget_seconds and elapsed >= cfg.train.budget_seconds:
-        return 1, "budget"
-    return 0, ""
+        return 1, None
+    return 0, None
 
 
 def _control_async(cfg: Config, exchange, k: int, t_start: float,
                    signals: StopSignals) -> tuple[bool, str | None]:
-    """Async runs agree on a common last iteration through the RMA window (no
-    collective): a rank with a reason proposes k - 1 + 1 + tau, every rank stops
-    before the first iteration past the agreed value."""
-    code, _ = _local_stop_reason(cfg, t_start, signals)
+    """Async runs agree on when to stop through the RMA window (no collective): a rank
+    with a reason proposes the last iteration, and every rank stops before the first
+    iteration past the agreed one. Returns (ended normally, stop reason)."""
+    code, _ = _stop_reason(cfg, time.perf_counter() - t_start, signals.received)
     if code:
         # iteration gap: k + tau is the first iteration no worker can have started;
         # bounded delay: iteration counts differ anyway, everybody stops now
@@ -546,23 +543,16 @@ def _control_async(cfg: Config, exchange, k: int, t_start: float,
     last, agreed = exchange.agreed_stop()
     if last is None or k <= last:
         return False, None
-    if agreed == 1:
-        return True, None  # the budget: a normal end
-    return True, "SIGNAL" if agreed == 3 else "--max-walltime"
+    return agreed == 1, {3: "signal", 2: "--max-walltime"}.get(agreed)
 
 
 def _control(cfg: Config, comm, t_start: float, signals: StopSignals) -> tuple[bool, str | None]:
     """Decisions all ranks must take together, from one max-reduction: is the
     training budget used up, and must the run stop (signal on any rank, walltime)?"""
-    flags = comm.allreduce_max(np.array([time.perf_counter() - t_start,
-                                         float(signals.received)]))
-    elapsed, signum = flags
-    if signum:
-        return False, signal.Signals(int(signum)).name
-    wall = cfg.checkpoint.max_walltime
-    if wall and elapsed >= wall:
-        return False, f"--max-walltime {wall:g} s"
-    return bool(cfg.train.budget_seconds and elapsed >= cfg.train.budget_seconds), None
+    elapsed, signum = comm.allreduce_max(np.array([time.perf_counter() - t_start,
+                                                   float(signals.received)]))
+    code, text = _stop_reason(cfg, elapsed, int(signum))
+    return code == 1, text
 
 
 def weights_meta(cfg: Config, info: datasets.DatasetInfo) -> dict:
