@@ -19,44 +19,19 @@ warning and falls back to the previous checkpoint.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from padmmirnn._version import __version__
+from padmmirnn.atomic import atomic_h5
 from padmmirnn.errors import PadmmError
 from padmmirnn.logs import get_logger
 from padmmirnn.model import Params
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_h5(path: Path, fill) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(path: str | Path, params: Params, meta: dict) -> None:
@@ -67,7 +42,8 @@ def save_weights(path: str | Path, params: Params, meta: dict) -> None:
         f.attrs["padmmirnn_version"] = __version__
         for key, value in meta.items():
             f.attrs[key] = value
-    _atomic_h5(Path(path), fill)
+    with atomic_h5(path) as f:
+        fill(f)
 
 
 def _attrs(f) -> dict:
@@ -155,7 +131,8 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
     gathered: list[str] = []
     if comm.rank == 0:
         try:
-            _atomic_h5(path, fill)
+            with atomic_h5(path) as f:
+                fill(f)
             _prune(directory, iteration, keep)
         except Exception as exc:  # report on every rank, do not leave others waiting
             error = f"writing checkpoint {path} failed: {exc}"

@@ -10,12 +10,13 @@ accuracy against iterations and against wall time.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from padmmirnn.atomic import atomic_write_text
 from padmmirnn.config import Config, build_config
 from padmmirnn.logs import get_logger
-from padmmirnn.outputs import atomic_write_text
 from padmmirnn.train import run_training
 
 CURVE_KEYS = ("iteration", "wall_time_s", "train_loss", "train_accuracy", "test_loss",
@@ -81,16 +82,18 @@ def run_compare(base: Config, algos: list[str], out_dir: Path, comm, plots: bool
                         if comm.rank == 0 else [])
     rows = table_rows(curves, summaries)
     if comm.rank == 0:
-        with open(out_dir / "curves.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["algo", *CURVE_KEYS])
-            for algo, rs in curves.items():
-                for r in rs:
-                    w.writerow([algo, *(r.get(k) for k in CURVE_KEYS)])
-        with open(out_dir / "time_to_accuracy.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["algo", *CURVE_KEYS])
+        for algo, rs in curves.items():
+            for r in rs:
+                w.writerow([algo, *(r.get(k) for k in CURVE_KEYS)])
+        atomic_write_text(out_dir / "curves.csv", buf.getvalue())
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(out_dir / "time_to_accuracy.csv", buf.getvalue())
         atomic_write_text(out_dir / "time_to_accuracy.md", _markdown(rows))
         if plots:
             from padmmirnn.plots import plot_curves

@@ -14,10 +14,6 @@ global sample order, converted to time-major arrays for the engine.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from padmmirnn.atomic import atomic_h5
 from padmmirnn.errors import DataError
 
 BUILTIN = {
@@ -254,25 +251,6 @@ def write_dataset_with_names(
         for name, strings in (("vocabulary", vocabulary), ("class_names", class_names)):
             if strings is not None:
                 f.create_dataset(name, data=np.array(strings, dtype=h5py.string_dtype()))
-
-
-@contextmanager
-def atomic_h5(path: str | Path) -> Iterator[h5py.File]:
-    """An HDF5 file open for writing that appears at ``path`` only when the block
-    completes; on any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with h5py.File(tmp, "w") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fill_split(f: h5py.File, inputs: np.ndarray, targets: np.ndarray, classes: int,
