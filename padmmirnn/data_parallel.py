@@ -33,17 +33,12 @@ DEFAULT_LR = {"sgd": 0.05, "momentum": 0.005, "adam": 3e-3, "rmsprop": 1e-3, "ad
               "celgc": 0.05}
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pack(p: Params, scale: float, extra: list[float]) -> np.ndarray:
-    return np.concatenate([getattr(p, k).ravel() * scale for k in Params.NAMES] + [extra])
-
-
-def _unpack(buf: np.ndarray, like: Params) -> Params:
-    arrays, lo = [], 0
-    for k in Params.NAMES:
-        a = getattr(like, k)
-        arrays.append(buf[lo:lo + a.size].reshape(a.shape).copy())
-        lo += a.size
-    return Params(*arrays)
+    return np.concatenate([p.flat() * scale, extra])
 
 
 class GradientTrainer:
@@ -56,7 +51,11 @@ class GradientTrainer:
         self.algo = cfg.train.algo
         self.dtype = np.dtype(cfg.train.dtype)
         lr = self.o.lr or DEFAULT_LR[self.algo]
-        batches = -(-n_global // self.o.batch_size)
+        B = self.o.batch_size
+        # optimizer steps per epoch: global batches, or CELGC's local steps (those of the
+        # largest slice, which every rank takes)
+        self.local_steps = _ceil_div(_ceil_div(n_global, comm.size), B)
+        batches = self.local_steps if self.algo == "celgc" else _ceil_div(n_global, B)
         schedule = make_schedule(self.o.schedule, lr, total=batches * cfg.train.iterations,
                                  factor=self.o.step_factor, every=self.o.step_every * batches)
         if self.algo == "celgc":
@@ -66,12 +65,15 @@ class GradientTrainer:
             kwargs = {"mu": self.o.momentum} if self.algo == "momentum" else {}
             self.optimizer = OPTIMIZERS[self.algo](schedule, **kwargs)
         self.epochs = 0
-        size = sum(getattr(params, k).size for k in Params.NAMES) + data.info.steps + 3
-        self.bytes_per_epoch = 8 * size * (1 if self.algo == "celgc" else batches)
+        n_params = sum(getattr(params, k).size for k in Params.NAMES)
+        if self.algo == "celgc":  # a weight average every `period` local steps, + the last
+            self.bytes_per_epoch = 8 * n_params * _ceil_div(batches, self.o.celgc_period)
+        else:  # per batch: the gradient sums, the loss, rows, step norms, samples
+            self.bytes_per_epoch = 8 * (n_params + data.info.steps + 3) * batches
 
     def _average_params(self, p: Params) -> Params:
         buf = self.comm.allreduce_sum(_pack(p, 1.0, []))
-        return _unpack(buf / self.comm.size, p)
+        return Params.from_flat(buf / self.comm.size, p)
 
     def _local_batch(self, idx: np.ndarray) -> Batch:
         d = self.data
@@ -91,7 +93,7 @@ class GradientTrainer:
             buf = _pack(zero, 0.0, [0.0] * (steps + 3))
         self.comm.allreduce_sum(buf)
         rows, samples = buf[-steps - 2], buf[-1]
-        grads = _unpack(buf / rows, self.params)
+        grads = Params.from_flat(buf / rows, self.params)
         clip = self.o.clip_norm
         norm = clip_by_norm(grads, clip) if clip > 0 else global_norm(grads)
         self.optimizer.step(self.params, grads)
@@ -115,9 +117,7 @@ class GradientTrainer:
             # number of local steps (that of the largest slice), smaller slices wrap around
             d = self.data
             mine = order[(order >= d.start) & (order < d.stop)]
-            largest = -(-self.n_global // self.comm.size)
-            n_steps = -(-largest // B)
-            for k in range(n_steps):
+            for k in range(self.local_steps):
                 idx = np.take(mine, np.arange(k * B, (k + 1) * B) % len(mine))
                 loss, norm, sn = self._celgc_step(self._local_batch(idx))
                 losses.append(loss)

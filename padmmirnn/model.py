@@ -39,6 +39,21 @@ class Params:
     def copy(self) -> Params:
         return Params(*(getattr(self, k).copy() for k in self.NAMES))
 
+    def flat(self) -> np.ndarray:
+        """All weights in one float64 vector (U, W, b, V, c), e.g. for one collective."""
+        return np.concatenate([np.ravel(getattr(self, k)) for k in self.NAMES]).astype(
+            np.float64, copy=False)
+
+    @classmethod
+    def from_flat(cls, buf: np.ndarray, like: Params) -> Params:
+        """The inverse of :meth:`flat`, shaped like ``like`` (copies)."""
+        arrays, lo = [], 0
+        for k in cls.NAMES:
+            a = getattr(like, k)
+            arrays.append(np.array(buf[lo:lo + a.size]).reshape(a.shape))
+            lo += a.size
+        return cls(*arrays)
+
     def astype(self, dtype: np.dtype) -> Params:
         return Params(*(np.asarray(getattr(self, k), dtype=dtype) for k in self.NAMES))
 

@@ -141,15 +141,9 @@ class AdmmAlgorithm:
         self.comm.barrier()  # nobody publishes again before every rank has read
         # the weight blocks are solved one after the other (U from the previous W, b):
         # redo the last solve from rank 0's starting weights and the final statistics
-        flat = self.comm.bcast_array(np.concatenate(
-            [a.ravel() for a in self.before_solve.arrays().values()]
-            + [np.array([engine.iteration], np.float64)]))
+        flat = self.comm.bcast_array(np.append(self.before_solve.flat(), engine.iteration))
         engine.iteration = int(flat[-1])  # rank 0's (bounded-delay ranks differ)
-        arrays, lo = [], 0
-        for a in self.before_solve.arrays().values():
-            arrays.append(flat[lo:lo + a.size].reshape(a.shape).copy())
-            lo += a.size
-        engine.params = Params(*arrays)
+        engine.params = Params.from_flat(flat[:-1], self.before_solve)
         n_in = engine.in_layout.size
         pen = engine.penalty(engine.iteration)
         engine.weights_in(engine.in_layout.unpack(snapshot[:n_in]), pen)
