@@ -66,6 +66,9 @@ class AdmmEngine:
         self.params = params if params is not None else init_params(
             info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
         self.iteration = 0
+        # True while a, s, o are exactly the forward pass of the current weights
+        # (after initialisation and every re-synchronisation; any block update clears it)
+        self.synced = True
         self.alpha = 1.0  # step length of the backtracking step control
         self._loss: float | None = None  # global training loss sum at the current weights
         self._prev: Params | None = None  # weights before the last step (heavy ball)
@@ -145,20 +148,24 @@ class AdmmEngine:
     # --------------------------------------------------------------------- blocks
 
     def weights_in(self, st_in: dict, pen: up.Penalty) -> None:
+        self.synced = False
         up.update_input_weights(self.params, st_in, self.const, pen, self.n_global, self.steps,
                                 self.tokens, self.acfg.weight_solve == "joint")
 
     def weights_out(self, st_out: dict, pen: up.Penalty) -> None:
+        self.synced = False
         up.update_output_weights(self.params, st_out, pen, self.n_global, self.out_steps,
                                  self.acfg.weight_solve == "joint")
 
     def block_a(self, pen: up.Penalty) -> None:
+        self.synced = False
         cp = self.compute_params()
         for p in self.parts:
             up.update_a(cp, p.state, p.data, pen, self.cfg.model.activation,
                         self.acfg.a_newton_steps, p.work)
 
     def block_s(self, pen: up.Penalty) -> None:
+        self.synced = False
         cp = self.compute_params()
         inverses = up.s_system_inverses(self.params, pen, self.info.many_to_many, self.dtype)
         for p in self.parts:
@@ -166,6 +173,7 @@ class AdmmEngine:
 
     def block_backward(self, pen: up.Penalty) -> None:
         """One backward-in-time Gauss-Seidel sweep s_T, a_T, ..., s_1, a_1."""
+        self.synced = False
         cp = self.compute_params()
         inverses = up.s_system_inverses(self.params, pen, self.info.many_to_many, self.dtype)
         for p in self.parts:
@@ -177,6 +185,7 @@ class AdmmEngine:
         cp = self.compute_params()
         for p in self.parts:
             up.resync_forward(cp, p.state, p.data, self.cfg.model.activation)
+        self.synced = True
 
     def block_aux(self, pen: up.Penalty) -> None:
         """The local blocks after the weights: ``aux_sweeps`` sweeps of (a, s), o
@@ -238,9 +247,25 @@ class AdmmEngine:
             up.kkt_multipliers(cp, p.state, p.data, m.activation, m.loss)
 
     def block_o(self, pen: up.Penalty) -> None:
+        self.synced = False
         cp = self.compute_params()
         for p in self.parts:
             up.update_o(cp, p.state, p.data, pen, self.cfg.model.loss, self.acfg.o_newton_steps)
+
+    def train_loss_sums(self) -> list[np.ndarray] | None:
+        """Per part ``[loss, correct, rows]`` of the current weights on this rank's
+        training samples, read off the auxiliaries o when they are the forward pass
+        (``synced``, as after every iteration of the default configuration); None
+        otherwise, when a true forward pass is needed."""
+        if not self.synced:
+            return None
+        loss = LOSSES[self.cfg.model.loss]
+        out = []
+        for p in self.parts:
+            o = p.state.O.reshape(-1, p.state.O.shape[-1])
+            total, correct = kernels.loss_and_correct(o, p.data.targets.reshape(-1), loss)
+            out.append(np.array([total, float(correct), float(o.shape[0])]))
+        return out
 
     def residuals(self, pen: up.Penalty, update: tuple[bool, bool, bool]) -> list[np.ndarray]:
         """Per-part RESIDUAL_FIELDS sums (multipliers before), then the multiplier step."""
@@ -290,7 +315,13 @@ class AdmmEngine:
         mode = self.acfg.multipliers
         active = self.iteration > self.acfg.warmup
         if a.multiplier_update == "kkt":
-            sums = self.residuals(pen, (False, False, False)) if want_sums else None
+            sums = None
+            if want_sums:
+                # after a re-synchronisation every residual is zero by construction
+                # (recomputing them gives ~1e-16): only the loss term remains
+                synced = self.train_loss_sums()
+                sums = ([np.array([v[0], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]) for v in synced]
+                        if synced is not None else self.residuals(pen, (False, False, False)))
             if active:
                 self.block_kkt_multipliers()
             return sums

@@ -90,12 +90,15 @@ def _split_metrics(prefix: str, sums: np.ndarray, many_to_many: bool, loss: str)
 
 
 def evaluate_params(params, cfg: Config, comm, train: Split, test: Split | None,
-                    extra: list[np.ndarray] | None = None) -> tuple[dict, np.ndarray | None]:
+                    extra: list[np.ndarray] | None = None,
+                    train_sums: list[np.ndarray] | None = None) -> tuple[dict, np.ndarray | None]:
     """Train/test loss and accuracy of ``params`` from true forward passes, reduced
-    together with ``extra`` (one vector per training part)."""
+    together with ``extra`` (one vector per training part). ``train_sums`` (per part
+    ``[loss, correct, rows]``) replaces the training forward pass when the caller
+    already holds it (ADMM auxiliaries that are the forward pass)."""
     act, loss, dtype = cfg.model.activation, cfg.model.loss, np.dtype(cfg.train.dtype)
     ordered = cfg.train.reduction == "deterministic"
-    vectors = [loss_sums(params, part, act, loss, dtype) for part in train.parts]
+    vectors = train_sums or [loss_sums(params, part, act, loss, dtype) for part in train.parts]
     if extra is not None:
         vectors = [np.concatenate([v, e]) for v, e in zip(vectors, extra, strict=True)]
     buf = sum_parts(comm, vectors, ordered)
@@ -170,6 +173,9 @@ class AdmmAlgorithm:
     def describe(self, reduced: np.ndarray | None) -> dict:
         return {} if reduced is None else self.engine.summarize(reduced)
 
+    def train_sums(self) -> list[np.ndarray] | None:
+        return self.engine.train_loss_sums()
+
     def _arrays(self, part, name: str) -> np.ndarray:
         """A time-major state array of a part (s_0 = 0 is not state)."""
         a = getattr(part.state, name)
@@ -195,6 +201,7 @@ class AdmmAlgorithm:
 
     def restore(self, iteration: int, per_sample: dict, arrays: dict) -> None:
         e = self.engine
+        e.synced = False  # the restored a, s, o are the state the run had, not a forward pass
         e.alpha = float(arrays.get("alpha", 1.0))
         loss = float(arrays.get("loss", np.nan))
         e._loss = None if np.isnan(loss) else loss
@@ -239,6 +246,9 @@ class GradientAlgorithm:
 
     def describe(self, reduced: None) -> dict:
         return dict(self.last)
+
+    def train_sums(self) -> None:
+        return None  # gradient methods keep no forward pass of the full training set
 
     def per_sample(self) -> dict[str, np.ndarray]:
         return {}
@@ -432,7 +442,8 @@ def _run(cfg: Config, comm, signals: StopSignals) -> dict:
             if not evaluate:
                 progress.update(k, "")
                 continue
-            metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums)
+            metrics, reduced = evaluate_params(algo.params, cfg, comm, train, test, sums,
+                                               algo.train_sums())
             metrics.update(algo.describe(reduced))
             t_max = comm.allreduce_max(np.array([t_iter - t_comm, t_comm,
                                                  t_comm - t_iter]))
