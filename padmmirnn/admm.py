@@ -244,7 +244,7 @@ class AdmmEngine:
         cp = self.compute_params()
         m = self.cfg.model
         for p in self.parts:
-            up.kkt_multipliers(cp, p.state, p.data, m.activation, m.loss)
+            up.kkt_multipliers(cp, p.state, p.data, m.activation, m.loss, self.synced)
 
     def block_o(self, pen: up.Penalty) -> None:
         self.synced = False

@@ -354,7 +354,8 @@ def resync_forward(p: Params, state: AdmmState, data: LocalData, act: str) -> No
     state.O += p.c
 
 
-def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss: str) -> None:
+def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss: str,
+                    synced: bool = False) -> None:
     """Least-squares (first-order) multiplier estimate: the lambda that makes the
     gradient of the (plain) Lagrangian with respect to o, s and a vanish at the
     current primal point (Fletcher's estimate of augmented-Lagrangian methods).
@@ -368,7 +369,9 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
     minus the BPTT adjoint; the weight blocks then fit a_hat = a - delta/rho1:
     a step of length 1/rho1 along the gradient, preconditioned by the data
     covariance. This IS a backward pass through time (cost of one; no weight
-    gradient is formed). Replaces lambda += rho r; multipliers 'all' only."""
+    gradient is formed). Replaces lambda += rho r; multipliers 'all' only.
+    ``synced``: s = tanh(a) exactly (a forward re-synchronisation), so f'(a) = 1 - s^2
+    is read off s instead of recomputing tanh."""
     steps = state.A.shape[0]
     m2m = data.info.many_to_many
     rows = state.L3.shape[0] * state.L3.shape[1]
@@ -387,8 +390,11 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
             lam2 += carry
         lam1 = state.L1[t]
         if act == "tanh":
-            np.tanh(state.A[t], out=lam1)
-            np.multiply(lam1, lam1, out=lam1)
+            if synced:
+                np.multiply(state.S[t + 1], state.S[t + 1], out=lam1)
+            else:
+                np.tanh(state.A[t], out=lam1)
+                np.multiply(lam1, lam1, out=lam1)
             np.subtract(1.0, lam1, out=lam1)
         else:
             np.greater(state.A[t], 0.0, out=lam1, casting="unsafe")
