@@ -29,7 +29,7 @@ import numpy as np
 
 from padmmirnn.kernels.activation import ACT_RELU, ACT_TANH
 from padmmirnn.kernels.output import LOSS_MSE
-from padmmirnn.kernels.tokens import gather_columns
+from padmmirnn.kernels.tokens import gather_columns, segment_add
 
 
 @nb.njit(cache=True)
@@ -96,17 +96,6 @@ def step_backward(ds, extra, s, act, da, db):
             sq += v * v
         total += math.sqrt(sq)
     return total
-
-
-@nb.njit(cache=True)
-def segment_add(tokens, values, out):
-    """``out[j] += sum of values[i] over rows i with tokens[i] == j`` (``out`` is
-    ``[vocab, h]``, ``values`` ``[R, h]``)."""
-    rows, cols = values.shape
-    for i in range(rows):
-        j = tokens[i]
-        for k in range(cols):
-            out[j, k] += values[i, k]
 
 
 def forward_states(inputs: np.ndarray, U: np.ndarray, W: np.ndarray, b: np.ndarray,

@@ -6,17 +6,24 @@ import numpy as np
 
 
 @nb.njit(cache=True)
+def segment_add(tokens, values, out):
+    """``out[j] += sum of values[i] over rows i with tokens[i] == j`` (``out`` is
+    ``[vocab, h]``, ``values`` ``[R, h]``)."""
+    rows, cols = values.shape
+    for i in range(rows):
+        j = tokens[i]
+        for k in range(cols):
+            out[j, k] += values[i, k]
+
+
+@nb.njit(cache=True)
 def segment_sum(tokens, values, vocab):
     """``out[j] = sum of values[i] over rows i with tokens[i] == j`` (float64).
 
     ``tokens`` is ``[R]`` integer, ``values`` is ``[R, h]``; returns ``[vocab, h]``.
     """
-    rows, cols = values.shape
-    out = np.zeros((vocab, cols))
-    for i in range(rows):
-        j = tokens[i]
-        for k in range(cols):
-            out[j, k] += values[i, k]
+    out = np.zeros((vocab, values.shape[1]))
+    segment_add(tokens, values, out)
     return out
 
 

@@ -36,7 +36,6 @@ import numpy as np
 from padmmirnn import data as datasets
 from padmmirnn.errors import DataError, PadmmError
 
-KINDS = ("adding", "idx", "imdb", "csv", "text")
 PAD, UNK = "<pad>", "<unk>"
 SPECIALS = (PAD, UNK)
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
