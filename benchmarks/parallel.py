@@ -40,37 +40,51 @@ def _rank0_rate(folder: Path, mode: str, summary: dict) -> float:
     return 1.0 / summary["time_per_iteration_s"]
 
 
-def ap_straggler(out: Path, hidden: int, iterations: int, taus: list[int]) -> list[dict]:
-    """SP and AP with and without a 2x straggler. Backtracking is off everywhere (async
-    runs cannot backtrack), so SP and AP run the same algorithm."""
-    rows = []
+def ap_straggler(out: Path, hidden: int, lengths: list[int], taus: list[int],
+                 targets: tuple[float, ...] = (0.8, 0.85)) -> tuple[list[dict], list[dict]]:
+    """SP and AP with and without a 2x straggler, in the default configuration (SP's
+    step control on the global training loss, AP's on each rank's own). Every mode
+    runs once per length in ``lengths`` (iterations of rank 0, each a whole job with
+    its consistent end), giving test accuracy against wall time; rank 0's throughput
+    is read from the longest run. Returns (one row per mode, every run)."""
+    rows, runs = [], []
     modes = ([("sync", 0, "iterations")] + [("async", t, "iterations") for t in taus]
              + [("async", t, "publishes") for t in taus if t >= 2])
     for straggler in ("", "1:2"):
         for mode, tau, kind in modes:
             label = {"sync": "sync", "async": "async" if kind == "iterations" else "delay"}[mode]
             name = f"{label}{tau if mode == 'async' else ''}-{'strag' if straggler else 'even'}"
-            args = ["--set", f"model.hidden={hidden}", "--iterations", str(iterations),
-                    "--parallel", mode, "--staleness", str(tau), "--staleness-kind", kind,
-                    "--set", "admm.step_control=none"]
-            if mode == "sync":  # evaluate at the end only, as async runs do
-                args += ["--set", f"train.eval_every={iterations}"]
-            if straggler:
-                args += ["--straggler", straggler]
-            summary = run_job(args, 2, out / name)
-            rows.append({"run": name, "mode": mode, "kind": kind, "tau": tau,
-                         "straggler": straggler or "-",
-                         "rank0_it_per_s": _rank0_rate(out / name, mode, summary),
-                         "wall_time_s": summary["wall_time_s"],
-                         "test_accuracy": summary["test_accuracy"],
-                         "iterations_per_rank": "/".join(map(str,
-                                                             summary["iterations_per_rank"]))})
+            points = []
+            for n in sorted(lengths):
+                args = ["--set", f"model.hidden={hidden}", "--iterations", str(n),
+                        "--parallel", mode, "--staleness", str(tau), "--staleness-kind", kind]
+                if mode == "sync":  # evaluate at the end only, as async runs do
+                    args += ["--set", f"train.eval_every={n}"]
+                if straggler:
+                    args += ["--straggler", straggler]
+                folder = out / f"{name}-{n}"
+                summary = run_job(args, 2, folder)
+                points.append((n, summary, folder))
+                runs.append({"run": name, "iterations": n,
+                             "wall_time_s": summary["wall_time_s"],
+                             "test_accuracy": summary["test_accuracy"]})
+            n, summary, folder = points[-1]
+            row = {"run": name, "mode": mode, "kind": kind, "tau": tau,
+                   "straggler": straggler or "-",
+                   "rank0_it_per_s": _rank0_rate(folder, mode, summary),
+                   "iterations_per_rank": "/".join(map(str, summary["iterations_per_rank"])),
+                   "wall_time_s": summary["wall_time_s"],
+                   "test_accuracy": summary["test_accuracy"]}
+            for target in targets:  # the first run (fewest iterations) that reaches it
+                hit = [p[1]["wall_time_s"] for p in points if p[1]["test_accuracy"] >= target]
+                row[f"time_to_{target:g}_s"] = hit[0] if hit else None
+            rows.append(row)
     even = {(r["mode"], r["kind"], r["tau"]): r["rank0_it_per_s"] for r in rows
             if r["straggler"] == "-"}
     for r in rows:
         r["throughput_vs_no_straggler"] = r["rank0_it_per_s"] / even[(r["mode"], r["kind"],
                                                                       r["tau"])]
-    return rows
+    return rows, runs
 
 
 def main() -> int:
@@ -79,7 +93,8 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--iterations", type=int, default=12)
     p.add_argument("--ap-hidden", type=int, default=64)
-    p.add_argument("--ap-iterations", type=int, default=20)
+    p.add_argument("--ap-lengths", default="15,30,60",
+                   help="AP study: iterations of rank 0 per run (one job per length)")
     p.add_argument("--taus", default="1,2,4")
     p.add_argument("--skip-sp", action="store_true")
     p.add_argument("--skip-ap", action="store_true")
@@ -91,17 +106,20 @@ def main() -> int:
         result["sp"] = sp_speedup(out, a.hidden, a.iterations)
         print(table([result["sp"]]))
     if not a.skip_ap:
-        result["ap"] = ap_straggler(out, a.ap_hidden, a.ap_iterations,
-                                    [int(t) for t in a.taus.split(",")])
+        result["ap"], result["ap_runs"] = ap_straggler(
+            out, a.ap_hidden, [int(n) for n in a.ap_lengths.split(",")],
+            [int(t) for t in a.taus.split(",")])
         print(table(result["ap"]))
+        print(table(result["ap_runs"]))
     (out / "parallel.json").write_text(json.dumps(result, indent=2) + "\n")
     if "ap" in result:
-        plot_ap(result["ap"], out / "async_straggler.png")
+        plot_ap(result["ap"], result["ap_runs"], out / "async_straggler.png")
     return 0
 
 
-def plot_ap(rows: list[dict], path: Path) -> None:
-    """Bars: rank 0's iterations per second, even ranks vs a straggler, per mode."""
+def plot_ap(rows: list[dict], runs: list[dict], path: Path) -> None:
+    """Left: rank 0's iterations per second, even ranks vs a straggler, per mode.
+    Right: test accuracy against wall time under the straggler, per mode."""
     try:
         import matplotlib
 
@@ -110,18 +128,30 @@ def plot_ap(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("no matplotlib: plot skipped (pip install 'padmmirnn[plot]')")
         return
+
+    def pretty(mode: str) -> str:
+        return (mode.replace("async", "AP gap ").replace("delay", "AP delay ")
+                .replace("sync", "SP"))
+
     modes = [r["run"].rsplit("-", 1)[0] for r in rows if r["straggler"] == "-"]
     rate = {(r["run"].rsplit("-", 1)[0], r["straggler"]): r["rank0_it_per_s"] for r in rows}
     x = range(len(modes))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax.bar([i - 0.2 for i in x], [rate[(m, "-")] for m in modes], 0.4, label="no straggler")
     ax.bar([i + 0.2 for i in x], [rate[(m, "1:2")] for m in modes], 0.4,
            label="rank 1 slowed 2x (--straggler 1:2)")
-    ax.set_xticks(list(x), [m.replace("async", "AP gap ").replace("delay", "AP delay ")
-                            .replace("sync", "SP") for m in modes])
+    ax.set_xticks(list(x), [pretty(m) for m in modes], fontsize=8)
     ax.set_ylabel("rank 0 iterations per second")
     ax.legend(loc="lower left", framealpha=0.95)
     ax.grid(axis="y", alpha=0.3)
+    for m in modes:
+        pts = sorted((r["wall_time_s"], r["test_accuracy"]) for r in runs
+                     if r["run"] == f"{m}-strag")
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=pretty(m))
+    ax2.set_xlabel("wall time (s), rank 1 slowed 2x")
+    ax2.set_ylabel("test accuracy")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -55,6 +55,9 @@ class AdmmEngine:
                  params: Params | None = None):
         self.cfg, self.acfg = cfg, cfg.admm
         self.n_global, self.comm = n_global, comm
+        # the communicator the step control's loss is summed over: ``comm``, or in
+        # async runs this rank alone (a global loss per trial would be a synchronisation)
+        self.loss_comm = comm
         self.ordered = cfg.train.reduction == "deterministic"
         self.dtype = np.dtype(cfg.train.dtype)
         info = parts[0].info
@@ -206,12 +209,13 @@ class AdmmEngine:
         local = [np.array([kernels.loss_and_correct(
             p.state.O.reshape(-1, p.state.O.shape[-1]), p.data.targets.reshape(-1),
             LOSSES[m.loss])[0]]) for p in self.parts]
-        return float(self.sum_parts(local)[0])
+        return float(sum_parts(self.loss_comm, local, self.ordered)[0])
 
     def _backtrack(self, old: Params) -> None:
         """Step control: try ``old + alpha (new - old)`` with alpha = min(1, 2 alpha_prev),
         halving alpha (at most ``backtrack_max`` times) until the true training loss
-        (forward pass, reduced) does not increase. With the joint weight solve and
+        (forward pass, summed over ``loss_comm``: every rank, or in async runs this
+        rank's own samples) does not increase. With the joint weight solve and
         auxiliaries from a forward pass, alpha scales 1/rho exactly (a = Theta_old z, so
         Theta_new - Theta_old is proportional to 1/rho up to the ridge term)."""
         if self._loss is None:

@@ -234,7 +234,8 @@ class RmaStatsExchange:
     1. waits until every worker has consumed iteration ``k - 1 - tau``,
     2. under the mutex, accumulates ``new - previous`` into window 1 and sets
        ``published[me] = k``,
-    3. waits until every worker has published iteration ``k - tau``,
+    3. waits until every worker has published iteration ``max(k - tau, 1)`` (a
+       snapshot never lacks a worker's contribution),
     4. under the mutex, reads a snapshot of window 1, then sets ``consumed[me] = k``.
 
     So the snapshot holds every worker's contribution from iterations within
@@ -245,8 +246,9 @@ class RmaStatsExchange:
     ``kind = "publishes"`` bounds the *delay* instead (as partial-barrier
     asynchronous ADMM): every publish advances a global version; step 1 goes,
     and step 3 waits only while some worker's latest contribution is more than
-    ``tau`` publishes old (or a stop is agreed). Fast workers then run more
-    iterations than slow ones instead of waiting for them.
+    ``tau`` publishes old or some worker has not published yet (or a stop is
+    agreed). Fast workers then run more iterations than slow ones instead of
+    waiting for them.
 
     Lock discipline without ``MPI_Win_lock``: all ranks hold one passive
     ``Lock_all`` epoch for the whole run and complete each operation with
@@ -401,10 +403,12 @@ class RmaStatsExchange:
             self._release()
         self.previous = buf.copy()
         if iterations:
-            self._wait(lambda: self.counters()[0].min() >= k - self.tau)
+            # every worker's contribution is in the snapshot (from its iteration 1 on)
+            self._wait(lambda: self.counters()[0].min() >= max(k - self.tau, 1))
             self.staleness = int(k - self.counters()[0].min())
         else:
-            self._wait(lambda: self.delays().max() <= self.tau, stop_releases=True)
+            self._wait(lambda: self.delays().max() <= self.tau
+                       and self.counters()[0].min() >= 1, stop_releases=True)
             self.staleness = int(self.delays().max())
         buf[...] = self.window_sum()
         self._set(1, k)

@@ -166,7 +166,7 @@ class Config:
         a = self.admm
         if a.step_control != "auto":
             return a.step_control == "backtrack"
-        return a.resync_every == 1 and a.schedule == "fused" and self.train.parallel != "async"
+        return a.resync_every == 1 and a.schedule == "fused"
 
     def to_toml(self) -> str:
         lines = []
@@ -305,13 +305,13 @@ def _validate(cfg: Config) -> None:
                           "happen at the end and on a stop)")
     if cfg.admm.momentum and not cfg.backtracking():
         raise ConfigError("config key 'admm.momentum' > 0 needs backtracking (admm.step_control "
-                          "backtrack, or auto with resync_every = 1 and not async)")
+                          "backtrack, or auto with resync_every = 1)")
+    if t.parallel == "async" and cfg.admm.momentum:
+        raise ConfigError("train.parallel = async needs admm.momentum = 0 (each worker's "
+                          "heavy-ball term would follow its own stale weights)")
     if t.parallel == "async" and t.algo != "admm":
         raise ConfigError("train.parallel = async is for train.algo = admm (gradient methods "
                           "run sync, or CELGC for local steps)")
-    if t.parallel == "async" and (cfg.admm.step_control == "backtrack" or cfg.admm.momentum):
-        raise ConfigError("train.parallel = async needs admm.step_control auto or none and no "
-                          "admm.momentum (backtracking needs a global training loss per trial)")
     for key, (low, strict) in BOUNDS.items():
         section, name = key.split(".")
         v = d[section][name]

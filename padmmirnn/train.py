@@ -23,7 +23,7 @@ from padmmirnn.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from padmmirnn.comm import RmaStatsExchange, agree, sum_parts
+from padmmirnn.comm import RmaStatsExchange, SerialComm, agree, sum_parts
 from padmmirnn.config import Config, straggler_rank_factor
 from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import DataError, PadmmError
@@ -130,6 +130,7 @@ class AdmmAlgorithm:
             self.exchange = RmaStatsExchange(comm, size, cfg.train.staleness,
                                              kind=cfg.train.staleness_kind)
             self.engine.comm = self.exchange
+            self.engine.loss_comm = SerialComm()
 
     def quiesce(self) -> None:
         """Async: once every rank has published its last iteration, the window holds
@@ -149,8 +150,33 @@ class AdmmAlgorithm:
         engine.params = Params.from_flat(flat[:-1], self.before_solve)
         n_in = engine.in_layout.size
         pen = engine.penalty(engine.iteration)
+        backtrack = engine.cfg.backtracking()
+        if backtrack:
+            # the step control of this solve is global: rank 0's step length, the
+            # training loss of all ranks, auxiliaries from rank 0's starting weights
+            engine.comm = engine.loss_comm = self.comm
+            engine.alpha = float(self.comm.bcast_array(np.array([engine.alpha]))[0])
+            engine.resync()
+            engine._loss = None
+            old = engine.params.copy()
         engine.weights_in(engine.in_layout.unpack(snapshot[:n_in]), pen)
         engine.weights_out(engine.out_layout.unpack(snapshot[n_in:]), pen)
+        if backtrack:
+            engine._backtrack(old)
+            if engine.acfg.multiplier_update == "kkt" and engine.iteration > engine.acfg.warmup:
+                engine.block_kkt_multipliers()
+            engine.comm, engine.loss_comm = self.exchange, SerialComm()
+            engine._loss = None  # the next local step control starts from this rank's loss
+
+    def local_progress(self) -> dict:
+        """Async rank logs: this rank's step length and mean training loss on its own
+        samples at its current weights (what its local step control compares), when it
+        backtracks."""
+        e = self.engine
+        if not e.cfg.backtracking() or e._loss is None:
+            return {}
+        rows = sum(p.state.O.shape[0] * p.state.O.shape[1] for p in e.parts)
+        return {"alpha": e.alpha, "local_train_loss": e._loss / rows}
 
     def close(self) -> None:
         if self.exchange is not None:
@@ -432,7 +458,7 @@ def _run(cfg: Config, comm, signals: StopSignals) -> dict:
                     "iteration": k, "wall_time_s": time.perf_counter() - t_start,
                     "iteration_s": t_iter, "comm_s": t_comm,
                     "wait_s": algo.exchange.wait_seconds - wait_before,
-                    "staleness": algo.exchange.staleness}) + "\n")
+                    "staleness": algo.exchange.staleness, **algo.local_progress()}) + "\n")
             ran += 1
             if ran > TIMING_WARMUP:
                 timed += (t_iter - t_comm, t_comm, 1)

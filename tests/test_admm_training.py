@@ -81,7 +81,7 @@ def test_defaults_are_the_recommended_configuration():
         assert getattr(cfg.admm, key) == value or (key == "step_control" and
                                                    cfg.admm.step_control == "auto"), key
     assert cfg.backtracking()
-    assert not build_config(overrides={"train.parallel": "async"}).backtracking()
+    assert build_config(overrides={"train.parallel": "async"}).backtracking()  # local loss
     assert not build_config(overrides=FAITHFUL).backtracking()
 
 

@@ -10,9 +10,9 @@ from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import RmaStatsExchange
 from padmmirnn.config import build_config
 from padmmirnn.data import LocalData, partition
+from padmmirnn.model import Params, loss_sums
 
 pytestmark = pytest.mark.mpi
-
 
 
 def _local(full: LocalData, comm) -> LocalData:
@@ -123,3 +123,45 @@ def test_bounded_delay_lets_the_fast_rank_run_ahead(comm):
                                    rtol=1e-12, atol=1e-12)
     finally:
         ex.free()
+
+
+def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
+    """After stale steps with the local step control, the quiescent solve (checkpoints
+    and the end) leaves every rank with the same weights, solved from the window that
+    holds every worker's latest contribution, with a global training loss no higher
+    than at rank 0's weights before that solve; the run then goes on asynchronously."""
+    import time
+
+    from padmmirnn.train import AdmmAlgorithm, Split
+
+    full = make_local("dense", False, n=60, steps=5, dim=5, classes=3, seed=12)
+    data = _local(full, comm)
+    cfg = build_config(overrides={"model.hidden": 7, "train.parallel": "async",
+                                  "train.staleness": 2})
+    assert cfg.backtracking()
+    algo = AdmmAlgorithm(cfg, Split(full.info, data, [data]), comm)
+    try:
+        for k in range(5):
+            if comm.rank == 1 and k % 2:
+                time.sleep(0.05)
+            algo.step(evaluate=False)
+        assert algo.engine.loss_comm.size == 1  # a local step control
+        start = algo.before_solve
+        algo.quiesce()
+        window = algo.exchange.window_sum()
+        np.testing.assert_allclose(window, comm.allreduce_sum(algo.exchange.previous.copy()),
+                                   rtol=1e-12, atol=1e-12)
+        for name, value in algo.params.arrays().items():
+            gathered = comm.allgather(value.tobytes())
+            assert gathered[0] == gathered[1], name
+        rank0_start = Params.from_flat(comm.bcast_array(start.flat()), start)
+
+        def global_loss(params):
+            sums = loss_sums(params, data, cfg.model.activation, cfg.model.loss)
+            return comm.allreduce_sum(sums.copy())[0]
+
+        assert global_loss(algo.params) <= global_loss(rank0_start)
+        assert algo.engine.synced and algo.engine.loss_comm.size == 1
+        algo.step(evaluate=False)  # and on asynchronously
+    finally:
+        algo.close()
