@@ -53,9 +53,13 @@ def admm_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
     return stats + a_block + s_block + o_block + residual
 
 
+WARMUP_DEFAULT = 10
+
+
 def time_default(local, n_global: int, hidden: int, repeats: int) -> dict:
-    """Median seconds of one iteration of the default (hybrid) configuration and the
-    share of its time in Numba kernels (sampled with a profiler-free wrapper)."""
+    """Median seconds of one iteration of the default (hybrid) configuration (after
+    ``WARMUP_DEFAULT`` iterations), the forward passes its step control ran per
+    iteration, and the share of its time in Numba kernels (timed by wrapping them)."""
     from padmmirnn import kernels
     from padmmirnn.admm import AdmmEngine
     from padmmirnn.comm import SerialComm
@@ -64,13 +68,14 @@ def time_default(local, n_global: int, hidden: int, repeats: int) -> dict:
 
     eng = AdmmEngine(build_config(overrides={"model.hidden": hidden}), [local], n_global,
                      SerialComm())
-    eng.iterate(want_sums=False)
-    eng.iterate(want_sums=False)
+    for _ in range(WARMUP_DEFAULT):  # past the first steps, into the step control's regime
+        eng.iterate(want_sums=False)
     spent = {"numba": 0.0}
     originals = {}
     targets = [(kernels, n) for n in ("loss_and_correct", "gather_columns", "segment_sum",
                                       "token_counts", "o_update", "a_update",
-                                      "activation_residual")]
+                                      "activation_residual", "shifted", "add_recurrent",
+                                      "tanh_adjoint")]
     targets += [(bptt_kernels, n) for n in ("output_delta", "step_backward", "segment_add")]
     for module, name in targets:
         fn = getattr(module, name)
@@ -85,28 +90,31 @@ def time_default(local, n_global: int, hidden: int, repeats: int) -> dict:
         setattr(module, name, wrapped)
     try:
         times = []
+        trials = eng.trials
         for _ in range(repeats):
             spent["numba"] = 0.0
             times.append(_timed(lambda: eng.iterate(want_sums=False)))
         numba_share = spent["numba"] / times[-1]
+        forwards = (eng.trials - trials) / repeats
     finally:
         for (module, name), fn in originals.items():
             setattr(module, name, fn)
     return {"iteration": statistics.median(times), "numba_share": numba_share,
+            "forwards_per_iteration": forwards,
             "state_bytes_per_sample": _state_bytes(eng)}
 
 
 def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
-                 tokens: bool) -> float:
-    """Dense work of one default (hybrid) iteration: the statistics, one forward
-    re-synchronisation (the first backtracking trial accepted, the common case) and
-    the KKT backward recursion; the joint h x h solves are negligible."""
+                 tokens: bool, forwards: float = 1.0) -> float:
+    """Dense work of one default (hybrid) iteration: the statistics, ``forwards``
+    forward re-synchronisations (one per backtracking trial) and the KKT backward
+    recursion; the joint h x h solves are negligible."""
     rows, orows = n * steps, n * out_steps
     proj = 0.0 if tokens else 2.0 * rows * d * h
     stats = 2 * proj + 2 * 2.0 * rows * h * h + 2.0 * orows * h * (h + k)
     forward = proj + 2.0 * rows * h * h + 2.0 * orows * h * k
     backward = 2.0 * rows * h * h + 2.0 * orows * k * h
-    return stats + forward + backward
+    return stats + forwards * forward + backward
 
 
 def _state_bytes(eng) -> float:
@@ -184,7 +192,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks kernels")
     p.add_argument("--out", default="runs/bench-kernels")
     p.add_argument("--hidden", default="64,128,256")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,12 +209,16 @@ def main() -> int:
         if key not in bptt:
             bptt[key] = adam_epoch(local, local.info.n, h, a.repeats)
         default = time_default(local, local.info.n, h, a.repeats)
-        dflops = hybrid_flops(local.info.n, local.info.steps, local.info.dim, h,
-                              local.info.classes, 1, local.info.kind == "tokens")
+        shape = (local.info.n, local.info.steps, local.info.dim, h, local.info.classes, 1,
+                 local.info.kind == "tokens")
+        dflops = hybrid_flops(*shape, forwards=default["forwards_per_iteration"])
         rows.append({
             "task": name, "config": "default (hybrid)", "hidden": h,
             "iteration_s": default["iteration"], "gflop_per_iteration": dflops / 1e9,
+            "forwards_per_iteration": default["forwards_per_iteration"],
             "achieved_over_gemm": dflops / default["iteration"] / rate64,
+            "achieved_over_gemm_one_forward": hybrid_flops(*shape) / default["iteration"]
+            / rate64,
             "admm_iteration_over_bptt_epoch": default["iteration"] / bptt[key],
             "numba_kernel_share": default["numba_share"], "a_block_share": 0.0,
             "state_bytes_per_sample": default["state_bytes_per_sample"],
@@ -218,8 +230,9 @@ def main() -> int:
         kernels = blocks["a_block"] + blocks["o_block"]
         rows.append({
             "task": name, "config": "faithful", "hidden": h, "iteration_s": blocks["iteration"],
-            "gflop_per_iteration": flops / 1e9,
+            "gflop_per_iteration": flops / 1e9, "forwards_per_iteration": 0.0,
             "achieved_over_gemm": flops / blocks["iteration"] / rate64,
+            "achieved_over_gemm_one_forward": None,
             "admm_iteration_over_bptt_epoch": blocks["iteration"] / bptt[key],
             "numba_kernel_share": kernels / blocks["iteration"],
             "a_block_share": blocks["a_block"] / blocks["iteration"],

@@ -13,6 +13,7 @@ from padmmirnn.kernels.activation import (
     a_update,
     activation_residual,
 )
+from padmmirnn.kernels.elementwise import add_recurrent, shifted, tanh_adjoint
 from padmmirnn.kernels.output import (
     LOSS_CE,
     LOSS_MSE,
@@ -28,9 +29,12 @@ __all__ = [
     "LOSS_MSE",
     "a_update",
     "activation_residual",
+    "add_recurrent",
     "gather_columns",
     "loss_and_correct",
     "o_update",
     "segment_sum",
+    "shifted",
+    "tanh_adjoint",
     "token_counts",
 ]

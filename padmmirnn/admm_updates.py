@@ -91,8 +91,7 @@ def input_stats(state: AdmmState, data: LocalData, rho1: float,
     steps = state.A.shape[0]
     sp = _rows(state.S[:steps])
     if state.L1.size and work is not None:
-        np.divide(state.L1, rho1, out=work)
-        work += state.A
+        kernels.shifted(state.A, state.L1, 1.0 / rho1, work)
         ah = _rows(work)
     else:
         ah = _rows(state.a_hat(rho1))
@@ -107,6 +106,39 @@ def input_stats(state: AdmmState, data: LocalData, rho1: float,
         "XSp": xsp, "XA": xa, "SpSp": gram(sp, sp), "SpA": gram(sp, ah),
         "sSp": colsum(sp), "sA": colsum(ah),
     }
+
+
+def input_stats_synced(p: Params, state: AdmmState, data: LocalData, rho1: float,
+                       const: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`input_stats` when a, s are a forward pass of ``p`` (a_t = U x_t + W s_{t-1}
+    + b exactly): the sums with a are linear in the weights,
+
+        sum x a^T = XX U^T + sX b^T + XSp W^T,   sum s_{t-1} a^T = XSp^T U^T
+        + sSp b^T + SpSp W^T,   sum a = U sX + n T b + W sSp,
+
+    so only lambda1 / rho1 needs a pass over the samples and no a_hat array is built.
+    ``const``: this part's :func:`constant_stats`."""
+    steps = state.A.shape[0]
+    sp = _rows(state.S[:steps])
+    tokens = data.info.kind == "tokens"
+    if tokens:
+        tok, d = data.inputs.reshape(-1), data.info.dim
+        xsp = kernels.segment_sum(tok, sp, d)
+        xxu = const["sX"][:, None] * p.U.T  # sum x x^T = diag(counts)
+    else:
+        x = _rows(data.inputs)
+        xsp = gram(x, sp)
+        xxu = const["XX"] @ p.U.T
+    spsp, ssp = gram(sp, sp), colsum(sp)
+    xa = xxu + np.outer(const["sX"], p.b) + xsp @ p.W.T
+    spa = xsp.T @ p.U.T + np.outer(ssp, p.b) + spsp @ p.W.T
+    sa = p.U @ const["sX"] + sp.shape[0] * p.b + p.W @ ssp
+    if state.L1.size:
+        lam = _rows(state.L1)
+        xa += (kernels.segment_sum(tok, lam, d) if tokens else gram(x, lam)) / rho1
+        spa += gram(sp, lam) / rho1
+        sa += colsum(lam) / rho1
+    return {"XSp": xsp, "XA": xa, "SpSp": spsp, "SpA": spa, "sSp": ssp, "sA": sa}
 
 
 def output_stats(state: AdmmState, many_to_many: bool, rho3: float) -> dict[str, np.ndarray]:
@@ -343,12 +375,13 @@ def resync_forward(p: Params, state: AdmmState, data: LocalData, act: str) -> No
     """Auxiliaries from a true forward pass of the current weights (multipliers kept):
     every residual becomes zero. Not a minimisation of L: it may increase L."""
     steps = state.A.shape[0]
-    input_projection(p.U, p.b, data, state.A)
+    input_projection(p.U, None, data, state.A)
+    state.A[0] += p.b
     rec = np.empty_like(state.A[0])
     for t in range(steps):
         if t:
             np.matmul(state.S[t], p.W.T, out=rec)
-            state.A[t] += rec
+            kernels.add_recurrent(state.A[t], rec, p.b)
         activate(state.A[t], act, out=state.S[t + 1])
     np.matmul(state.out_states(data.info.many_to_many), p.V.T, out=state.O)
     state.O += p.c
@@ -390,15 +423,12 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
             lam2 += carry
         lam1 = state.L1[t]
         if act == "tanh":
-            if synced:
-                np.multiply(state.S[t + 1], state.S[t + 1], out=lam1)
-            else:
+            if not synced:
                 np.tanh(state.A[t], out=lam1)
-                np.multiply(lam1, lam1, out=lam1)
-            np.subtract(1.0, lam1, out=lam1)
+            kernels.tanh_adjoint(state.S[t + 1] if synced else lam1, lam2, lam1)
         else:
             np.greater(state.A[t], 0.0, out=lam1, casting="unsafe")
-        lam1 *= lam2
+            lam1 *= lam2
 
 
 def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: str,

@@ -83,6 +83,7 @@ class AdmmConfig:
     weight_solve: str = "joint"
     step_control: str = "auto"
     backtrack_max: int = 4
+    step_grow_after: int = 3
     momentum: float = 0.0
 
     # Options beyond the faithful formulation (docs/admm-convergence.md):
@@ -98,6 +99,8 @@ class AdmmConfig:
     #                  true training loss does not increase (needs resync_every = 1, fused)
     #   backtrack_max  halvings per iteration;  momentum  heavy-ball mu in [0, 1) on the
     #                  weights (with step_control "backtrack")
+    #   step_grow_after  the step length doubles (at most 1) after this many iterations
+    #                  in a row took their first trial (0: every iteration)
 
     def __post_init__(self) -> None:
         if self.multiplier_update == "kkt" and self.multipliers != "all":
@@ -236,6 +239,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "admm.dual_step": (0.0, True),
     "admm.resync_every": (0, False),
     "admm.backtrack_max": (0, False),
+    "admm.step_grow_after": (0, False),
     "admm.momentum": (0.0, False),
     "output.log_every": (1, False),
     "checkpoint.every": (0, False),

@@ -78,15 +78,18 @@ def init_params(d: int, h: int, k: int, seed: int, w_init: str, scale: float) ->
     return Params(U, scale * W, np.zeros(h), V, np.zeros(k))
 
 
-def input_projection(U: np.ndarray, b: np.ndarray, data: LocalData, out: np.ndarray) -> np.ndarray:
-    """``out[t] = x_t U^T + b`` for all t (``[T, n, h]``); token inputs gather U columns."""
+def input_projection(U: np.ndarray, b: np.ndarray | None, data: LocalData,
+                     out: np.ndarray) -> np.ndarray:
+    """``out[t] = x_t U^T + b`` for all t (``[T, n, h]``; without b when it is None);
+    token inputs gather U columns."""
     steps, n = data.inputs.shape[:2]
     flat = out.reshape(steps * n, -1)
     if data.info.kind == "tokens":
         kernels.gather_columns(np.ascontiguousarray(U.T), data.inputs.reshape(-1), flat)
     else:
         np.matmul(data.inputs.reshape(steps * n, -1), U.T, out=flat)
-    flat += b
+    if b is not None:
+        flat += b
     return out
 
 

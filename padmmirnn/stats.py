@@ -99,4 +99,8 @@ def gram(a: np.ndarray, b: np.ndarray, chunk: int = 16384) -> np.ndarray:
 
 
 def colsum(a: np.ndarray) -> np.ndarray:
+    """Column sums in float64 (a matrix-vector product for float64: about 2x faster
+    than ``sum(axis=0)`` on ``[N T, h]`` blocks)."""
+    if a.dtype == np.float64:
+        return np.ones(a.shape[0]) @ a
     return a.sum(axis=0, dtype=np.float64)

@@ -155,7 +155,9 @@ class AdmmAlgorithm:
             # the step control of this solve is global: rank 0's step length, the
             # training loss of all ranks, auxiliaries from rank 0's starting weights
             engine.comm = engine.loss_comm = self.comm
-            engine.alpha = float(self.comm.bcast_array(np.array([engine.alpha]))[0])
+            engine.alpha, streak = self.comm.bcast_array(
+                np.array([engine.alpha, engine.streak], np.float64))
+            engine.streak = int(streak)
             engine.resync()
             engine._loss = None
             old = engine.params.copy()
@@ -217,9 +219,11 @@ class AdmmAlgorithm:
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Engine scalars of the step control (admm.step_control = backtrack)."""
+        """Engine scalars: the step control's (admm.step_control = backtrack) and whether
+        the auxiliaries are a forward pass of the weights."""
         e = self.engine
-        out = {"alpha": np.float64(e.alpha),
+        out = {"alpha": np.float64(e.alpha), "streak": np.int64(e.streak),
+               "synced": np.int64(e.synced),
                "loss": np.float64(np.nan if e._loss is None else e._loss)}
         if e._prev is not None:
             out.update({f"prev.{k}": v for k, v in e._prev.arrays().items()})
@@ -227,8 +231,11 @@ class AdmmAlgorithm:
 
     def restore(self, iteration: int, per_sample: dict, arrays: dict) -> None:
         e = self.engine
-        e.synced = False  # the restored a, s, o are the state the run had, not a forward pass
+        # the restored a, s, o are the state the run had: a forward pass of the restored
+        # weights only if they were one when saved
+        e.synced = bool(arrays.get("synced", 0))
         e.alpha = float(arrays.get("alpha", 1.0))
+        e.streak = int(arrays.get("streak", 0))
         loss = float(arrays.get("loss", np.nan))
         e._loss = None if np.isnan(loss) else loss
         if "prev.U" in arrays:

@@ -37,6 +37,7 @@ def _perturb(engine, seed):
     st.A += 0.5 * rng.standard_normal(st.A.shape)
     st.S[1:] += 0.5 * rng.standard_normal(st.S[1:].shape)
     st.O += rng.standard_normal(st.O.shape)
+    engine.synced = False
 
 
 @pytest.mark.parametrize("act,kind,m2m", CASES)
@@ -154,6 +155,25 @@ def test_fused_and_paper_statistics_match_explicit_sums():
     oh = eng.parts[0].state.O[0] + eng.parts[0].state.L3[0] / pen.rho3
     np.testing.assert_allclose(st_out["SS"], s_last.T @ s_last, atol=1e-12)
     np.testing.assert_allclose(st_out["SO"], s_last.T @ oh, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "tokens"])
+def test_statistics_of_a_forward_pass_need_no_a_hat(kind):
+    """At a forward pass (``synced``) the engine takes the statistics with a from the
+    weights (linear algebra on small sums); they equal the explicit sums."""
+    from padmmirnn import admm_updates as up
+
+    eng = _engine("tanh", kind, True, multipliers="all")
+    assert eng.synced
+    part = eng.parts[0]
+    part.state.L1[...] = np.random.default_rng(9).standard_normal(part.state.L1.shape)
+    explicit = up.input_stats(part.state, part.data, 0.7)
+    synced = up.input_stats_synced(eng.params, part.state, part.data, 0.7, part.const)
+    for key, value in explicit.items():
+        np.testing.assert_allclose(synced[key], value, rtol=1e-10, atol=1e-12, err_msg=key)
+    _perturb(eng, 3)  # no longer a forward pass: the algebra would be wrong
+    off = up.input_stats_synced(eng.params, part.state, part.data, 0.7, part.const)
+    assert not np.allclose(off["SpA"], up.input_stats(part.state, part.data, 0.7)["SpA"])
 
 
 def test_rho_schedule_geometric_with_cap():

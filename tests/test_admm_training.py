@@ -124,6 +124,7 @@ def test_backward_sweep_and_joint_solve_never_increase_lagrangian(act, m2m):
     st = eng.parts[0].state
     st.A += 0.5 * rng.standard_normal(st.A.shape)
     st.S[1:] += 0.5 * rng.standard_normal(st.S[1:].shape)
+    eng.synced = False  # off the forward pass
     pen = eng.penalty(1)
     values = [eng.lagrangian(pen)]
     for _ in range(3):
@@ -146,6 +147,7 @@ def test_joint_weight_solve_is_exact_minimiser():
     eng = _engine(data, hidden=6, weight_solve="joint", nu=0.02)
     st = eng.parts[0].state
     st.A += 0.3 * np.random.default_rng(7).standard_normal(st.A.shape)
+    eng.synced = False  # off the forward pass
     pen = eng.penalty(1)
     st_in, st_out = eng.reduce_fused(pen)
     eng.weights_in(st_in, pen)
@@ -170,6 +172,32 @@ def test_backtracking_keeps_loss_from_increasing_with_huge_steps():
     assert np.all(np.diff(losses) <= 1e-12 * losses[0]), losses
     assert eng.alpha < 0.5  # the safeguard did act
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("grow_after", [0, 2])
+def test_step_length_grows_only_after_first_trial_acceptances(grow_after):
+    """alpha doubles only once ``step_grow_after`` iterations in a row were accepted at
+    their first trial, and is otherwise kept from the last iteration or halved."""
+    data = _learnable(seed=1)
+    eng = _engine(data, **{**RECOMMENDED, "rho1": 0.05, "rho3": 0.05, "backtrack_max": 12,
+                           "step_grow_after": grow_after})
+    grew = halved = 0
+    for _ in range(16):
+        alpha, streak, trials = eng.alpha, eng.streak, eng.trials
+        eng.iterate(want_sums=False)
+        first_trial = eng.trials - trials == 1
+        assert eng.streak == (streak + 1 if first_trial else 0)
+        if streak >= grow_after:
+            expected = min(1.0, 2.0 * alpha)
+        else:
+            expected = alpha
+        if first_trial:
+            assert eng.alpha == expected
+        else:
+            assert eng.alpha < expected
+            halved += 1
+        grew += eng.alpha > alpha
+    assert grew and halved  # both branches were taken
 
 
 def test_without_backtracking_huge_steps_increase_loss():

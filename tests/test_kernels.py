@@ -166,6 +166,25 @@ def test_token_kernels():
     np.testing.assert_array_equal(out, table[tok])
 
 
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+def test_fused_elementwise_kernels(dtype):
+    rng = np.random.default_rng(8)
+    a, lam, rec = (rng.standard_normal((3, 40, 6)).astype(dtype) for _ in range(3))
+    bias = rng.standard_normal(6).astype(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-13, "atol": 1e-15}
+    out = np.empty_like(a)
+    kernels.shifted(a, lam, 1.0 / 3.0, out)  # 3-D blocks: a_hat = a + lambda1 / rho1
+    np.testing.assert_allclose(out, a + lam / 3.0, **tol)
+    s = np.tanh(a[0])
+    kernels.tanh_adjoint(s, lam[0], out[0])
+    np.testing.assert_allclose(out[0], (1 - np.tanh(a[0]) ** 2) * lam[0], **tol)
+    kernels.tanh_adjoint(s, lam[1], s)  # in place, as the recursion calls it
+    np.testing.assert_allclose(s, out[0] * lam[1] / lam[0], rtol=1e-5)
+    ref = a[2] + rec[2] + bias
+    kernels.add_recurrent(a[2], rec[2], bias)
+    np.testing.assert_allclose(a[2], ref, **tol)
+
+
 @pytest.mark.parametrize("kind", ("dense", "tokens"))
 @pytest.mark.parametrize("m2m", (False, True))
 @pytest.mark.parametrize("act", ("tanh", "relu"))
