@@ -56,18 +56,20 @@ def admm_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
 WARMUP_DEFAULT = 10
 
 
-def time_default(local, n_global: int, hidden: int, repeats: int) -> dict:
-    """Median seconds of one iteration of the default (hybrid) configuration (after
-    ``WARMUP_DEFAULT`` iterations), the forward passes its step control ran per
-    iteration, and the share of its time in Numba kernels (timed by wrapping them)."""
+def time_default(local, n_global: int, hidden: int, repeats: int,
+                 dtype: str = "float64") -> dict:
+    """Mean seconds of one iteration of the default (hybrid) configuration over
+    ``repeats`` iterations after ``WARMUP_DEFAULT``, the forward passes its step control
+    ran per iteration, and the share of its time in Numba kernels (timed by wrapping
+    them)."""
     from padmmirnn import kernels
     from padmmirnn.admm import AdmmEngine
     from padmmirnn.comm import SerialComm
     from padmmirnn.config import build_config
     from padmmirnn.kernels import bptt as bptt_kernels
 
-    eng = AdmmEngine(build_config(overrides={"model.hidden": hidden}), [local], n_global,
-                     SerialComm())
+    eng = AdmmEngine(build_config(overrides={"model.hidden": hidden, "train.dtype": dtype}),
+                     [local], n_global, SerialComm())
     for _ in range(WARMUP_DEFAULT):  # past the first steps, into the step control's regime
         eng.iterate(want_sums=False)
     spent = {"numba": 0.0}
@@ -92,14 +94,15 @@ def time_default(local, n_global: int, hidden: int, repeats: int) -> dict:
         times = []
         trials = eng.trials
         for _ in range(repeats):
-            spent["numba"] = 0.0
             times.append(_timed(lambda: eng.iterate(want_sums=False)))
-        numba_share = spent["numba"] / times[-1]
+        numba_share = spent["numba"] / sum(times)
         forwards = (eng.trials - trials) / repeats
     finally:
         for (module, name), fn in originals.items():
             setattr(module, name, fn)
-    return {"iteration": statistics.median(times), "numba_share": numba_share,
+    # the mean, not the median: iterations whose step control ran a second forward pass
+    # are part of the cost (and of the FLOPs counted with forwards_per_iteration)
+    return {"iteration": statistics.mean(times), "numba_share": numba_share,
             "forwards_per_iteration": forwards,
             "state_bytes_per_sample": _state_bytes(eng)}
 
@@ -186,6 +189,26 @@ def token_task(n: int = 4000, steps: int = 28, vocab: int = 1000, seed: int = 0)
     return LocalData(info, x, y, 0, n)
 
 
+def _default_row(task: str, config: str, local, h: int, default: dict, rate: float,
+                 bptt_s: float | None) -> dict:
+    """One table row of the default configuration; FLOP/s against ``rate`` (the GEMM
+    rate of its dtype), with the forward passes the step control ran and with one."""
+    info = local.info
+    shape = (info.n, info.steps, info.dim, h, info.classes, 1, info.kind == "tokens")
+    flops = hybrid_flops(*shape, forwards=default["forwards_per_iteration"])
+    t = default["iteration"]
+    return {
+        "task": task, "config": config, "hidden": h, "iteration_s": t,
+        "gflop_per_iteration": flops / 1e9,
+        "forwards_per_iteration": default["forwards_per_iteration"],
+        "achieved_over_gemm": flops / t / rate,
+        "achieved_over_gemm_one_forward": hybrid_flops(*shape) / t / rate,
+        "admm_iteration_over_bptt_epoch": None if bptt_s is None else t / bptt_s,
+        "numba_kernel_share": default["numba_share"], "a_block_share": 0.0,
+        "state_bytes_per_sample": default["state_bytes_per_sample"], "bptt_epoch_s": bptt_s,
+    }
+
+
 def main() -> int:
     from padmmirnn import data as datasets
 
@@ -193,6 +216,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-kernels")
     p.add_argument("--hidden", default="64,128,256")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--float32-hidden", default="128",
+                   help="hidden sizes also timed in float32 (default configuration)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,22 +233,9 @@ def main() -> int:
         key = (name, h)
         if key not in bptt:
             bptt[key] = adam_epoch(local, local.info.n, h, a.repeats)
-        default = time_default(local, local.info.n, h, a.repeats)
-        shape = (local.info.n, local.info.steps, local.info.dim, h, local.info.classes, 1,
-                 local.info.kind == "tokens")
-        dflops = hybrid_flops(*shape, forwards=default["forwards_per_iteration"])
-        rows.append({
-            "task": name, "config": "default (hybrid)", "hidden": h,
-            "iteration_s": default["iteration"], "gflop_per_iteration": dflops / 1e9,
-            "forwards_per_iteration": default["forwards_per_iteration"],
-            "achieved_over_gemm": dflops / default["iteration"] / rate64,
-            "achieved_over_gemm_one_forward": hybrid_flops(*shape) / default["iteration"]
-            / rate64,
-            "admm_iteration_over_bptt_epoch": default["iteration"] / bptt[key],
-            "numba_kernel_share": default["numba_share"], "a_block_share": 0.0,
-            "state_bytes_per_sample": default["state_bytes_per_sample"],
-            "bptt_epoch_s": bptt[key],
-        })
+        default = time_default(local, local.info.n, h, 2 * a.repeats)
+        rows.append(_default_row(name, "default (hybrid)", local, h, default, rate64,
+                                 bptt[key]))
         blocks = time_blocks(local, local.info.n, h, a.repeats)
         flops = admm_flops(local.info.n, local.info.steps, local.info.dim, h, local.info.classes,
                            1, local.info.kind == "tokens")
@@ -239,6 +251,11 @@ def main() -> int:
             "state_bytes_per_sample": blocks["state_bytes_per_sample"],
             "bptt_epoch_s": bptt[key],
         })
+    single = datasets.read_slice(info, 0, info.n, np.float32)
+    for h in (int(v) for v in a.float32_hidden.split(",") if v):
+        default = time_default(single, info.n, h, 2 * a.repeats, "float32")
+        rows.append(_default_row("mnist-rows", "default, float32", single, h, default, rate32,
+                                 None))
     result = {"gemm_gflops_float64": rate64 / 1e9, "gemm_gflops_float32": rate32 / 1e9,
               "rows": rows}
     print(f"GEMM (1024^3, one thread): float64 {rate64 / 1e9:.1f} GFLOP/s, "
