@@ -119,10 +119,12 @@ def test_async_staleness_zero_run_equals_sync_run(tmp_path):
 
 def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
     """AP with tau = 2 and the default configuration (its step control on each rank's
-    own training loss) on the default dataset: every rank's training loss never
-    increases, and the final test accuracy is at most 1 point below SP's."""
-    common = ["train", "--iterations", "30"]
-    sync, _ = _run([*common, "--parallel", "sync", "--set", "train.eval_every=30",
+    own training loss) on the default dataset and its default 60 iterations: every
+    rank's training loss never increases, and the final test accuracy is at most 1
+    point below SP's (measured: 0.3 to 2.4 points above; at 30 iterations AP can be 2
+    points below, docs/async.md)."""
+    common = ["train", "--iterations", "60"]
+    sync, _ = _run([*common, "--parallel", "sync", "--set", "train.eval_every=60",
                     "--out", str(tmp_path / "sync")], timeout=300)
     assert sync.returncode == 0, sync.stderr
     ap, _ = _run([*common, "--parallel", "async", "--staleness", "2",
@@ -132,7 +134,7 @@ def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
         rows = [json.loads(x) for x in (tmp_path / "async" / f"async_rank{r}.jsonl")
                 .read_text().splitlines()]
         losses = [x["local_train_loss"] for x in rows]
-        assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+        assert len(losses) == 60 and losses[-1] < 0.5 * losses[0]
         assert all(b <= a for a, b in zip(losses, losses[1:], strict=False)), losses
     s, a = _summary(tmp_path / "sync"), _summary(tmp_path / "async")
     assert a["test_accuracy"] >= s["test_accuracy"] - 0.01, (a["test_accuracy"],
