@@ -258,6 +258,31 @@ class AdmmEngine:
         self.trials += trial + 1
         self._prev = old if self.acfg.momentum else None
 
+    def resolve(self, start: Params, st_in: dict, st_out: dict, comm) -> None:
+        """Redo a weight solve from the weights ``start`` with the given global
+        statistics, every rank at this point (async quiescent points): the step control,
+        if any, sums its trial losses over ``comm``, so every rank ends with the same
+        weights, auxiliaries that are their forward pass and the KKT multipliers of
+        that point. Without a step control, exactly the solve SP makes."""
+        pen = self.penalty(self.iteration)
+        self.params = start.copy()  # the weight blocks update their Params in place
+        if not self.cfg.backtracking():
+            self.weights_in(st_in, pen)
+            self.weights_out(st_out, pen)
+            return
+        local, self.loss_comm = self.loss_comm, comm
+        try:
+            self.resync()
+            self._loss = None
+            self.weights_in(st_in, pen)
+            self.weights_out(st_out, pen)
+            self._backtrack(start)
+            if self.acfg.multiplier_update == "kkt" and self.iteration > self.acfg.warmup:
+                self.block_kkt_multipliers()
+        finally:
+            self.loss_comm = local
+            self._loss = None  # the next step control starts from this rank's own loss
+
     def block_kkt_multipliers(self) -> None:
         """lambda from the least-squares multiplier estimate (a backward recursion)."""
         cp = self.compute_params()

@@ -145,30 +145,14 @@ class AdmmAlgorithm:
         self.comm.barrier()  # nobody publishes again before every rank has read
         # the weight blocks are solved one after the other (U from the previous W, b):
         # redo the last solve from rank 0's starting weights and the final statistics
-        flat = self.comm.bcast_array(np.append(self.before_solve.flat(), engine.iteration))
-        engine.iteration = int(flat[-1])  # rank 0's (bounded-delay ranks differ)
-        engine.params = Params.from_flat(flat[:-1], self.before_solve)
+        scalars = [engine.iteration, engine.alpha, engine.streak]
+        flat = self.comm.bcast_array(np.append(self.before_solve.flat(), scalars))
+        # rank 0's iteration (bounded-delay ranks differ) and step control
+        engine.iteration, engine.alpha, engine.streak = int(flat[-3]), flat[-2], int(flat[-1])
         n_in = engine.in_layout.size
-        pen = engine.penalty(engine.iteration)
-        backtrack = engine.cfg.backtracking()
-        if backtrack:
-            # the step control of this solve is global: rank 0's step length, the
-            # training loss of all ranks, auxiliaries from rank 0's starting weights
-            engine.comm = engine.loss_comm = self.comm
-            engine.alpha, streak = self.comm.bcast_array(
-                np.array([engine.alpha, engine.streak], np.float64))
-            engine.streak = int(streak)
-            engine.resync()
-            engine._loss = None
-            old = engine.params.copy()
-        engine.weights_in(engine.in_layout.unpack(snapshot[:n_in]), pen)
-        engine.weights_out(engine.out_layout.unpack(snapshot[n_in:]), pen)
-        if backtrack:
-            engine._backtrack(old)
-            if engine.acfg.multiplier_update == "kkt" and engine.iteration > engine.acfg.warmup:
-                engine.block_kkt_multipliers()
-            engine.comm, engine.loss_comm = self.exchange, SerialComm()
-            engine._loss = None  # the next local step control starts from this rank's loss
+        engine.resolve(Params.from_flat(flat[:-3], self.before_solve),
+                       engine.in_layout.unpack(snapshot[:n_in]),
+                       engine.out_layout.unpack(snapshot[n_in:]), self.comm)
 
     def local_progress(self) -> dict:
         """Async rank logs: this rank's step length and mean training loss on its own
