@@ -130,7 +130,12 @@ class AdmmAlgorithm:
             self.exchange = RmaStatsExchange(comm, size, cfg.train.staleness,
                                              kind=cfg.train.staleness_kind)
             self.engine.comm = self.exchange
-            self.engine.loss_comm = SerialComm()
+            # the step control sums its trial losses over this rank alone -- except with
+            # tau = 0 (iteration gap), where every rank runs every iteration in lockstep
+            # and a reduction per trial is safe: then AP reproduces SP
+            t = cfg.train
+            lockstep = t.staleness == 0 and t.staleness_kind == "iterations"
+            self.engine.loss_comm = comm if lockstep else SerialComm()
 
     def quiesce(self) -> None:
         """Async: once every rank has published its last iteration, the window holds

@@ -27,7 +27,8 @@ def _engine(comm, data, n, base=FAITHFUL, **admm):
     return AdmmEngine(cfg, [data], n, comm)
 
 
-HYBRID_ASYNC = {"admm.step_control": "none"}  # the defaults as async runs use them
+HYBRID_ASYNC = {"admm.step_control": "none"}  # the defaults without the step control
+DEFAULTS: dict = {}  # with it: tau = 0 sums the trial losses over all ranks, as SP does
 
 
 def _exchange(engine, comm, tau):
@@ -39,11 +40,12 @@ def _exchange(engine, comm, tau):
 
 @pytest.mark.parametrize("kind,m2m,base", [("dense", False, FAITHFUL),
                                            ("tokens", True, FAITHFUL),
-                                           ("dense", True, HYBRID_ASYNC)])
+                                           ("dense", True, HYBRID_ASYNC),
+                                           ("dense", False, DEFAULTS)])
 def test_staleness_zero_equals_sp(comm, kind, m2m, base):
     full = make_local(kind, m2m, n=29, steps=5, dim=6, classes=4, seed=7)
     data = _local(full, comm)
-    extra = {} if base is HYBRID_ASYNC else {"multipliers": "all", "warmup": 2}
+    extra = {} if base is not FAITHFUL else {"multipliers": "all", "warmup": 2}
     sp = _engine(comm, data, 29, base, **extra)
     ap = _engine(comm, data, 29, base, **extra)
     ex = _exchange(ap, comm, 0)
