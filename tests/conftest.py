@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from padmmirnn.comm import MPIComm
+from padmmirnn.comm import MPIComm, launched_by_mpi, launcher_rank
 from padmmirnn.config import preset_path
 from padmmirnn.data import DatasetInfo, LocalData, write_dataset
 
@@ -43,6 +45,14 @@ def write_random_split(path, kind="dense", many_to_many=False, n=40, steps=6, di
     y = rng.integers(0, classes, size=(n, steps) if many_to_many else (n,)).astype(np.int32)
     write_dataset(path, x, y, classes=classes, vocab=vocab, source="random", license="none")
     return x, y
+
+
+def pytest_configure(config):
+    """Under mpiexec every rank gets its own temporary base directory: ranks sharing
+    pytest's default one race to clean it up (a PytestWarning in the MPI stage)."""
+    if launched_by_mpi() and config.option.basetemp is None:
+        config.option.basetemp = str(Path(tempfile.gettempdir())
+                                     / f"padmmirnn-pytest-rank{launcher_rank()}")
 
 
 @pytest.fixture
