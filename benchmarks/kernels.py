@@ -38,14 +38,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _stats_flops(rows: int, orows: int, d: int, h: int, k: int, tokens: bool) -> float:
+    """Executed work of the statistics: x^T s_{t-1} and x^T a (dense inputs), s_{t-1}^T a,
+    s^T o, and the symmetric s_{t-1}^T s_{t-1} and s^T s as SYRKs (h (h + 1) per row,
+    half a GEMM's)."""
+    x_side = 0.0 if tokens else 2 * 2.0 * rows * d * h
+    return (x_side + 2.0 * rows * h * h + rows * h * (h + 1)
+            + orows * h * (h + 1) + 2.0 * orows * h * k)
+
+
 def admm_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
                tokens: bool) -> float:
     """Dense floating-point work of one fused iteration (with the residual pass):
     statistics, the pre-activation and s-update products, the s solve, the outputs."""
     rows, orows = n * steps, n * out_steps
     proj = 0.0 if tokens else 2.0 * rows * d * h  # x U^T (a gather for tokens)
-    stats = (0.0 if tokens else 2 * 2.0 * rows * d * h) + 2 * 2.0 * rows * h * h \
-        + 2.0 * orows * h * (h + k)
+    stats = _stats_flops(rows, orows, d, h, k, tokens)
     a_block = proj + 2.0 * rows * h * h
     s_block = proj + 2.0 * rows * h * h + 2.0 * orows * k * h + 2.0 * rows * h * h
     o_block = 2.0 * orows * h * k
@@ -114,7 +122,7 @@ def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
     recursion; the joint h x h solves are negligible."""
     rows, orows = n * steps, n * out_steps
     proj = 0.0 if tokens else 2.0 * rows * d * h
-    stats = 2 * proj + 2 * 2.0 * rows * h * h + 2.0 * orows * h * (h + k)
+    stats = _stats_flops(rows, orows, d, h, k, tokens)
     forward = proj + 2.0 * rows * h * h + 2.0 * orows * h * k
     backward = 2.0 * rows * h * h + 2.0 * orows * k * h
     return stats + forwards * forward + backward
