@@ -27,7 +27,7 @@ import numpy as np
 from padmmirnn import kernels
 from padmmirnn.data import LocalData
 from padmmirnn.kernels import bptt as bptt_kernels
-from padmmirnn.model import ACTIVATIONS, LOSSES, Params, activate, input_projection
+from padmmirnn.model import ACTIVATIONS, LOSSES, Params, activate, forward_into, input_projection
 from padmmirnn.stats import colsum, gram
 
 EMPTY = np.zeros((0, 0))
@@ -374,15 +374,7 @@ def sweep_backward(p: Params, state: AdmmState, data: LocalData, pen: Penalty, a
 def resync_forward(p: Params, state: AdmmState, data: LocalData, act: str) -> None:
     """Auxiliaries from a true forward pass of the current weights (multipliers kept):
     every residual becomes zero. Not a minimisation of L: it may increase L."""
-    steps = state.A.shape[0]
-    input_projection(p.U, None, data, state.A)
-    state.A[0] += p.b
-    rec = np.empty_like(state.A[0])
-    for t in range(steps):
-        if t:
-            np.matmul(state.S[t], p.W.T, out=rec)
-            kernels.add_recurrent(state.A[t], rec, p.b)
-        activate(state.A[t], act, out=state.S[t + 1])
+    forward_into(p, data, act, state.A, state.S)
     np.matmul(state.out_states(data.info.many_to_many), p.V.T, out=state.O)
     state.O += p.c
 

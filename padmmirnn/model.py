@@ -93,6 +93,23 @@ def input_projection(U: np.ndarray, b: np.ndarray | None, data: LocalData,
     return out
 
 
+def forward_into(p: Params, data: LocalData, activation: str, pre: np.ndarray,
+                 states: np.ndarray) -> None:
+    """The forward pass in place: ``pre[t] = U x_t + W s_{t-1} + b`` (``[T, n, h]``)
+    and ``states[t + 1] = f(pre[t])`` (``[T + 1, n, h]``, ``states[0]`` = 0 is read,
+    not written); ``p`` in the arrays' dtype. The input projection is one product
+    for all t; the recurrent product and the bias are added in one pass per step."""
+    input_projection(p.U, None, data, pre)
+    pre[0] += p.b
+    rec = np.empty_like(pre[0])
+    WT = np.ascontiguousarray(p.W.T)
+    for t in range(pre.shape[0]):
+        if t:
+            np.matmul(states[t], WT, out=rec)
+            kernels.add_recurrent(pre[t], rec, p.b)
+        activate(pre[t], activation, out=states[t + 1])
+
+
 def forward(params: Params, data: LocalData, activation: str,
             dtype: np.dtype = np.float64) -> tuple[np.ndarray, np.ndarray]:
     """True forward pass. Returns states ``[T + 1, n, h]`` (s_0 = 0) and the
@@ -100,13 +117,9 @@ def forward(params: Params, data: LocalData, activation: str,
     p = params.astype(dtype)
     steps, n = data.inputs.shape[:2]
     h = p.W.shape[0]
-    pre = input_projection(p.U, p.b, data, np.empty((steps, n, h), dtype))
+    pre = np.empty((steps, n, h), dtype)
     states = np.zeros((steps + 1, n, h), dtype)
-    WT = np.ascontiguousarray(p.W.T)
-    for t in range(steps):
-        if t:
-            pre[t] += states[t] @ WT
-        activate(pre[t], activation, out=states[t + 1])
+    forward_into(p, data, activation, pre, states)
     return states, pre
 
 
