@@ -32,6 +32,24 @@ def gemm_rate(dtype, n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
+def step_gemm_rate(dtype, rows: int, h: int, steps: int, repeats: int = 5) -> float:
+    """FLOP/s of the products the recursions are made of: ``steps`` products
+    ``[rows, h] x [h, h]`` one after the other (best of ``repeats``) -- what BLAS itself
+    reaches on the iteration's own shapes, for comparison with the square rate."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((steps, rows, h)).astype(dtype)
+    w = rng.standard_normal((h, h)).astype(dtype)
+    out = np.empty((rows, h), dtype)
+
+    def run():
+        for t in range(steps):
+            np.matmul(a[t], w, out=out)
+
+    run()
+    best = min(_timed(run) for _ in range(repeats))
+    return 2.0 * steps * rows * h * h / best
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -98,6 +116,10 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
             finally:
                 spent["numba"] += time.perf_counter() - t0
         setattr(module, name, wrapped)
+    # the machine's rate under the same conditions as the iterations (the rate of this
+    # shared VM drifts by 20% between minutes): measured right before them
+    square = gemm_rate(np.dtype(dtype))
+    step = step_gemm_rate(np.dtype(dtype), local.info.n, hidden, local.info.steps)
     try:
         times = []
         trials = eng.trials
@@ -111,6 +133,7 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
     # the mean, not the median: iterations whose step control ran a second forward pass
     # are part of the cost (and of the FLOPs counted with forwards_per_iteration)
     return {"iteration": statistics.mean(times), "numba_share": numba_share,
+            "gemm_rate": square, "step_gemm_rate": step,
             "forwards_per_iteration": forwards,
             "state_bytes_per_sample": _state_bytes(eng)}
 
@@ -146,6 +169,7 @@ def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
     eng.iterate(want_sums=False)
     eng.iterate(want_sums=False)
     samples: dict[str, list[float]] = {}
+    square = gemm_rate(np.float64)  # under the same conditions, as in time_default
     for _ in range(repeats):
         pen = eng.penalty()
         t = {}
@@ -170,6 +194,7 @@ def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
     med = {key: statistics.median(v) for key, v in samples.items()}
     med["iteration"] = sum(med.values())
     med["state_bytes_per_sample"] = _state_bytes(eng)
+    med["gemm_rate"] = square
     return med
 
 
@@ -197,20 +222,25 @@ def token_task(n: int = 4000, steps: int = 28, vocab: int = 1000, seed: int = 0)
     return LocalData(info, x, y, 0, n)
 
 
-def _default_row(task: str, config: str, local, h: int, default: dict, rate: float,
+def _default_row(task: str, config: str, local, h: int, default: dict,
                  bptt_s: float | None) -> dict:
-    """One table row of the default configuration; FLOP/s against ``rate`` (the GEMM
-    rate of its dtype), with the forward passes the step control ran and with one."""
+    """One table row of the default configuration; FLOP/s against the GEMM rate of its
+    dtype measured with it, with the forward passes the step control ran and with one."""
+    rate = default["gemm_rate"]
     info = local.info
     shape = (info.n, info.steps, info.dim, h, info.classes, 1, info.kind == "tokens")
     flops = hybrid_flops(*shape, forwards=default["forwards_per_iteration"])
     t = default["iteration"]
+    step_rate = default["step_gemm_rate"]
     return {
         "task": task, "config": config, "hidden": h, "iteration_s": t,
+        "gemm_gflops": rate / 1e9,
         "gflop_per_iteration": flops / 1e9,
         "forwards_per_iteration": default["forwards_per_iteration"],
         "achieved_over_gemm": flops / t / rate,
         "achieved_over_gemm_one_forward": hybrid_flops(*shape) / t / rate,
+        "step_gemm_over_gemm": step_rate / rate,
+        "achieved_over_step_gemm": flops / t / step_rate,
         "admm_iteration_over_bptt_epoch": None if bptt_s is None else t / bptt_s,
         "numba_kernel_share": default["numba_share"], "a_block_share": 0.0,
         "state_bytes_per_sample": default["state_bytes_per_sample"], "bptt_epoch_s": bptt_s,
@@ -242,17 +272,18 @@ def main() -> int:
         if key not in bptt:
             bptt[key] = adam_epoch(local, local.info.n, h, a.repeats)
         default = time_default(local, local.info.n, h, 2 * a.repeats)
-        rows.append(_default_row(name, "default (hybrid)", local, h, default, rate64,
-                                 bptt[key]))
+        rows.append(_default_row(name, "default (hybrid)", local, h, default, bptt[key]))
         blocks = time_blocks(local, local.info.n, h, a.repeats)
         flops = admm_flops(local.info.n, local.info.steps, local.info.dim, h, local.info.classes,
                            1, local.info.kind == "tokens")
         kernels = blocks["a_block"] + blocks["o_block"]
         rows.append({
             "task": name, "config": "faithful", "hidden": h, "iteration_s": blocks["iteration"],
+            "gemm_gflops": blocks["gemm_rate"] / 1e9,
             "gflop_per_iteration": flops / 1e9, "forwards_per_iteration": 0.0,
-            "achieved_over_gemm": flops / blocks["iteration"] / rate64,
-            "achieved_over_gemm_one_forward": None,
+            "achieved_over_gemm": flops / blocks["iteration"] / blocks["gemm_rate"],
+            "achieved_over_gemm_one_forward": None, "step_gemm_over_gemm": None,
+            "achieved_over_step_gemm": None,
             "admm_iteration_over_bptt_epoch": blocks["iteration"] / bptt[key],
             "numba_kernel_share": kernels / blocks["iteration"],
             "a_block_share": blocks["a_block"] / blocks["iteration"],
@@ -262,12 +293,12 @@ def main() -> int:
     single = datasets.read_slice(info, 0, info.n, np.float32)
     for h in (int(v) for v in a.float32_hidden.split(",") if v):
         default = time_default(single, info.n, h, 2 * a.repeats, "float32")
-        rows.append(_default_row("mnist-rows", "default, float32", single, h, default, rate32,
-                                 None))
+        rows.append(_default_row("mnist-rows", "default, float32", single, h, default, None))
     result = {"gemm_gflops_float64": rate64 / 1e9, "gemm_gflops_float32": rate32 / 1e9,
               "rows": rows}
-    print(f"GEMM (1024^3, one thread): float64 {rate64 / 1e9:.1f} GFLOP/s, "
-          f"float32 {rate32 / 1e9:.1f} GFLOP/s")
+    print(f"GEMM (1024^3, one thread) at the start: float64 {rate64 / 1e9:.1f} GFLOP/s, "
+          f"float32 {rate32 / 1e9:.1f} GFLOP/s; each row's ratios use the rate measured "
+          "right before its timing (gemm_gflops)")
     print(table(rows))
     (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
