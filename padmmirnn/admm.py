@@ -77,6 +77,7 @@ class AdmmEngine:
         self.alpha = 1.0  # step length of the backtracking step control
         self.streak = 0  # iterations in a row whose first trial step was accepted
         self.trials = 0  # forward passes of the step control so far
+        self.last_trials = 0  # ... in the last step (backtrack_max + 1: none decreased)
         self._loss: float | None = None  # global training loss sum at the current weights
         self._prev: Params | None = None  # weights before the last step (heavy ball)
         self.parts = []
@@ -256,6 +257,7 @@ class AdmmEngine:
         self.alpha, self._loss = alpha, loss
         self.streak = self.streak + 1 if trial == 0 else 0
         self.trials += trial + 1
+        self.last_trials = trial + 1
         self._prev = old if self.acfg.momentum else None
 
     def resolve(self, start: Params, st_in: dict, st_out: dict, comm) -> None:

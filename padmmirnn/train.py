@@ -160,14 +160,15 @@ class AdmmAlgorithm:
                        engine.out_layout.unpack(snapshot[n_in:]), self.comm)
 
     def local_progress(self) -> dict:
-        """Async rank logs: this rank's step length and mean training loss on its own
-        samples at its current weights (what its local step control compares), when it
-        backtracks."""
+        """Async rank logs: this rank's step length, the forward passes its step control
+        ran (``backtrack_max + 1``: no trial decreased the loss, the last one was taken)
+        and the mean training loss on its own samples at its current weights (what its
+        local step control compares), when it backtracks."""
         e = self.engine
         if not e.cfg.backtracking() or e._loss is None:
             return {}
         rows = sum(p.state.O.shape[0] * p.state.O.shape[1] for p in e.parts)
-        return {"alpha": e.alpha, "local_train_loss": e._loss / rows}
+        return {"alpha": e.alpha, "trials": e.last_trials, "local_train_loss": e._loss / rows}
 
     def close(self) -> None:
         if self.exchange is not None:

@@ -119,9 +119,10 @@ def test_async_staleness_zero_run_equals_sync_run(tmp_path):
 def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
     """AP with tau = 2 and the default configuration (its step control on each rank's
     own training loss) on the default dataset and its default 60 iterations: every
-    rank's training loss never increases, and the final test accuracy is at most 1
-    point below SP's (measured: 0.3 to 2.4 points above; at 30 iterations AP can be 2
-    points below, docs/async.md)."""
+    rank's training loss never increases, except where no trial step decreased it
+    (a stale direction; the step control then takes its shortest step, rare), and the
+    final test accuracy is at most 1 point below SP's (measured: 0.2 below to 0.7
+    above; at 30 iterations AP can be 2 points below, docs/async.md)."""
     common = ["train", "--iterations", "60"]
     sync, _ = _run([*common, "--parallel", "sync", "--set", "train.eval_every=60",
                     "--out", str(tmp_path / "sync")], timeout=300)
@@ -134,7 +135,10 @@ def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
                 .read_text().splitlines()]
         losses = [x["local_train_loss"] for x in rows]
         assert len(losses) == 60 and losses[-1] < 0.5 * losses[0]
-        assert all(b <= a for a, b in zip(losses, losses[1:], strict=False)), losses
+        exhausted = [x["trials"] == 5 for x in rows]  # backtrack_max + 1
+        assert sum(exhausted) <= 3, exhausted
+        for k in range(1, 60):
+            assert losses[k] <= losses[k - 1] or exhausted[k], (k, losses)
     s, a = _summary(tmp_path / "sync"), _summary(tmp_path / "async")
     assert a["test_accuracy"] >= s["test_accuracy"] - 0.01, (a["test_accuracy"],
                                                              s["test_accuracy"])
