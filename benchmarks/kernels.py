@@ -32,22 +32,28 @@ def gemm_rate(dtype, n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
-def step_gemm_rate(dtype, rows: int, h: int, steps: int, repeats: int = 5) -> float:
-    """FLOP/s of the products the recursions are made of: ``steps`` products
-    ``[rows, h] x [h, h]`` one after the other (best of ``repeats``) -- what BLAS itself
-    reaches on the iteration's own shapes, for comparison with the square rate."""
+def step_gemm_rate(dtype, n: int, h: int, steps: int, column: bool = True,
+                   repeats: int = 5) -> float:
+    """FLOP/s of the products the recursions are made of: ``steps`` products one after
+    the other (best of ``repeats``), ``[h, h] x [h, n]`` (``column``: the feature-major
+    state the engine keeps) or ``[n, h] x [h, h]`` (the row form it kept before) -- what
+    BLAS itself reaches on the iteration's own shapes, against the square rate."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((steps, rows, h)).astype(dtype)
+    shape = (steps, h, n) if column else (steps, n, h)
+    a = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((h, h)).astype(dtype)
-    out = np.empty((rows, h), dtype)
+    out = np.empty(shape[1:], dtype)
 
     def run():
         for t in range(steps):
-            np.matmul(a[t], w, out=out)
+            if column:
+                np.matmul(w, a[t], out=out)
+            else:
+                np.matmul(a[t], w, out=out)
 
     run()
     best = min(_timed(run) for _ in range(repeats))
-    return 2.0 * steps * rows * h * h / best
+    return 2.0 * steps * n * h * h / best
 
 
 def _timed(fn) -> float:
@@ -56,12 +62,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _stats_flops(rows: int, orows: int, d: int, h: int, k: int, tokens: bool) -> float:
-    """Executed work of the statistics: x^T s_{t-1} and x^T a (dense inputs), s_{t-1}^T a,
-    s^T o, and the symmetric s_{t-1}^T s_{t-1} and s^T s as SYRKs (h (h + 1) per row,
-    half a GEMM's)."""
-    x_side = 0.0 if tokens else 2 * 2.0 * rows * d * h
-    return (x_side + 2.0 * rows * h * h + rows * h * (h + 1)
+def _stats_flops(n: int, steps: int, out_steps: int, d: int, h: int, k: int,
+                 tokens: bool) -> float:
+    """Executed work of the statistics that is not a product with zeros: x s_{t-1}^T and
+    x a^T (dense inputs), s_{t-1} a^T, s o^T and the symmetric s_{t-1} s_{t-1}^T and
+    s s^T counted as SYRKs (h (h + 1) per column, half a GEMM's, although the default
+    takes s_{t-1} s_{t-1}^T as part of one GEMM with x and the ones), s_0 = 0 not
+    counted. The sums (products with the ones row) are not counted."""
+    rows, prev, orows = n * steps, n * (steps - 1), n * out_steps
+    x_side = 0.0 if tokens else 2.0 * (prev + rows) * d * h
+    return (x_side + 2.0 * prev * h * h + prev * h * (h + 1)
             + orows * h * (h + 1) + 2.0 * orows * h * k)
 
 
@@ -70,8 +80,8 @@ def admm_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
     """Dense floating-point work of one fused iteration (with the residual pass):
     statistics, the pre-activation and s-update products, the s solve, the outputs."""
     rows, orows = n * steps, n * out_steps
-    proj = 0.0 if tokens else 2.0 * rows * d * h  # x U^T (a gather for tokens)
-    stats = _stats_flops(rows, orows, d, h, k, tokens)
+    proj = 0.0 if tokens else 2.0 * rows * d * h  # U x (a gather for tokens)
+    stats = _stats_flops(n, steps, out_steps, d, h, k, tokens)
     a_block = proj + 2.0 * rows * h * h
     s_block = proj + 2.0 * rows * h * h + 2.0 * orows * k * h + 2.0 * rows * h * h
     o_block = 2.0 * orows * h * k
@@ -100,9 +110,9 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
         eng.iterate(want_sums=False)
     spent = {"numba": 0.0}
     originals = {}
-    targets = [(kernels, n) for n in ("loss_and_correct", "gather_columns", "segment_sum",
-                                      "token_counts", "o_update", "a_update",
-                                      "activation_residual", "shifted", "add_recurrent",
+    targets = [(kernels, n) for n in ("loss_and_correct", "add_columns",
+                                      "segment_sum_columns", "token_counts", "o_update",
+                                      "a_update", "activation_residual", "shifted",
                                       "tanh_adjoint")]
     targets += [(bptt_kernels, n) for n in ("output_delta", "step_backward", "segment_add")]
     for module, name in targets:
@@ -120,6 +130,7 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
     # shared VM drifts by 20% between minutes): measured right before them
     square = gemm_rate(np.dtype(dtype))
     step = step_gemm_rate(np.dtype(dtype), local.info.n, hidden, local.info.steps)
+    step_rows = step_gemm_rate(np.dtype(dtype), local.info.n, hidden, local.info.steps, False)
     try:
         times = []
         trials = eng.trials
@@ -133,7 +144,7 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
     # the mean, not the median: iterations whose step control ran a second forward pass
     # are part of the cost (and of the FLOPs counted with forwards_per_iteration)
     return {"iteration": statistics.mean(times), "numba_share": numba_share,
-            "gemm_rate": square, "step_gemm_rate": step,
+            "gemm_rate": square, "step_gemm_rate": step, "step_gemm_rate_rows": step_rows,
             "forwards_per_iteration": forwards,
             "state_bytes_per_sample": _state_bytes(eng)}
 
@@ -142,19 +153,22 @@ def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
                  tokens: bool, forwards: float = 1.0) -> float:
     """Dense work of one default (hybrid) iteration: the statistics, ``forwards``
     forward re-synchronisations (one per backtracking trial) and the KKT backward
-    recursion; the joint h x h solves are negligible."""
-    rows, orows = n * steps, n * out_steps
+    recursion, each recurrent product over the T - 1 steps that have one (s_0 = 0, and
+    lambda2_T has no W^T lambda1_{T+1}); the joint h x h solves are negligible."""
+    rows, prev, orows = n * steps, n * (steps - 1), n * out_steps
     proj = 0.0 if tokens else 2.0 * rows * d * h
-    stats = _stats_flops(rows, orows, d, h, k, tokens)
-    forward = proj + 2.0 * rows * h * h + 2.0 * orows * h * k
-    backward = 2.0 * rows * h * h + 2.0 * orows * k * h
+    stats = _stats_flops(n, steps, out_steps, d, h, k, tokens)
+    forward = proj + 2.0 * prev * h * h + 2.0 * orows * h * k
+    backward = 2.0 * prev * h * h + 2.0 * orows * k * h
     return stats + forwards * forward + backward
 
 
 def _state_bytes(eng) -> float:
+    """Bytes of ADMM state per sample: A, the stacked [x; s; 1] (which holds S), O, the
+    multipliers and the work buffer."""
     part = eng.parts[0]
     st = part.state
-    return sum(a.nbytes for a in (st.A, st.S, st.O, st.L1, st.L2, st.L3, part.work)) / part.data.n
+    return sum(a.nbytes for a in (st.A, st.Z, st.O, st.L1, st.L2, st.L3, part.work)) / part.data.n
 
 
 def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
@@ -240,6 +254,7 @@ def _default_row(task: str, config: str, local, h: int, default: dict,
         "achieved_over_gemm": flops / t / rate,
         "achieved_over_gemm_one_forward": hybrid_flops(*shape) / t / rate,
         "step_gemm_over_gemm": step_rate / rate,
+        "row_form_step_gemm_over_gemm": default["step_gemm_rate_rows"] / rate,
         "achieved_over_step_gemm": flops / t / step_rate,
         "admm_iteration_over_bptt_epoch": None if bptt_s is None else t / bptt_s,
         "numba_kernel_share": default["numba_share"], "a_block_share": 0.0,
@@ -283,6 +298,7 @@ def main() -> int:
             "gflop_per_iteration": flops / 1e9, "forwards_per_iteration": 0.0,
             "achieved_over_gemm": flops / blocks["iteration"] / blocks["gemm_rate"],
             "achieved_over_gemm_one_forward": None, "step_gemm_over_gemm": None,
+            "row_form_step_gemm_over_gemm": None,
             "achieved_over_step_gemm": None,
             "admm_iteration_over_bptt_epoch": blocks["iteration"] / bptt[key],
             "numba_kernel_share": kernels / blocks["iteration"],

@@ -1,8 +1,9 @@
 """Numba kernels of padmmirnn (imported as ``padmmirnn.kernels``).
 
 Pure functions on NumPy arrays and scalars: no MPI, no files, no configuration
-objects, no logging. Arrays are 2-D row blocks ``[rows, features]``; the caller
-reshapes its time-major ``[T, N, h]`` state into views before calling. Every
+objects, no logging. Elementwise kernels take 2-D blocks of one shape (the ADMM
+state is feature-major, ``[T, h, N]``: the caller passes one step ``[h, N]`` or a
+reshaped view); per-row kernels (outputs, losses) take ``[rows, K]`` rows. Every
 kernel is written for float32 and float64 alike (Numba compiles one version per
 dtype) and is cached on disk.
 """
@@ -13,14 +14,19 @@ from padmmirnn.kernels.activation import (
     a_update,
     activation_residual,
 )
-from padmmirnn.kernels.elementwise import add_recurrent, shifted, tanh_adjoint
+from padmmirnn.kernels.elementwise import shifted, tanh_adjoint
 from padmmirnn.kernels.output import (
     LOSS_CE,
     LOSS_MSE,
     loss_and_correct,
     o_update,
 )
-from padmmirnn.kernels.tokens import gather_columns, segment_sum, token_counts
+from padmmirnn.kernels.tokens import (
+    add_columns,
+    gather_columns,
+    segment_sum_columns,
+    token_counts,
+)
 
 __all__ = [
     "ACT_RELU",
@@ -29,11 +35,11 @@ __all__ = [
     "LOSS_MSE",
     "a_update",
     "activation_residual",
-    "add_recurrent",
+    "add_columns",
     "gather_columns",
     "loss_and_correct",
     "o_update",
-    "segment_sum",
+    "segment_sum_columns",
     "shifted",
     "tanh_adjoint",
     "token_counts",

@@ -1,6 +1,6 @@
 """Fused elementwise passes of the default iteration (DESIGN.md section 3).
 
-Each replaces two or three NumPy passes over a ``[rows, h]`` block by one, where
+Each replaces two or three NumPy passes over a block by one, where
 the iteration is bound by memory traffic rather than arithmetic. None evaluates a
 transcendental function (NumPy's vectorised ``tanh`` is faster than Numba's
 scalar one on this machine, which has no SVML).
@@ -15,16 +15,6 @@ def shifted(a, lam, scale, out):
     x, y, o = a.reshape(-1), lam.reshape(-1), out.reshape(-1)
     for i in range(o.size):
         o[i] = x[i] + scale * y[i]
-
-
-@nb.njit(cache=True)
-def add_recurrent(a, rec, bias):
-    """``a += rec + bias`` (bias broadcast over rows): the pre-activation of one step,
-    a_t = (U x_t) + (W s_{t-1}) + b."""
-    rows, h = a.shape
-    for i in range(rows):
-        for j in range(h):
-            a[i, j] += rec[i, j] + bias[j]
 
 
 @nb.njit(cache=True)

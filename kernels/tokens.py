@@ -17,13 +17,18 @@ def segment_add(tokens, values, out):
 
 
 @nb.njit(cache=True)
-def segment_sum(tokens, values, vocab):
-    """``out[j] = sum of values[i] over rows i with tokens[i] == j`` (float64).
+def segment_sum_columns(tokens, values, vocab):
+    """``out[j] = sum of values[t, :, i] over (t, i) with tokens[t, i] == j`` (float64):
+    sum over samples of x z^T for one-hot x, feature-major.
 
-    ``tokens`` is ``[R]`` integer, ``values`` is ``[R, h]``; returns ``[vocab, h]``.
+    ``tokens`` is ``[T, n]`` integer, ``values`` is ``[T, h, n]``; returns ``[vocab, h]``.
     """
-    out = np.zeros((vocab, values.shape[1]))
-    segment_add(tokens, values, out)
+    steps, h, n = values.shape
+    out = np.zeros((vocab, h))
+    for t in range(steps):
+        for k in range(h):
+            for i in range(n):
+                out[tokens[t, i], k] += values[t, k, i]
     return out
 
 
@@ -44,3 +49,13 @@ def gather_columns(table, tokens, out):
         j = tokens[i]
         for k in range(cols):
             out[i, k] = table[j, k]
+
+
+@nb.njit(cache=True)
+def add_columns(table, tokens, out):
+    """``out[:, i] += table[:, tokens[i]]`` (``table`` ``[h, vocab]``, ``out`` ``[h, n]``):
+    U x_t for one-hot x_t, feature-major."""
+    h, n = out.shape
+    for k in range(h):
+        for i in range(n):
+            out[k, i] += table[k, tokens[i]]

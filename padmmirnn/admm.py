@@ -35,13 +35,21 @@ from padmmirnn import kernels
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
 from padmmirnn.data import LocalData
-from padmmirnn.model import LOSSES, Params, forward, init_params, outputs
+from padmmirnn.model import (
+    LOSSES,
+    Params,
+    forward_into,
+    init_params,
+    outputs,
+    stacked_state,
+    states_of,
+)
 from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
 
 
 @dataclass
 class Part:
-    """One block of samples with its ADMM state, a scratch ``[T, n, h]`` buffer and its
+    """One block of samples with its ADMM state, a scratch ``[T, h, n]`` buffer and its
     constant input statistics."""
 
     data: LocalData
@@ -100,12 +108,15 @@ class AdmmEngine:
 
     def _initial_state(self, data: LocalData) -> up.AdmmState:
         """Auxiliaries from a forward pass of the initial weights, multipliers zero."""
-        states, pre = forward(self.params, data, self.cfg.model.activation, self.dtype)
-        o = outputs(self.params, states, data.info.many_to_many)
+        h = self.cfg.model.hidden
+        Z = stacked_state(data, h, self.dtype)
+        pre = np.empty((data.info.steps, h, data.n), self.dtype)
+        forward_into(self.compute_params(), data, self.cfg.model.activation, pre, Z)
+        o = outputs(self.params, states_of(Z, h), data.info.many_to_many)
         mode = self.acfg.multipliers
         empty = np.zeros((0, 0, 0), self.dtype)
         return up.AdmmState(
-            A=pre, S=states, O=np.ascontiguousarray(o),
+            A=pre, Z=Z, O=o,
             L1=np.zeros_like(pre) if mode == "all" else empty,
             L2=np.zeros_like(pre) if mode == "all" else empty,
             L3=np.zeros_like(o) if mode in ("all", "output") else empty,

@@ -1,6 +1,7 @@
 """One small pure function per ADMMiRNN block update (DESIGN.md section 3).
 
-Notation (row form, time-major; "hat" variables fold in the scaled multipliers):
+Notation (time-major, feature-major: a state block is ``[h, n]``, the columns are
+samples; "hat" variables fold in the scaled multipliers):
 
     a_hat_t = a_t + lambda1_t / rho1,    o_hat_t = o_t + lambda3_t / rho3.
 
@@ -27,26 +28,48 @@ import numpy as np
 from padmmirnn import kernels
 from padmmirnn.data import LocalData
 from padmmirnn.kernels import bptt as bptt_kernels
-from padmmirnn.model import ACTIVATIONS, LOSSES, Params, activate, forward_into, input_projection
-from padmmirnn.stats import colsum, gram
+from padmmirnn.model import (
+    ACTIVATIONS,
+    LOSSES,
+    Params,
+    activate,
+    forward_into,
+    input_projection,
+    outputs,
+    stacked_weights,
+    states_of,
+)
+from padmmirnn.stats import colsum, gram, gram_steps, sum_steps
 
 EMPTY = np.zeros((0, 0))
 
 
 @dataclass
 class AdmmState:
-    """Per-sample auxiliaries and multipliers of one rank (time-major).
+    """Per-sample auxiliaries and multipliers of one rank, time-major and feature-major.
 
-    ``A`` ``[T, n, h]``; ``S`` ``[T + 1, n, h]`` with ``S[0] = 0``; ``O`` ``[|O|, n, K]``;
-    multipliers of the same shapes, or empty arrays when the mode has none.
+    ``A`` ``[T, h, n]``; ``Z`` ``[T + 1, dz + h + 1, n]``, the stacked ``[x_t; s_{t-1};
+    1]`` of :func:`padmmirnn.model.stacked_state`, which holds the states ``S`` ``[T + 1,
+    h, n]`` (a view, ``S[0] = 0``); ``O`` ``[|O|, n, K]`` (rows: the loss kernels work
+    per row); ``L1``, ``L2`` like ``A``, ``L3`` like ``O``, or empty arrays when the
+    multiplier mode has none.
     """
 
     A: np.ndarray
-    S: np.ndarray
+    Z: np.ndarray
     O: np.ndarray
     L1: np.ndarray
     L2: np.ndarray
     L3: np.ndarray
+
+    @property
+    def S(self) -> np.ndarray:
+        return states_of(self.Z, self.A.shape[1])
+
+    @property
+    def dz(self) -> int:
+        """Rows of x_t in ``Z`` (0 for token inputs)."""
+        return self.Z.shape[1] - self.A.shape[1] - 1
 
     def a_hat(self, rho1: float) -> np.ndarray:
         return self.A + self.L1 / rho1 if self.L1.size else self.A
@@ -55,7 +78,7 @@ class AdmmState:
         return self.O + self.L3 / rho3 if self.L3.size else self.O
 
     def out_states(self, many_to_many: bool) -> np.ndarray:
-        """s_t for t in O: ``[|O|, n, h]`` (a view)."""
+        """s_t for t in O: ``[|O|, h, n]`` (a view)."""
         return self.S[1:] if many_to_many else self.S[-1:]
 
 
@@ -83,29 +106,35 @@ def constant_stats(data: LocalData) -> dict[str, np.ndarray]:
     return {"XX": gram(x, x), "sX": colsum(x)}
 
 
+def _token_sums(data: LocalData, values: np.ndarray) -> np.ndarray:
+    """sum over samples and steps of x_t v_t^T for one-hot x (``values`` ``[T, h, n]``)."""
+    return kernels.segment_sum_columns(data.inputs, values, data.info.dim)
+
+
+def _split(G: np.ndarray, dz: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The x, s and ones rows of ``sum_t Z[t] v_t^T``."""
+    return G[:dz], G[dz:dz + h], G[dz + h]
+
+
 def input_stats(state: AdmmState, data: LocalData, rho1: float,
                 work: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Local sums over all (i, t) of x s_{t-1}^T, x a_hat^T, s_{t-1} s_{t-1}^T,
-    s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1). ``work`` (``[T, n, h]``), if
-    given, holds a_hat instead of a new array."""
-    steps = state.A.shape[0]
-    sp = _rows(state.S[:steps])
+    s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1): the products
+    ``sum_t Z[t] s_{t-1}^T`` and ``sum_t Z[t] a_hat_t^T`` with Z[t] = [x_t; s_{t-1}; 1].
+    ``work`` (``[T, h, n]``), if given, holds a_hat instead of a new array."""
+    steps, h = state.A.shape[:2]
+    dz = state.dz
+    sp, zs = state.S[:steps], state.Z[:steps]
     if state.L1.size and work is not None:
         kernels.shifted(state.A, state.L1, 1.0 / rho1, work)
-        ah = _rows(work)
+        ah = work
     else:
-        ah = _rows(state.a_hat(rho1))
+        ah = state.a_hat(rho1)
+    xsp, spsp, ssp = _split(gram_steps(zs[1:], sp[1:]), dz, h)  # s_0 = 0 adds nothing
+    xa, spa, sa = _split(gram_steps(zs, ah), dz, h)
     if data.info.kind == "tokens":
-        tok = data.inputs.reshape(-1)
-        d = data.info.dim
-        xsp, xa = kernels.segment_sum(tok, sp, d), kernels.segment_sum(tok, ah, d)
-    else:
-        x = _rows(data.inputs)
-        xsp, xa = gram(x, sp), gram(x, ah)
-    return {
-        "XSp": xsp, "XA": xa, "SpSp": gram(sp, sp), "SpA": gram(sp, ah),
-        "sSp": colsum(sp), "sA": colsum(ah),
-    }
+        xsp, xa = _token_sums(data, sp), _token_sums(data, ah)
+    return {"XSp": xsp, "XA": xa, "SpSp": spsp, "SpA": spa, "sSp": ssp, "sA": sa}
 
 
 def input_stats_synced(p: Params, state: AdmmState, data: LocalData, rho1: float,
@@ -118,34 +147,35 @@ def input_stats_synced(p: Params, state: AdmmState, data: LocalData, rho1: float
 
     so only lambda1 / rho1 needs a pass over the samples and no a_hat array is built.
     ``const``: this part's :func:`constant_stats`."""
-    steps = state.A.shape[0]
-    sp = _rows(state.S[:steps])
+    steps, h = state.A.shape[:2]
+    dz = state.dz
+    sp, zs = state.S[:steps], state.Z[:steps]
     tokens = data.info.kind == "tokens"
+    xsp, spsp, ssp = _split(gram_steps(zs[1:], sp[1:]), dz, h)  # s_0 = 0 adds nothing
     if tokens:
-        tok, d = data.inputs.reshape(-1), data.info.dim
-        xsp = kernels.segment_sum(tok, sp, d)
+        xsp = _token_sums(data, sp)
         xxu = const["sX"][:, None] * p.U.T  # sum x x^T = diag(counts)
     else:
-        x = _rows(data.inputs)
-        xsp = gram(x, sp)
         xxu = const["XX"] @ p.U.T
-    spsp, ssp = gram(sp, sp), colsum(sp)
     xa = xxu + np.outer(const["sX"], p.b) + xsp @ p.W.T
     spa = xsp.T @ p.U.T + np.outer(ssp, p.b) + spsp @ p.W.T
-    sa = p.U @ const["sX"] + sp.shape[0] * p.b + p.W @ ssp
+    sa = p.U @ const["sX"] + steps * sp.shape[2] * p.b + p.W @ ssp
     if state.L1.size:
-        lam = _rows(state.L1)
-        xa += (kernels.segment_sum(tok, lam, d) if tokens else gram(x, lam)) / rho1
-        spa += gram(sp, lam) / rho1
-        sa += colsum(lam) / rho1
+        xl, spl, sl = _split(gram_steps(zs, state.L1), dz, h)
+        if tokens:
+            xl = _token_sums(data, state.L1)
+        xa += xl / rho1
+        spa += spl / rho1
+        sa += sl / rho1
     return {"XSp": xsp, "XA": xa, "SpSp": spsp, "SpA": spa, "sSp": ssp, "sA": sa}
 
 
 def output_stats(state: AdmmState, many_to_many: bool, rho3: float) -> dict[str, np.ndarray]:
     """Local sums over (i, t in O) of s s^T, s o_hat^T, s, o_hat (DESIGN.md block 2)."""
-    s = _rows(state.out_states(many_to_many))
-    oh = _rows(state.o_hat(rho3))
-    return {"SS": gram(s, s), "SO": gram(s, oh), "sS": colsum(s), "sO": colsum(oh)}
+    s = state.out_states(many_to_many)
+    oh = state.o_hat(rho3)
+    return {"SS": gram_steps(s, s), "SO": gram_steps(s, oh.transpose(0, 2, 1)),
+            "sS": sum_steps(s), "sO": colsum(_rows(oh))}
 
 
 # ----------------------------------------------------------------------------- weight blocks
@@ -262,10 +292,11 @@ def update_output_weights(p: Params, st, pen: Penalty, n_global: int, out_steps:
 
 def _preactivation(p: Params, state: AdmmState, data: LocalData, out: np.ndarray) -> np.ndarray:
     """``out[t] = U x_t + W s_{t-1} + b`` for all t with the current states."""
-    steps = state.A.shape[0]
-    input_projection(p.U, p.b, data, out)
-    if steps > 1:
-        _rows(out[1:])[...] += _rows(state.S[1:steps]) @ p.W.T
+    if data.info.kind == "tokens":
+        input_projection(p, data, state.Z, out)
+        out[1:] += np.matmul(p.W, state.S[1:-1])
+    else:
+        np.matmul(stacked_weights(p, False), state.Z[:-1], out=out)
     return out
 
 
@@ -275,9 +306,10 @@ def update_a(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: st
     m = _preactivation(p, state, data, work)
     if state.L1.size:
         m -= state.L1 / pen.rho1
-    kernels.a_update(_rows(state.A), _rows(m), _rows(state.S[1:]), _rows(state.L2) if
-                     state.L2.size else EMPTY.astype(state.A.dtype), pen.rho1, pen.rho2,
-                     ACTIVATIONS[act], newton_steps)
+    lam2 = EMPTY.astype(state.A.dtype)
+    for t in range(state.A.shape[0]):
+        kernels.a_update(state.A[t], m[t], state.S[t + 1], state.L2[t] if state.L2.size
+                         else lam2, pen.rho1, pen.rho2, ACTIVATIONS[act], newton_steps)
 
 
 def _spd_inverse(M: np.ndarray) -> np.ndarray:
@@ -315,15 +347,14 @@ def update_s(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: st
     if state.L2.size:
         rhs -= state.L2
     if steps > 1:
-        nxt = input_projection(p.U, p.b, data, work)[1:]
+        nxt = input_projection(p, data, state.Z, work)[1:]
         np.subtract(state.a_hat(pen.rho1)[1:], nxt, out=nxt)
-        _rows(rhs[:-1])[...] += _rows(nxt) @ (pen.rho1 * p.W)
+        rhs[:-1] += np.matmul(pen.rho1 * p.W.T, nxt)
     out_rhs = rhs if data.info.many_to_many else rhs[-1:]
-    _rows(out_rhs)[...] += (_rows(state.o_hat(pen.rho3)) - p.c) @ (pen.rho3 * p.V)
+    out_rhs += np.matmul(pen.rho3 * p.V.T, (state.o_hat(pen.rho3) - p.c).transpose(0, 2, 1))
     mid, last = inverses
-    np.matmul(rhs[-1], last, out=state.S[steps])
-    if steps > 1:
-        np.matmul(_rows(rhs[:-1]), mid, out=_rows(state.S[1:steps]))
+    for t in range(steps):
+        np.matmul(last if t == steps - 1 else mid, rhs[t], out=state.S[t + 1])
 
 
 def sweep_backward(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
@@ -341,13 +372,14 @@ def sweep_backward(p: Params, state: AdmmState, data: LocalData, pen: Penalty, a
     s_t is solved."""
     steps = state.A.shape[0]
     m2m = data.info.many_to_many
-    xproj = input_projection(p.U, p.b, data, work)  # U x_t + b, [T, n, h]
+    xproj = input_projection(p, data, state.Z, work)  # U x_t + b, [T, h, n]
     mid, last = inverses
     lam2_empty = EMPTY.astype(state.A.dtype)
     a_hat_next = np.empty_like(state.A[0])
     m = np.empty_like(state.A[0])
     rhs = np.empty_like(state.A[0])
-    oh = state.o_hat(pen.rho3)
+    oh = (state.o_hat(pen.rho3) - p.c).transpose(0, 2, 1)  # [|O|, K, n]
+    S = state.S
     for t in range(steps - 1, -1, -1):  # array index t is time t + 1
         activate(state.A[t], act, out=rhs)
         rhs *= pen.rho2
@@ -357,16 +389,16 @@ def sweep_backward(p: Params, state: AdmmState, data: LocalData, pen: Penalty, a
             np.subtract(state.A[t + 1], xproj[t + 1], out=a_hat_next)
             if state.L1.size:
                 a_hat_next += state.L1[t + 1] / pen.rho1
-            rhs += a_hat_next @ (pen.rho1 * p.W)
+            rhs += (pen.rho1 * p.W.T) @ a_hat_next
         if m2m or t == steps - 1:
-            rhs += (oh[t if m2m else 0] - p.c) @ (pen.rho3 * p.V)
-        np.matmul(rhs, last if t == steps - 1 else mid, out=state.S[t + 1])
+            rhs += (pen.rho3 * p.V.T) @ oh[t if m2m else 0]
+        np.matmul(last if t == steps - 1 else mid, rhs, out=S[t + 1])
         np.copyto(m, xproj[t])
         if t > 0:
-            m += state.S[t] @ p.W.T
+            m += p.W @ S[t]
         if state.L1.size:
             m -= state.L1[t] / pen.rho1
-        kernels.a_update(state.A[t], m, state.S[t + 1],
+        kernels.a_update(state.A[t], m, S[t + 1],
                          state.L2[t] if state.L2.size else lam2_empty,
                          pen.rho1, pen.rho2, ACTIVATIONS[act], newton_steps)
 
@@ -374,9 +406,8 @@ def sweep_backward(p: Params, state: AdmmState, data: LocalData, pen: Penalty, a
 def resync_forward(p: Params, state: AdmmState, data: LocalData, act: str) -> None:
     """Auxiliaries from a true forward pass of the current weights (multipliers kept):
     every residual becomes zero. Not a minimisation of L: it may increase L."""
-    forward_into(p, data, act, state.A, state.S)
-    np.matmul(state.out_states(data.info.many_to_many), p.V.T, out=state.O)
-    state.O += p.c
+    forward_into(p, data, act, state.A, state.Z)
+    outputs(p, state.S, data.info.many_to_many, out=state.O)
 
 
 def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss: str,
@@ -403,21 +434,24 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
     lam3 = state.L3.reshape(rows, -1)
     np.copyto(lam3, _rows(state.O))
     bptt_kernels.output_delta(lam3, data.targets.reshape(-1), LOSSES[loss], -1.0)
-    carry = np.zeros_like(state.A[0])
+    WT = np.ascontiguousarray(p.W.T)
+    VT = np.ascontiguousarray(p.V.T)
+    carry = np.empty_like(state.A[0])
+    S = state.S
     for t in range(steps - 1, -1, -1):
         lam2 = state.L2[t]
         if t < steps - 1:
-            np.matmul(state.L1[t + 1], p.W, out=lam2)
+            np.matmul(WT, state.L1[t + 1], out=lam2)
         else:
             lam2[...] = 0.0
         if m2m or t == steps - 1:
-            np.matmul(state.L3[t if m2m else 0], p.V, out=carry)
+            np.matmul(VT, state.L3[t if m2m else 0].T, out=carry)
             lam2 += carry
         lam1 = state.L1[t]
         if act == "tanh":
             if not synced:
                 np.tanh(state.A[t], out=lam1)
-            kernels.tanh_adjoint(state.S[t + 1] if synced else lam1, lam2, lam1)
+            kernels.tanh_adjoint(S[t + 1] if synced else lam1, lam2, lam1)
         else:
             np.greater(state.A[t], 0.0, out=lam1, casting="unsafe")
             lam1 *= lam2
@@ -426,7 +460,7 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
 def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: str,
              newton_steps: int) -> None:
     """Block o: per row min l(o, y) + rho3/2 |o - (V s + c - lambda3/rho3)|^2 (kernel)."""
-    target = state.out_states(data.info.many_to_many) @ p.V.T + p.c
+    target = outputs(p, state.S, data.info.many_to_many)
     if state.L3.size:
         target -= state.L3 / pen.rho3
     kernels.o_update(_rows(state.O), _rows(target), data.targets.reshape(-1), pen.rho3,
@@ -453,11 +487,14 @@ def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, ac
         out[2] = np.vdot(state.L1, r1)
         if update[0]:
             state.L1 += (dual_step * pen.rho1) * r1
-    lam2 = _rows(state.L2) if state.L2.size else EMPTY.astype(state.A.dtype)
-    out[3], out[4] = kernels.activation_residual(_rows(state.S[1:]), _rows(state.A), lam2,
-                                                 dual_step * pen.rho2, ACTIVATIONS[act],
-                                                 update[1])
-    r3 = state.O - (state.out_states(data.info.many_to_many) @ p.V.T + p.c)
+    lam2 = EMPTY.astype(state.A.dtype)
+    for t in range(state.A.shape[0]):
+        sq, lin = kernels.activation_residual(state.S[t + 1], state.A[t], state.L2[t] if
+                                              state.L2.size else lam2, dual_step * pen.rho2,
+                                              ACTIVATIONS[act], update[1])
+        out[3] += sq
+        out[4] += lin
+    r3 = state.O - outputs(p, state.S, data.info.many_to_many)
     out[5] = np.vdot(r3, r3)
     if state.L3.size:
         out[6] = np.vdot(state.L3, r3)

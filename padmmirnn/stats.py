@@ -104,3 +104,25 @@ def colsum(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.float64:
         return np.ones(a.shape[0]) @ a
     return a.sum(axis=0, dtype=np.float64)
+
+
+def gram_steps(a: np.ndarray, b: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """``sum_t a[t] b[t]^T`` in float64 for feature-major blocks ``a`` ``[T, p, n]`` and
+    ``b`` ``[T, q, n]`` (the sum over samples and steps of outer products); float32
+    products over at most ``chunk`` samples are accumulated in float64."""
+    out = np.zeros((a.shape[1], b.shape[1]))
+    n = a.shape[2]
+    step = n if a.dtype == np.float64 and b.dtype == np.float64 else chunk
+    for t in range(a.shape[0]):
+        for lo in range(0, n, step):
+            out += a[t, :, lo:lo + step] @ b[t, :, lo:lo + step].T
+    return out
+
+
+def sum_steps(a: np.ndarray) -> np.ndarray:
+    """``sum_t a[t] 1`` in float64 for feature-major blocks ``[T, p, n]``: the sum over
+    samples and steps."""
+    if a.dtype == np.float64:
+        ones = np.ones(a.shape[2])
+        return sum(a[t] @ ones for t in range(a.shape[0]))
+    return a.sum(axis=(0, 2), dtype=np.float64)

@@ -194,10 +194,20 @@ class AdmmAlgorithm:
     def train_sums(self) -> list[np.ndarray] | None:
         return self.engine.train_loss_sums()
 
+    ROWS = ("O", "L3")  # state kept in rows [|O|, n, K]; the rest is [T, h, n]
+
     def _arrays(self, part, name: str) -> np.ndarray:
         """A time-major state array of a part (s_0 = 0 is not state)."""
         a = getattr(part.state, name)
         return a[1:] if name == "S" else a
+
+    def _sample_major(self, name: str, a: np.ndarray) -> np.ndarray:
+        """``[n, T, h]`` / ``[n, |O|, K]`` view of a state array (the checkpoint layout)."""
+        return np.moveaxis(a, 1, 0) if name in self.ROWS else a.transpose(2, 0, 1)
+
+    def _state_major(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`_sample_major`."""
+        return np.moveaxis(a, 0, 1) if name in self.ROWS else a.transpose(1, 2, 0)
 
     def per_sample(self) -> dict[str, np.ndarray]:
         """This rank's state, sample-major ``[n_local, ...]``, parts in order."""
@@ -205,7 +215,7 @@ class AdmmAlgorithm:
         for name in self.STATE:
             blocks = [self._arrays(p, name) for p in self.engine.parts]
             if blocks[0].size:
-                out[name] = np.concatenate([np.moveaxis(b, 1, 0) for b in blocks])
+                out[name] = np.concatenate([self._sample_major(name, b) for b in blocks])
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -237,7 +247,7 @@ class AdmmAlgorithm:
             for name in self.STATE:
                 target = self._arrays(part, name)
                 if target.size:
-                    target[...] = np.moveaxis(per_sample[name][lo:lo + n], 0, 1)
+                    target[...] = self._state_major(name, per_sample[name][lo:lo + n])
             lo += n
         self.engine.iteration = iteration
 

@@ -123,11 +123,12 @@ def test_multiplier_step_is_rho_times_residual():
     pen = eng.penalty(1)
     p = eng.params
     st = eng.parts[0].state
-    pre = np.einsum("tnd,hd->tnh", eng.parts[0].data.inputs, p.U) + p.b
-    pre[1:] += np.einsum("tnh,kh->tnk", st.S[1:-1], p.W)
+    # the state is feature-major: A, S, L1, L2 [T(+1), h, n]; O, L3 rows [T, n, K]
+    pre = np.einsum("tnd,hd->thn", eng.parts[0].data.inputs, p.U) + p.b[:, None]
+    pre[1:] += np.einsum("kh,thn->tkn", p.W, st.S[1:-1])
     r1 = st.A - pre
     r2 = st.S[1:] - np.tanh(st.A)
-    r3 = st.O - (st.S[1:] @ p.V.T + p.c)
+    r3 = st.O - (np.einsum("thn,kh->tnk", st.S[1:], p.V) + p.c)
     old = [st.L1.copy(), st.L2.copy(), st.L3.copy()]
     eng.residuals(pen, (True, True, True))
     np.testing.assert_allclose(st.L1, old[0] + pen.rho1 * r1, atol=1e-12)
@@ -147,14 +148,18 @@ def test_fused_and_paper_statistics_match_explicit_sums():
     ah = eng.parts[0].state.A + eng.parts[0].state.L1 / pen.rho1
     sp = eng.parts[0].state.S[:-1]
     onehot = np.eye(eng.parts[0].data.info.dim)[tok]
-    np.testing.assert_allclose(st_in["XSp"], np.einsum("tnd,tnh->dh", onehot, sp), atol=1e-12)
-    np.testing.assert_allclose(st_in["XA"], np.einsum("tnd,tnh->dh", onehot, ah), atol=1e-12)
-    np.testing.assert_allclose(st_in["SpSp"], np.einsum("tni,tnj->ij", sp, sp), atol=1e-12)
-    np.testing.assert_allclose(st_in["SpA"], np.einsum("tni,tnj->ij", sp, ah), atol=1e-12)
+    # feature-major state: sp, ah [T, h, n]; o rows [n, K]
+    np.testing.assert_allclose(st_in["XSp"], np.einsum("tnd,thn->dh", onehot, sp), atol=1e-12)
+    np.testing.assert_allclose(st_in["XA"], np.einsum("tnd,thn->dh", onehot, ah), atol=1e-12)
+    np.testing.assert_allclose(st_in["SpSp"], np.einsum("tin,tjn->ij", sp, sp), atol=1e-12)
+    np.testing.assert_allclose(st_in["SpA"], np.einsum("tin,tjn->ij", sp, ah), atol=1e-12)
+    np.testing.assert_allclose(st_in["sSp"], sp.sum(axis=(0, 2)), atol=1e-12)
+    np.testing.assert_allclose(st_in["sA"], ah.sum(axis=(0, 2)), atol=1e-12)
     s_last = eng.parts[0].state.S[-1]
     oh = eng.parts[0].state.O[0] + eng.parts[0].state.L3[0] / pen.rho3
-    np.testing.assert_allclose(st_out["SS"], s_last.T @ s_last, atol=1e-12)
-    np.testing.assert_allclose(st_out["SO"], s_last.T @ oh, atol=1e-12)
+    np.testing.assert_allclose(st_out["SS"], s_last @ s_last.T, atol=1e-12)
+    np.testing.assert_allclose(st_out["SO"], s_last @ oh, atol=1e-12)
+    np.testing.assert_allclose(st_out["sS"], s_last.sum(axis=1), atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["dense", "tokens"])

@@ -106,12 +106,13 @@ def test_kkt_multipliers_are_minus_the_bptt_adjoint(act):
     _, dU, dW, db, dV, dc, _ = bptt(data.inputs, data.targets, p.U, p.W, p.b, p.V, p.c,
                                     ACTIVATIONS[act], LOSSES["ce"])
     n = data.n
-    np.testing.assert_allclose(-np.einsum("tni,tnj->ij", st.L1[1:], st.S[1:-1]) / n, dW,
+    # feature-major state: L1, S [T(+1), h, n]; L3 rows [1, n, K]
+    np.testing.assert_allclose(-np.einsum("tin,tjn->ij", st.L1[1:], st.S[1:-1]) / n, dW,
                                atol=1e-12)
-    np.testing.assert_allclose(-np.einsum("tni,tnd->id", st.L1, data.inputs) / n, dU,
+    np.testing.assert_allclose(-np.einsum("tin,tnd->id", st.L1, data.inputs) / n, dU,
                                atol=1e-12)
-    np.testing.assert_allclose(-st.L1.sum((0, 1)) / n, db, atol=1e-12)
-    np.testing.assert_allclose(-st.L3[0].T @ st.S[-1] / n, dV, atol=1e-12)
+    np.testing.assert_allclose(-st.L1.sum((0, 2)) / n, db, atol=1e-12)
+    np.testing.assert_allclose(-st.L3[0].T @ st.S[-1].T / n, dV, atol=1e-12)
 
 
 @pytest.mark.parametrize("m2m", (False, True))
@@ -236,7 +237,7 @@ def test_dual_step_scales_the_multiplier_step():
     st = eng.parts[0].state
     st.O += 1.0
     pen = eng.penalty(1)
-    r3 = st.O - (st.S[1:] @ eng.params.V.T + eng.params.c)
+    r3 = st.O - (np.einsum("thn,kh->tnk", st.S[1:], eng.params.V) + eng.params.c)
     eng.residuals(pen, (True, True, True))
     np.testing.assert_allclose(st.L3, 0.25 * pen.rho3 * r3, atol=1e-12)
 

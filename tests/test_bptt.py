@@ -77,9 +77,9 @@ def test_loss_equals_model_mean_loss(kind, many, act, loss):
     res = bl.gradients(p, data, act, loss)
     assert res.rows == count == 9 * (5 if many else 1)
     assert res.loss == pytest.approx(total / count, rel=1e-13)
-    states, _ = forward(p, data, act)
+    states, _ = forward(p, data, act)  # feature-major [T + 1, h, n]; the kernel's rows
     np.testing.assert_allclose(forward_states(data.inputs, p.U, p.W, p.b, ACTIVATIONS[act]),
-                               states, rtol=1e-13, atol=1e-15)
+                               states.transpose(0, 2, 1), rtol=1e-13, atol=1e-15)
 
 
 def test_float32_gradients_close_to_float64():

@@ -158,19 +158,25 @@ def test_token_kernels():
     vals = rng.standard_normal((100, 3))
     ref = np.zeros((9, 3))
     np.add.at(ref, tok, vals)
-    np.testing.assert_allclose(kernels.segment_sum(tok, vals, 9), ref, rtol=1e-13)
+    # feature-major [T, h, n] values over tokens [T, n] (here T = 4, n = 25)
+    fm = vals.reshape(4, 25, 3).transpose(0, 2, 1)
+    np.testing.assert_allclose(kernels.segment_sum_columns(tok.reshape(4, 25), fm, 9), ref,
+                               rtol=1e-13)
     np.testing.assert_array_equal(kernels.token_counts(tok, 9), np.bincount(tok, minlength=9))
     table = rng.standard_normal((9, 3))
     out = np.empty((100, 3))
     kernels.gather_columns(table, tok, out)
     np.testing.assert_array_equal(out, table[tok])
+    cols = rng.standard_normal((3, 100))
+    ref_cols = cols + table.T[:, tok]
+    kernels.add_columns(np.ascontiguousarray(table.T), tok, cols)
+    np.testing.assert_allclose(cols, ref_cols, rtol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", (np.float64, np.float32))
 def test_fused_elementwise_kernels(dtype):
     rng = np.random.default_rng(8)
-    a, lam, rec = (rng.standard_normal((3, 40, 6)).astype(dtype) for _ in range(3))
-    bias = rng.standard_normal(6).astype(dtype)
+    a, lam = (rng.standard_normal((3, 40, 6)).astype(dtype) for _ in range(2))
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-13, "atol": 1e-15}
     out = np.empty_like(a)
     kernels.shifted(a, lam, 1.0 / 3.0, out)  # 3-D blocks: a_hat = a + lambda1 / rho1
@@ -180,9 +186,6 @@ def test_fused_elementwise_kernels(dtype):
     np.testing.assert_allclose(out[0], (1 - np.tanh(a[0]) ** 2) * lam[0], **tol)
     kernels.tanh_adjoint(s, lam[1], s)  # in place, as the recursion calls it
     np.testing.assert_allclose(s, out[0] * lam[1] / lam[0], rtol=1e-5)
-    ref = a[2] + rec[2] + bias
-    kernels.add_recurrent(a[2], rec[2], bias)
-    np.testing.assert_allclose(a[2], ref, **tol)
 
 
 @pytest.mark.parametrize("kind", ("dense", "tokens"))
@@ -193,8 +196,8 @@ def test_forward_matches_per_sample_loop(kind, m2m, act):
     p = init_params(5, 9, 4, seed=3, w_init="gaussian", scale=1.2)
     p.b = np.random.default_rng(9).standard_normal(9)
     p.c = np.random.default_rng(10).standard_normal(4)
-    states, pre = forward(p, data, act)
-    out = outputs(p, states, m2m)
+    states, pre = forward(p, data, act)  # feature-major [T(+1), h, n]
+    out = outputs(p, states, m2m)  # rows [|O|, n, K]
     f = np.tanh if act == "tanh" else (lambda x: np.maximum(x, 0))
     for i in range(data.n):
         s = np.zeros(9)
@@ -202,8 +205,8 @@ def test_forward_matches_per_sample_loop(kind, m2m, act):
             x = np.eye(5)[data.inputs[t, i]] if kind == "tokens" else data.inputs[t, i]
             a = p.U @ x + p.W @ s + p.b
             s = f(a)
-            np.testing.assert_allclose(pre[t, i], a, rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(states[t + 1, i], s, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(pre[t, :, i], a, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(states[t + 1, :, i], s, rtol=1e-12, atol=1e-12)
             if m2m:
                 np.testing.assert_allclose(out[t, i], p.V @ s + p.c, rtol=1e-12, atol=1e-12)
         if not m2m:
