@@ -164,11 +164,11 @@ def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
 
 
 def _state_bytes(eng) -> float:
-    """Bytes of ADMM state per sample: A, the stacked [x; s; 1] (which holds S), O, the
-    multipliers and the work buffer."""
+    """Bytes of ADMM state per sample: A, the stacked [x; 1; s; lambda1] (which holds S
+    and L1), O, the other multipliers and the work buffer."""
     part = eng.parts[0]
     st = part.state
-    return sum(a.nbytes for a in (st.A, st.Z, st.O, st.L1, st.L2, st.L3, part.work)) / part.data.n
+    return sum(a.nbytes for a in (st.A, st.Z, st.O, st.L2, st.L3, part.work)) / part.data.n
 
 
 def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:

@@ -40,6 +40,7 @@ from padmmirnn.model import (
     Params,
     forward_into,
     init_params,
+    input_rows,
     outputs,
     stacked_state,
     states_of,
@@ -109,17 +110,18 @@ class AdmmEngine:
     def _initial_state(self, data: LocalData) -> up.AdmmState:
         """Auxiliaries from a forward pass of the initial weights, multipliers zero."""
         h = self.cfg.model.hidden
-        Z = stacked_state(data, h, self.dtype)
+        mode = self.acfg.multipliers
+        Z = stacked_state(data, h, self.dtype, extra=h if mode == "all" else 0)
         pre = np.empty((data.info.steps, h, data.n), self.dtype)
         forward_into(self.compute_params(), data, self.cfg.model.activation, pre, Z)
-        o = outputs(self.params, states_of(Z, h), data.info.many_to_many)
-        mode = self.acfg.multipliers
+        dz = input_rows(data.info)
+        o = outputs(self.params, states_of(Z, dz, h), data.info.many_to_many)
         empty = np.zeros((0, 0, 0), self.dtype)
         return up.AdmmState(
             A=pre, Z=Z, O=o,
-            L1=np.zeros_like(pre) if mode == "all" else empty,
             L2=np.zeros_like(pre) if mode == "all" else empty,
             L3=np.zeros_like(o) if mode in ("all", "output") else empty,
+            dz=dz,
         )
 
     def penalty(self, iteration: int | None = None) -> up.Penalty:

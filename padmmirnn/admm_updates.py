@@ -48,28 +48,29 @@ EMPTY = np.zeros((0, 0))
 class AdmmState:
     """Per-sample auxiliaries and multipliers of one rank, time-major and feature-major.
 
-    ``A`` ``[T, h, n]``; ``Z`` ``[T + 1, dz + h + 1, n]``, the stacked ``[x_t; s_{t-1};
-    1]`` of :func:`padmmirnn.model.stacked_state`, which holds the states ``S`` ``[T + 1,
-    h, n]`` (a view, ``S[0] = 0``); ``O`` ``[|O|, n, K]`` (rows: the loss kernels work
-    per row); ``L1``, ``L2`` like ``A``, ``L3`` like ``O``, or empty arrays when the
-    multiplier mode has none.
+    ``A`` ``[T, h, n]``; ``Z`` ``[T + 1, dz + 1 + h (+ h), n]``, the stacked ``[x_t; 1;
+    s_{t-1} (; lambda1_t)]`` of :func:`padmmirnn.model.stacked_state`, which holds the
+    states ``S`` ``[T + 1, h, n]`` (a view, ``S[0] = 0``) and, with multipliers 'all',
+    ``L1`` ``[T, h, n]`` (a view; empty otherwise), so that the statistics are ONE
+    product of Z with its own rows per step; ``O`` ``[|O|, n, K]`` (rows: the loss
+    kernels work per row); ``L2`` like ``A``, ``L3`` like ``O``, or empty arrays when
+    the multiplier mode has none. (Views: update them in place, ``st.L1[...] = v``.)
     """
 
     A: np.ndarray
     Z: np.ndarray
     O: np.ndarray
-    L1: np.ndarray
     L2: np.ndarray
     L3: np.ndarray
+    dz: int  # rows of x_t in Z (0 for token inputs)
 
     @property
     def S(self) -> np.ndarray:
-        return states_of(self.Z, self.A.shape[1])
+        return states_of(self.Z, self.dz, self.A.shape[1])
 
     @property
-    def dz(self) -> int:
-        """Rows of x_t in ``Z`` (0 for token inputs)."""
-        return self.Z.shape[1] - self.A.shape[1] - 1
+    def L1(self) -> np.ndarray:
+        return self.Z[:self.A.shape[0], self.dz + 1 + self.A.shape[1]:]
 
     def a_hat(self, rho1: float) -> np.ndarray:
         return self.A + self.L1 / rho1 if self.L1.size else self.A
@@ -111,27 +112,28 @@ def _token_sums(data: LocalData, values: np.ndarray) -> np.ndarray:
     return kernels.segment_sum_columns(data.inputs, values, data.info.dim)
 
 
-def _split(G: np.ndarray, dz: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The x, s and ones rows of ``sum_t Z[t] v_t^T``."""
-    return G[:dz], G[dz:dz + h], G[dz + h]
+def _split(G: np.ndarray, dz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The x, s and ones rows of ``sum_t Z[t, :dz + 1 + h] v_t^T``."""
+    return G[:dz], G[dz + 1:], G[dz]
 
 
 def input_stats(state: AdmmState, data: LocalData, rho1: float,
                 work: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Local sums over all (i, t) of x s_{t-1}^T, x a_hat^T, s_{t-1} s_{t-1}^T,
     s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1): the products
-    ``sum_t Z[t] s_{t-1}^T`` and ``sum_t Z[t] a_hat_t^T`` with Z[t] = [x_t; s_{t-1}; 1].
+    ``sum_t z_t s_{t-1}^T`` and ``sum_t z_t a_hat_t^T`` with z_t = [x_t; 1; s_{t-1}].
     ``work`` (``[T, h, n]``), if given, holds a_hat instead of a new array."""
     steps, h = state.A.shape[:2]
     dz = state.dz
-    sp, zs = state.S[:steps], state.Z[:steps]
+    sp, zs = state.S[:steps], state.Z[:steps, :dz + 1 + h]
     if state.L1.size and work is not None:
-        kernels.shifted(state.A, state.L1, 1.0 / rho1, work)
+        for t in range(steps):
+            kernels.shifted(state.A[t], state.L1[t], 1.0 / rho1, work[t])
         ah = work
     else:
         ah = state.a_hat(rho1)
-    xsp, spsp, ssp = _split(gram_steps(zs[1:], sp[1:]), dz, h)  # s_0 = 0 adds nothing
-    xa, spa, sa = _split(gram_steps(zs, ah), dz, h)
+    xsp, spsp, ssp = _split(gram_steps(zs[1:], sp[1:]), dz)  # s_0 = 0 adds nothing
+    xa, spa, sa = _split(gram_steps(zs, ah), dz)
     if data.info.kind == "tokens":
         xsp, xa = _token_sums(data, sp), _token_sums(data, ah)
     return {"XSp": xsp, "XA": xa, "SpSp": spsp, "SpA": spa, "sSp": ssp, "sA": sa}
@@ -145,23 +147,28 @@ def input_stats_synced(p: Params, state: AdmmState, data: LocalData, rho1: float
         sum x a^T = XX U^T + sX b^T + XSp W^T,   sum s_{t-1} a^T = XSp^T U^T
         + sSp b^T + SpSp W^T,   sum a = U sX + n T b + W sSp,
 
-    so only lambda1 / rho1 needs a pass over the samples and no a_hat array is built.
-    ``const``: this part's :func:`constant_stats`."""
+    so only lambda1 / rho1 needs a pass over the samples and no a_hat array is built:
+    with lambda1 in the rows of Z after s_{t-1}, ``sum_t z_t [s_{t-1}; lambda1_t]^T`` is
+    ONE product per step. ``const``: this part's :func:`constant_stats`."""
     steps, h = state.A.shape[:2]
     dz = state.dz
-    sp, zs = state.S[:steps], state.Z[:steps]
+    zs, ys = state.Z[:steps, :dz + 1 + h], state.Z[:steps, dz + 1:]  # ys: [s_{t-1}; lambda1]
     tokens = data.info.kind == "tokens"
-    xsp, spsp, ssp = _split(gram_steps(zs[1:], sp[1:]), dz, h)  # s_0 = 0 adds nothing
+    G = gram_steps(zs[1:], ys[1:])  # s_0 = 0: step 0 adds only to the lambda1 columns
+    lam = state.L1.size > 0
+    if lam:
+        G[:, h:] += gram_steps(zs[:1], state.L1[:1])
+    xsp, spsp, ssp = _split(G[:, :h], dz)
     if tokens:
-        xsp = _token_sums(data, sp)
+        xsp = _token_sums(data, state.S[:steps])
         xxu = const["sX"][:, None] * p.U.T  # sum x x^T = diag(counts)
     else:
         xxu = const["XX"] @ p.U.T
     xa = xxu + np.outer(const["sX"], p.b) + xsp @ p.W.T
     spa = xsp.T @ p.U.T + np.outer(ssp, p.b) + spsp @ p.W.T
-    sa = p.U @ const["sX"] + steps * sp.shape[2] * p.b + p.W @ ssp
-    if state.L1.size:
-        xl, spl, sl = _split(gram_steps(zs, state.L1), dz, h)
+    sa = p.U @ const["sX"] + steps * zs.shape[2] * p.b + p.W @ ssp
+    if lam:
+        xl, spl, sl = _split(G[:, h:], dz)
         if tokens:
             xl = _token_sums(data, state.L1)
         xa += xl / rho1
@@ -296,7 +303,8 @@ def _preactivation(p: Params, state: AdmmState, data: LocalData, out: np.ndarray
         input_projection(p, data, state.Z, out)
         out[1:] += np.matmul(p.W, state.S[1:-1])
     else:
-        np.matmul(stacked_weights(p, False), state.Z[:-1], out=out)
+        np.matmul(stacked_weights(p, False), state.Z[:-1, :state.dz + 1 + p.W.shape[0]],
+                  out=out)
     return out
 
 
@@ -486,7 +494,8 @@ def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, ac
     if state.L1.size:
         out[2] = np.vdot(state.L1, r1)
         if update[0]:
-            state.L1 += (dual_step * pen.rho1) * r1
+            lam1 = state.L1
+            lam1 += (dual_step * pen.rho1) * r1
     lam2 = EMPTY.astype(state.A.dtype)
     for t in range(state.A.shape[0]):
         sq, lin = kernels.activation_residual(state.S[t + 1], state.A[t], state.L2[t] if

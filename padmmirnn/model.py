@@ -85,32 +85,32 @@ def input_rows(info) -> int:
     return 0 if info.kind == "tokens" else info.dim
 
 
-def stacked_state(data: LocalData, h: int, dtype: np.dtype) -> np.ndarray:
-    """``Z`` ``[T + 1, dz + h + 1, n]``, feature-major: ``Z[t] = [x_t; s_{t-1}; 1]``
-    (``dz`` = :func:`input_rows`) with the states zero (s_0 = 0) and ``Z[T] = [0; s_T;
-    1]``. The states are the view ``Z[:, dz:dz + h]``. With this layout a_t = [U W b]
-    Z[t] is ONE product ``[h, dz + h + 1] x [dz + h + 1, n]`` per step and the sums of
-    the weight blocks are products of Z with a state block; and BLAS multiplies an
-    ``[h, h]`` matrix into ``[h, n]`` blocks faster than ``[n, h]`` blocks into an
-    ``[h, h]`` one (measured: 86% against 58% of the square-GEMM rate at h = 128)."""
+def stacked_state(data: LocalData, h: int, dtype: np.dtype, extra: int = 0) -> np.ndarray:
+    """``Z`` ``[T + 1, dz + 1 + h + extra, n]``, feature-major: ``Z[t] = [x_t; 1; s_{t-1};
+    e_t]`` (``dz`` = :func:`input_rows`) with the states zero (s_0 = 0), ``Z[T] = [0; 1;
+    s_T; 0]`` and ``extra`` rows ``e_t`` for the caller (the ADMM engine keeps lambda1
+    there). The states are the view :func:`states_of`. With this layout a_t = [U b W]
+    Z[t, :dz + 1 + h] is ONE product per step, the sums of the weight blocks are products
+    of Z with its own rows; and BLAS multiplies an ``[h, h]`` matrix into ``[h, n]``
+    blocks faster than ``[n, h]`` blocks into an ``[h, h]`` one (measured: 86% against
+    58% of the square-GEMM rate at h = 128)."""
     steps, n = data.inputs.shape[:2]
     dz = input_rows(data.info)
-    Z = np.zeros((steps + 1, dz + h + 1, n), dtype)
+    Z = np.zeros((steps + 1, dz + 1 + h + extra, n), dtype)
     if dz:
         Z[:steps, :dz] = data.inputs.transpose(0, 2, 1)
-    Z[:, dz + h] = 1.0
+    Z[:, dz] = 1.0
     return Z
 
 
-def states_of(Z: np.ndarray, h: int) -> np.ndarray:
-    """The states ``s_t`` in ``Z``: the view ``[T + 1, h, n]``."""
-    dz = Z.shape[1] - h - 1
-    return Z[:, dz:dz + h]
+def states_of(Z: np.ndarray, dz: int, h: int) -> np.ndarray:
+    """The states ``s_t`` in ``Z`` (``dz`` rows of inputs): the view ``[T + 1, h, n]``."""
+    return Z[:, dz + 1:dz + 1 + h]
 
 
 def stacked_weights(p: Params, tokens: bool) -> np.ndarray:
-    """``[U W b]`` (``[W b]`` for tokens), the matrix applied to ``Z[t]``."""
-    cols = [p.W, p.b[:, None]] if tokens else [p.U, p.W, p.b[:, None]]
+    """``[U b W]`` (``[b W]`` for tokens), the matrix applied to ``Z[t, :dz + 1 + h]``."""
+    cols = [p.b[:, None], p.W] if tokens else [p.U, p.b[:, None], p.W]
     return np.concatenate(cols, axis=1)
 
 
@@ -130,17 +130,17 @@ def input_projection(p: Params, data: LocalData, Z: np.ndarray, out: np.ndarray)
 
 def forward_into(p: Params, data: LocalData, activation: str, pre: np.ndarray,
                  Z: np.ndarray) -> None:
-    """The forward pass in place, feature-major: ``pre[t] = [U W b] Z[t]`` (``[T, h, n]``)
-    and ``s_t = f(pre[t])`` written into the state rows of ``Z[t + 1]`` (see
-    :func:`stacked_state`; ``s_0`` = 0 is read, not written); ``p`` in the arrays'
+    """The forward pass in place, feature-major: ``pre[t] = [U b W] [x_t; 1; s_{t-1}]``
+    (``[T, h, n]``) and ``s_t = f(pre[t])`` written into the state rows of ``Z[t + 1]``
+    (see :func:`stacked_state`; ``s_0`` = 0 is read, not written); ``p`` in the arrays'
     dtype. One product per step (the first without the zero state)."""
     tokens = data.info.kind == "tokens"
     h = p.W.shape[0]
-    dz = Z.shape[1] - h - 1
+    dz = input_rows(data.info)
     theta = stacked_weights(p, tokens)
     for t in range(pre.shape[0]):
         if t:
-            np.matmul(theta, Z[t], out=pre[t])
+            np.matmul(theta, Z[t, :dz + 1 + h], out=pre[t])
         elif tokens:
             pre[0] = p.b[:, None]
         else:
@@ -148,7 +148,7 @@ def forward_into(p: Params, data: LocalData, activation: str, pre: np.ndarray,
             pre[0] += p.b[:, None]
         if tokens:
             kernels.add_columns(p.U, data.inputs[t], pre[t])
-        activate(pre[t], activation, out=Z[t + 1, dz:dz + h])
+        activate(pre[t], activation, out=Z[t + 1, dz + 1:dz + 1 + h])
 
 
 def forward(params: Params, data: LocalData, activation: str,
@@ -161,7 +161,7 @@ def forward(params: Params, data: LocalData, activation: str,
     pre = np.empty((steps, h, n), dtype)
     Z = stacked_state(data, h, dtype)
     forward_into(p, data, activation, pre, Z)
-    return states_of(Z, h), pre
+    return states_of(Z, input_rows(data.info), h), pre
 
 
 def outputs(params: Params, states: np.ndarray, many_to_many: bool,
