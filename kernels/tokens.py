@@ -24,12 +24,12 @@ def segment_sum_columns(tokens, values, vocab):
     ``tokens`` is ``[T, n]`` integer, ``values`` is ``[T, h, n]``; returns ``[vocab, h]``.
     """
     steps, h, n = values.shape
-    out = np.zeros((vocab, h))
+    acc = np.zeros((h, vocab))  # row k stays in cache while the samples stream by
     for t in range(steps):
         for k in range(h):
             for i in range(n):
-                out[tokens[t, i], k] += values[t, k, i]
-    return out
+                acc[k, tokens[t, i]] += values[t, k, i]
+    return acc.T.copy()
 
 
 @nb.njit(cache=True)
