@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.data import LocalData
+from padmmirnn.data import DatasetInfo, LocalData
 
 ACTIVATIONS = {"tanh": kernels.ACT_TANH, "relu": kernels.ACT_RELU}
 LOSSES = {"ce": kernels.LOSS_CE, "mse": kernels.LOSS_MSE}
@@ -79,7 +79,7 @@ def init_params(d: int, h: int, k: int, seed: int, w_init: str, scale: float) ->
     return Params(U, scale * W, np.zeros(h), V, np.zeros(k))
 
 
-def input_rows(info) -> int:
+def input_rows(info: DatasetInfo) -> int:
     """Rows of x_t in the stacked state :func:`stacked_state` (0 for tokens: their
     U x_t is a gather of U's columns, not a product)."""
     return 0 if info.kind == "tokens" else info.dim

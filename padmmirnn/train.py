@@ -117,6 +117,7 @@ class AdmmAlgorithm:
     """One iteration = one ADMM iteration; extra metrics: objective and residuals."""
 
     STATE = ("A", "S", "O", "L1", "L2", "L3")
+    ROWS = ("O", "L3")  # state kept in rows [|O|, n, K]; the rest is [T, h, n]
 
     def __init__(self, cfg: Config, train: Split, comm, params=None):
         self.engine = AdmmEngine(cfg, train.parts, train.info.n, comm, params)
@@ -193,8 +194,6 @@ class AdmmAlgorithm:
 
     def train_sums(self) -> list[np.ndarray] | None:
         return self.engine.train_loss_sums()
-
-    ROWS = ("O", "L3")  # state kept in rows [|O|, n, K]; the rest is [T, h, n]
 
     def _arrays(self, part, name: str) -> np.ndarray:
         """A time-major state array of a part (s_0 = 0 is not state)."""
