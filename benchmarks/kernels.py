@@ -227,7 +227,7 @@ def adam_epoch(local, n_global: int, hidden: int, repeats: int) -> float:
 
 def token_task(n: int = 4000, steps: int = 28, vocab: int = 1000, seed: int = 0):
     """A random token classification task of the default dataset's size."""
-    from padmmirnn.data import DatasetInfo, LocalData
+    from padmmirnn.samples import DatasetInfo, LocalData
 
     rng = np.random.default_rng(seed)
     info = DatasetInfo("tokens", n, steps, vocab, 10, "tokens", False)
@@ -263,7 +263,7 @@ def _default_row(task: str, config: str, local, h: int, default: dict,
 
 
 def main() -> int:
-    from padmmirnn import data as datasets
+    from padmmirnn import datafiles
 
     p = argparse.ArgumentParser(prog="python -m benchmarks kernels")
     p.add_argument("--out", default="runs/bench-kernels")
@@ -275,9 +275,9 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rate64, rate32 = gemm_rate(np.float64), gemm_rate(np.float32)
-    train, _ = datasets.resolve("default")
-    info = datasets.read_info(train)
-    dense = datasets.read_slice(info, 0, info.n, np.float64)
+    train, _ = datafiles.resolve("default")
+    info = datafiles.read_info(train)
+    dense = datafiles.read_slice(info, 0, info.n, np.float64)
     tasks = [("mnist-rows", dense, int(h)) for h in a.hidden.split(",")]
     tasks.append(("tokens-1000", token_task(), 64))
     rows = []
@@ -306,7 +306,7 @@ def main() -> int:
             "state_bytes_per_sample": blocks["state_bytes_per_sample"],
             "bptt_epoch_s": bptt[key],
         })
-    single = datasets.read_slice(info, 0, info.n, np.float32)
+    single = datafiles.read_slice(info, 0, info.n, np.float32)
     for h in (int(v) for v in a.float32_hidden.split(",") if v):
         default = time_default(single, info.n, h, 2 * a.repeats, "float32")
         rows.append(_default_row("mnist-rows", "default, float32", single, h, default, None))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from padmmirnn.data import write_dataset
+from padmmirnn.datafiles import write_dataset
 
 SEED = 20261121
 N_TRAIN = 4000

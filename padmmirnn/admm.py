@@ -34,7 +34,6 @@ from padmmirnn import admm_updates as up
 from padmmirnn import kernels
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
-from padmmirnn.data import LocalData
 from padmmirnn.model import (
     LOSSES,
     Params,
@@ -45,6 +44,7 @@ from padmmirnn.model import (
     stacked_state,
     states_of,
 )
+from padmmirnn.samples import LocalData
 from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
 
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.data import LocalData
 from padmmirnn.kernels import bptt as bptt_kernels
 from padmmirnn.model import (
     ACTIVATIONS,
@@ -39,6 +38,7 @@ from padmmirnn.model import (
     stacked_weights,
     states_of,
 )
+from padmmirnn.samples import LocalData
 from padmmirnn.stats import colsum, gram, gram_steps, sum_steps
 
 EMPTY = np.zeros((0, 0))

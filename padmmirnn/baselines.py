@@ -21,9 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from padmmirnn.data import LocalData
 from padmmirnn.kernels.bptt import bptt
 from padmmirnn.model import ACTIVATIONS, LOSSES, Params
+from padmmirnn.samples import LocalData
 
 Average = Callable[[Params], Params]
 Schedule = Callable[[int], float]

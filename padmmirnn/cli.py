@@ -255,13 +255,13 @@ def _data(args, comm) -> int:
 
         lines = fetch(args.name, args.to, args.base_url)
     else:
-        from padmmirnn import data as datasets
+        from padmmirnn import datafiles
         from padmmirnn.fetch import SOURCES
 
         if args.data_command == "inspect":
-            lines = [datasets.describe(path) for path in args.files]
+            lines = [datafiles.describe(path) for path in args.files]
         else:
-            lines = [datasets.builtin_listing(), "fetchable: " + ", ".join(SOURCES)]
+            lines = [datafiles.builtin_listing(), "fetchable: " + ", ".join(SOURCES)]
     print("\n".join(lines))
     return 0
 
@@ -269,7 +269,7 @@ def _data(args, comm) -> int:
 def _evaluate(args, comm) -> int:
     import numpy as np
 
-    from padmmirnn import data as datasets
+    from padmmirnn import datafiles, samples
     from padmmirnn.checkpoint import load_weights
     from padmmirnn.model import loss_sums
 
@@ -282,14 +282,14 @@ def _evaluate(args, comm) -> int:
                      "input_dim": params.U.shape[1], "classes": params.V.shape[0]})
         if args.dataset is None:
             args.dataset = cfg.data.dataset
-    train_path, test_path = datasets.resolve(args.dataset or "default")
+    train_path, test_path = datafiles.resolve(args.dataset or "default")
     path = test_path if args.split == "test" and test_path else train_path
-    info = datasets.read_info(path)
+    info = datafiles.read_info(path)
     if (info.dim, info.classes) != (meta["input_dim"], meta["classes"]):
         raise PadmmError(f"{path}: dataset ({info.kind}, input size {info.dim}, {info.classes} "
                          f"classes) does not fit the weights {args.weights or args.checkpoint}")
-    start, stop = datasets.partition(info.n, comm.size, comm.rank)
-    local = datasets.read_slice(info, start, stop, np.float64)
+    start, stop = samples.partition(info.n, comm.size, comm.rank)
+    local = datafiles.read_slice(info, start, stop, np.float64)
     sums = comm.allreduce_sum(loss_sums(params, local, meta["activation"], meta["loss"]))
     if comm.rank == 0:
         print(json.dumps({"dataset": path, "samples": info.n, "loss": sums[0] / sums[2],

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from padmmirnn import data as datasets
+from padmmirnn import datafiles
 from padmmirnn.errors import DataError, PadmmError
 
 PAD, UNK = "<pad>", "<unk>"
@@ -431,8 +431,8 @@ def convert_adding(opts: PrepareOptions) -> Prepared:
     for name, value in (("--steps", steps), ("--samples", samples), ("--classes", classes)):
         if value < 2:
             raise PadmmError(f"{name} must be >= 2, got {value}")
-    train = Arrays(*datasets.make_adding(samples, steps, opts.seed, classes))
-    test = Arrays(*datasets.make_adding(tests, steps, opts.seed + 1, classes)) if tests > 0 \
+    train = Arrays(*datafiles.make_adding(samples, steps, opts.seed, classes))
+    test = Arrays(*datafiles.make_adding(tests, steps, opts.seed + 1, classes)) if tests > 0 \
         else None
     return Prepared("adding", train, test, classes,
                     f"synthetic adding problem, T={steps}, seed={opts.seed} (test: seed="
@@ -517,7 +517,7 @@ def prepare(opts: PrepareOptions) -> list[str]:
     for path, arrays, name in zip(paths, splits, ("train", "test"), strict=False):
         extra = {"name": f"{Path(opts.out).name.removesuffix('_train.h5')}/{name}",
                  "prepared": json.dumps({"kind": opts.kind, **prepared.settings})}
-        datasets.write_dataset_with_names(
+        datafiles.write_dataset_with_names(
             path, arrays.inputs, arrays.targets, classes=prepared.classes,
             vocabulary=prepared.vocabulary, class_names=prepared.class_names,
             source=prepared.source, license=prepared.license, extra=extra)

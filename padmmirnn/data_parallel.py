@@ -26,8 +26,8 @@ from padmmirnn.baselines import (
     make_schedule,
 )
 from padmmirnn.config import Config
-from padmmirnn.data import LocalData
 from padmmirnn.model import Params
+from padmmirnn.samples import LocalData
 
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.005, "adam": 3e-3, "rmsprop": 1e-3, "adagrad": 0.05,
               "celgc": 0.05}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.data import DatasetInfo, LocalData
+from padmmirnn.samples import DatasetInfo, LocalData
 
 ACTIVATIONS = {"tanh": kernels.ACT_TANH, "relu": kernels.ACT_RELU}
 LOSSES = {"ce": kernels.LOSS_CE, "mse": kernels.LOSS_MSE}

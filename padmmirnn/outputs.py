@@ -11,6 +11,10 @@ from pathlib import Path
 
 from padmmirnn.atomic import atomic_write_text
 
+# Iterations excluded from the timing summary and from scaling measurements
+# (compilation, caches, first touch).
+TIMING_WARMUP = 2
+
 
 def _iteration(line: str) -> float:
     """The iteration of a metrics line; a line cut short by a killed job counts as none."""

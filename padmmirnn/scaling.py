@@ -56,9 +56,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from padmmirnn import data as datasets
+from padmmirnn import datafiles
 from padmmirnn._version import __version__
 from padmmirnn.errors import PadmmError
+from padmmirnn.outputs import TIMING_WARMUP
 
 MANIFEST = "manifest.json"
 KINDS = ("strong", "weak")
@@ -208,7 +209,7 @@ def _source_stem(path: str) -> str:
 def prepare_dataset(source: str, samples: int, path: Path) -> None:
     """Write ``samples`` training sequences to ``path``: the first ones of ``source``,
     repeated cyclically when the source has fewer. No test split (no test evaluation)."""
-    info = datasets.read_info(source)
+    info = datafiles.read_info(source)
     take = min(samples, info.n)
     with h5py.File(source, "r") as f:
         inputs, targets = f["inputs"][:take], f["targets"][:take]
@@ -219,7 +220,7 @@ def prepare_dataset(source: str, samples: int, path: Path) -> None:
         index = np.arange(samples) % take
         inputs, targets = inputs[index], targets[index]
         how += f", repeated cyclically to {samples}"
-    datasets.write_dataset(path, inputs, targets, classes=info.classes, vocab=vocab,
+    datafiles.write_dataset(path, inputs, targets, classes=info.classes, vocab=vocab,
                            source=f"padmmirnn scaling plan: {how}", license=licence,
                            extra={"scaling_source": source})
 
@@ -281,8 +282,8 @@ def plan(opts: PlanOptions) -> list[str]:
     overrides = dict(parse_override(s) for s in opts.sets)
     overrides.update({"train.algo": opts.algo, "train.iterations": opts.iterations})
     cfg = load_config(None, overrides)  # a bad --set fails here, before any file is written
-    source = datasets.resolve(opts.dataset)[0]
-    info = datasets.read_info(source)
+    source = datafiles.resolve(opts.dataset)[0]
+    info = datafiles.read_info(source)
     train_script, template = _slurm_files(opts.slurm_dir)
     sizes = [opts.samples_per_rank * ranks if opts.kind == "weak" else (opts.samples or info.n)
              for ranks in opts.ranks]
@@ -299,7 +300,7 @@ def plan(opts: PlanOptions) -> list[str]:
     lines, new = [], []
     for ranks, nodes, samples in zip(opts.ranks, opts.nodes, sizes, strict=True):
         data_rel = f"data/{_source_stem(source)}-{samples}_train.h5"
-        if not (root / data_rel).is_file() or datasets.read_info(str(root / data_rel)).n \
+        if not (root / data_rel).is_file() or datafiles.read_info(str(root / data_rel)).n \
                 != samples:
             prepare_dataset(source, samples, root / data_rel)
             lines.append(f"wrote {root / data_rel} ({samples} samples from {source})")
@@ -492,7 +493,6 @@ def iteration_timings(out: Path, warmup: int) -> Timings | None:
 
 def measure(root: Path, point: Point) -> Measured | None:
     """The point's timings, or None if it has not run (no summary.json)."""
-    from padmmirnn.train import TIMING_WARMUP
 
     out = root / point.out
     summary_path = out / "summary.json"

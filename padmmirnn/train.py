@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from padmmirnn import data as datasets
+from padmmirnn import datafiles, samples
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.checkpoint import (
@@ -29,10 +29,8 @@ from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import DataError, PadmmError
 from padmmirnn.logs import Progress, get_logger
 from padmmirnn.model import Params, init_params, loss_sums
-from padmmirnn.outputs import RunOutput
+from padmmirnn.outputs import TIMING_WARMUP, RunOutput
 
-# Iterations excluded from the timing summary (compilation, caches, first touch).
-TIMING_WARMUP = 2
 # Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration.
 FAULT_ENV = "PADMMIRNN_FAULT_INJECT"
 
@@ -41,14 +39,14 @@ FAULT_ENV = "PADMMIRNN_FAULT_INJECT"
 class Split:
     """A rank's slice of one split, whole and cut into the engine's parts."""
 
-    info: datasets.DatasetInfo
-    local: datasets.LocalData
-    parts: list[datasets.LocalData]
+    info: samples.DatasetInfo
+    local: samples.LocalData
+    parts: list[samples.LocalData]
 
 
 def load_split(path: str, cfg: Config, comm, what: str) -> Split:
     """Check the file and read this rank's slice; a problem on any rank stops all."""
-    info = agree(comm, lambda: datasets.read_info(path))
+    info = agree(comm, lambda: datafiles.read_info(path))
     ordered = cfg.train.reduction == "deterministic"
     units = -(-info.n // cfg.train.chunk) if ordered else info.n
     if units < comm.size:
@@ -56,16 +54,16 @@ def load_split(path: str, cfg: Config, comm, what: str) -> Split:
         raise DataError(f"{path}: {units} {what} {unit} cannot be split over {comm.size} "
                         f"ranks (every rank needs at least one)")
     if ordered:
-        start, stop = datasets.chunk_partition(info.n, cfg.train.chunk, comm.size, comm.rank)
+        start, stop = samples.chunk_partition(info.n, cfg.train.chunk, comm.size, comm.rank)
     else:
-        start, stop = datasets.partition(info.n, comm.size, comm.rank)
+        start, stop = samples.partition(info.n, comm.size, comm.rank)
     dtype = np.dtype(cfg.train.dtype)
-    local = agree(comm, lambda: datasets.read_slice(info, start, stop, dtype))
-    return Split(info, local, datasets.split_parts(local, cfg.train.chunk if ordered else None))
+    local = agree(comm, lambda: datafiles.read_slice(info, start, stop, dtype))
+    return Split(info, local, samples.split_parts(local, cfg.train.chunk if ordered else None))
 
 
 def load_data(cfg: Config, comm) -> tuple[Split, Split | None]:
-    train_path, test_path = agree(comm, lambda: datasets.resolve(cfg.data.dataset, cfg.data.test))
+    train_path, test_path = agree(comm, lambda: datafiles.resolve(cfg.data.dataset, cfg.data.test))
     train = load_split(train_path, cfg, comm, "training")
     test = load_split(test_path, cfg, comm, "test") if test_path else None
     if test is not None:
@@ -592,7 +590,7 @@ def _control(cfg: Config, comm, t_start: float, signals: StopSignals) -> tuple[b
     return code == 1, text
 
 
-def weights_meta(cfg: Config, info: datasets.DatasetInfo) -> dict:
+def weights_meta(cfg: Config, info: samples.DatasetInfo) -> dict:
     return {
         "activation": cfg.model.activation, "loss": cfg.model.loss, "input_kind": info.kind,
         "input_dim": info.dim, "hidden": cfg.model.hidden, "classes": info.classes,

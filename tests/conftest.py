@@ -11,7 +11,8 @@ import pytest
 
 from padmmirnn.comm import MPIComm, launched_by_mpi, launcher_rank
 from padmmirnn.config import preset_path
-from padmmirnn.data import DatasetInfo, LocalData, write_dataset
+from padmmirnn.datafiles import write_dataset
+from padmmirnn.samples import DatasetInfo, LocalData
 
 # The faithful formulation (the packaged preset), as dotted overrides: tests of the
 # ADMMiRNN block theory pin it, whatever the defaults are.

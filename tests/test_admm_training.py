@@ -25,10 +25,10 @@ from conftest import FAITHFUL, make_local
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config
-from padmmirnn.data import LocalData
 from padmmirnn.errors import ConfigError
 from padmmirnn.kernels.bptt import bptt
 from padmmirnn.model import ACTIVATIONS, LOSSES, loss_sums
+from padmmirnn.samples import LocalData
 
 RECOMMENDED = {
     "multipliers": "all", "multiplier_update": "kkt", "warmup": 0, "resync_every": 1,

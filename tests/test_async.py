@@ -9,8 +9,8 @@ from conftest import FAITHFUL, make_local
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import RmaStatsExchange
 from padmmirnn.config import build_config
-from padmmirnn.data import LocalData, partition
 from padmmirnn.model import Params, loss_sums
+from padmmirnn.samples import LocalData, partition
 
 pytestmark = pytest.mark.mpi
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from padmmirnn import baselines as bl
-from padmmirnn.data import DatasetInfo, LocalData
 from padmmirnn.kernels.bptt import forward_states
 from padmmirnn.model import ACTIVATIONS, Params, forward, init_params, loss_sums
+from padmmirnn.samples import DatasetInfo, LocalData
 
 CASES = [
     ("dense", False, "tanh", "ce"),

@@ -11,7 +11,7 @@ from conftest import write_random_split
 
 from padmmirnn.cli import main
 from padmmirnn.compare import time_to
-from padmmirnn.data import make_adding, read_info
+from padmmirnn.datafiles import make_adding, read_info
 
 
 def _toy(tmp_path):

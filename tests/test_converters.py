@@ -13,7 +13,7 @@ import pytest
 
 from padmmirnn.cli import main
 from padmmirnn.converters import build_vocabulary, encode, tokenize
-from padmmirnn.data import read_info, read_slice, read_strings
+from padmmirnn.datafiles import read_info, read_slice, read_strings
 
 IDX_NAMES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}

@@ -11,7 +11,8 @@ import pytest
 from test_converters import write_idx_folder
 
 from padmmirnn.converters import PrepareOptions, prepare
-from padmmirnn.data import partition, read_info, read_slice
+from padmmirnn.datafiles import read_info, read_slice
+from padmmirnn.samples import partition
 
 pytestmark = pytest.mark.mpi
 

@@ -15,7 +15,7 @@ import pytest
 
 from padmmirnn import fetch
 from padmmirnn.cli import main
-from padmmirnn.data import read_info
+from padmmirnn.datafiles import read_info
 
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
               "ALL_PROXY")

@@ -10,8 +10,8 @@ from conftest import FAITHFUL, make_local
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm, agree, sum_parts
 from padmmirnn.config import build_config
-from padmmirnn.data import LocalData, chunk_partition, partition, split_parts
 from padmmirnn.errors import DataError
+from padmmirnn.samples import LocalData, chunk_partition, partition, split_parts
 
 pytestmark = pytest.mark.mpi
 

@@ -19,7 +19,7 @@ from conftest import write_random_split
 
 from padmmirnn import scaling
 from padmmirnn.cli import main
-from padmmirnn.data import read_info
+from padmmirnn.datafiles import read_info
 from padmmirnn.scaling import Measured, Model, Point, fit_model
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which(

@@ -14,7 +14,6 @@ global sample order, converted to time-major arrays for the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -23,70 +22,12 @@ import numpy as np
 
 from padmmirnn.atomic import atomic_h5
 from padmmirnn.errors import DataError
+from padmmirnn.samples import DatasetInfo, LocalData
 
 BUILTIN = {
     "default": ("mnist_rows_train.h5", "mnist_rows_test.h5"),
     "mnist-rows": ("mnist_rows_train.h5", "mnist_rows_test.h5"),
 }
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a dataset file holds, read from its header (no sample data)."""
-
-    path: str
-    n: int
-    steps: int
-    dim: int
-    classes: int
-    kind: str
-    many_to_many: bool
-
-
-@dataclass
-class LocalData:
-    """One rank's slice of a split, time-major.
-
-    ``inputs`` is ``[T, n, d]`` (dense) or ``[T, n]`` int32 (tokens); ``targets``
-    is ``[1, n]`` for many-to-one (the output step is t = T) or ``[T, n]``.
-    """
-
-    info: DatasetInfo
-    inputs: np.ndarray
-    targets: np.ndarray
-    start: int
-    stop: int
-
-    @property
-    def n(self) -> int:
-        return self.stop - self.start
-
-
-def partition(n: int, size: int, rank: int) -> tuple[int, int]:
-    """Contiguous block ``[start, stop)`` of rank ``rank`` out of ``size`` over ``n``."""
-    return (rank * n) // size, ((rank + 1) * n) // size
-
-
-def chunk_partition(n: int, chunk: int, size: int, rank: int) -> tuple[int, int]:
-    """Like :func:`partition`, but every boundary falls on a multiple of ``chunk``
-    (the deterministic-reduction mode, where work is done per global chunk)."""
-    chunks = -(-n // chunk)
-    lo, hi = partition(chunks, size, rank)
-    return min(lo * chunk, n), min(hi * chunk, n)
-
-
-def split_parts(local: LocalData, chunk: int | None) -> list[LocalData]:
-    """Split a slice into parts of ``chunk`` samples (the last may be shorter), each
-    in its own freshly allocated arrays; ``None`` keeps the slice whole."""
-    if chunk is None or local.n <= chunk and local.start % chunk == 0:
-        return [local]
-    parts = []
-    for lo in range(local.start, local.stop, chunk):
-        hi = min(lo + chunk, local.stop)
-        sl = slice(lo - local.start, hi - local.start)
-        parts.append(LocalData(local.info, np.array(local.inputs[:, sl]),
-                               np.array(local.targets[:, sl]), lo, hi))
-    return parts
 
 
 def builtin_path(filename: str) -> Path:
