@@ -221,8 +221,8 @@ def adam_epoch(local, n_global: int, hidden: int, repeats: int) -> float:
     cfg = build_config(overrides={"model.hidden": hidden, "train.algo": "adam"})
     p = init_params(local.info.dim, hidden, local.info.classes, 0, "orthogonal", 1.0)
     tr = GradientTrainer(cfg, local, n_global, SerialComm(), p)
-    tr.epoch()
-    return statistics.median(_timed(tr.epoch) for _ in range(repeats))
+    tr.step()
+    return statistics.median(_timed(tr.step) for _ in range(repeats))
 
 
 def token_task(n: int = 4000, steps: int = 28, vocab: int = 1000, seed: int = 0):

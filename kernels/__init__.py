@@ -20,10 +20,10 @@ from padmmirnn.kernels.output import (
     LOSS_MSE,
     loss_and_correct,
     o_update,
+    output_delta,
 )
 from padmmirnn.kernels.tokens import (
     add_columns,
-    gather_columns,
     segment_sum_columns,
     token_counts,
 )
@@ -36,9 +36,9 @@ __all__ = [
     "a_update",
     "activation_residual",
     "add_columns",
-    "gather_columns",
     "loss_and_correct",
     "o_update",
+    "output_delta",
     "segment_sum_columns",
     "shifted",
     "tanh_adjoint",

@@ -1,4 +1,4 @@
-"""Elementwise kernels of the pre-activation block (DESIGN.md section 3, block 3).
+"""Elementwise kernels of the pre-activation block (docs/design.md, section 3: the a block).
 
 For every element the a-update solves
 

@@ -1,4 +1,4 @@
-"""Fused elementwise passes of the default iteration (DESIGN.md section 3).
+"""Fused elementwise passes of the default iteration (docs/design.md, section 4).
 
 Each replaces two or three NumPy passes over a block by one, where
 the iteration is bound by memory traffic rather than arithmetic. None evaluates a

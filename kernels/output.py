@@ -1,4 +1,4 @@
-"""Per-sample kernels of the output block (DESIGN.md section 3, block 5) and losses.
+"""Per-sample kernels of the output block (docs/design.md, section 3) and losses.
 
 The o-update solves, for every output row (sample and time step in O),
 
@@ -10,6 +10,9 @@ backtracking line search, starting from the better of the current o and p, so
 the update never increases the row objective (up to rounding: once the Newton
 decrement is below the rounding of f, full steps converge to machine precision). Squared error
 l = 1/2 ||o - e_y||^2 has the closed form o = (e_y + rho3 p) / (1 + rho3).
+
+:func:`output_delta` turns outputs into the loss derivative dl/do, the seed of the
+adjoint recursion (BPTT) and of the KKT multiplier estimate.
 """
 
 import math
@@ -165,3 +168,40 @@ def loss_and_correct(o, y, loss):
         else:
             total += _ce_row(o[i], yi, empty, 0.0)
     return total, correct
+
+
+@nb.njit(cache=True)
+def output_delta(o, y, loss, scale):
+    """Turn the outputs ``o`` (``[R, K]``) into ``scale * dl/do`` in place.
+
+    ce: ``dl/do = softmax(o) - e_y``; mse: ``dl/do = o - e_y``. Returns the loss sum
+    over the rows (float64), computed as ``loss_and_correct`` does.
+    """
+    rows, K = o.shape
+    total = 0.0
+    for i in range(rows):
+        yi = y[i]
+        if loss == LOSS_MSE:
+            sq = 0.0
+            for k in range(K):
+                r = o[i, k] - (1.0 if k == yi else 0.0)
+                sq += r * r
+                o[i, k] = r * scale
+            total += 0.5 * sq
+        else:
+            oy = o[i, yi]
+            mx = o[i, 0]
+            for k in range(1, K):
+                if o[i, k] > mx:
+                    mx = o[i, k]
+            z = 0.0
+            for k in range(K):
+                e = math.exp(o[i, k] - mx)
+                o[i, k] = e
+                z += e
+            total += mx + math.log(z) - oy
+            w = scale / z
+            for k in range(K):
+                o[i, k] *= w
+            o[i, yi] -= scale
+    return total

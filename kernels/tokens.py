@@ -6,17 +6,6 @@ import numpy as np
 
 
 @nb.njit(cache=True)
-def segment_add(tokens, values, out):
-    """``out[j] += sum of values[i] over rows i with tokens[i] == j`` (``out`` is
-    ``[vocab, h]``, ``values`` ``[R, h]``)."""
-    rows, cols = values.shape
-    for i in range(rows):
-        j = tokens[i]
-        for k in range(cols):
-            out[j, k] += values[i, k]
-
-
-@nb.njit(cache=True)
 def segment_sum_columns(tokens, values, vocab):
     """``out[j] = sum of values[t, :, i] over (t, i) with tokens[t, i] == j`` (float64):
     sum over samples of x z^T for one-hot x, feature-major.
@@ -39,16 +28,6 @@ def token_counts(tokens, vocab):
     for i in range(tokens.shape[0]):
         out[tokens[i]] += 1.0
     return out
-
-
-@nb.njit(cache=True)
-def gather_columns(table, tokens, out):
-    """``out[i] = table[tokens[i]]`` for a ``[vocab, h]`` table (the rows of U^T)."""
-    rows, cols = out.shape
-    for i in range(rows):
-        j = tokens[i]
-        for k in range(cols):
-            out[i, k] = table[j, k]
 
 
 @nb.njit(cache=True)

@@ -1,6 +1,6 @@
 """The ADMMiRNN iteration: block order, rho schedule, multipliers, one reduction.
 
-Schedules (DESIGN.md section 3):
+Schedules (docs/design.md, sections 3 and 4):
 
 * ``fused``: statistics of [x, s_{t-1}, 1, a_hat] and [s, 1, o_hat] are taken
   before the weight blocks (a, s, o, lambda do not change while the weights are
@@ -22,6 +22,12 @@ one Allreduce of the local sums), or fixed chunks of the global sample order
 (``"deterministic"``: every part's sums are gathered and added in global chunk
 order, and every computation is done on identical chunks, so results are
 bitwise the same for any rank count).
+
+The engine is a :class:`~padmmirnn.trainer.Trainer`. It is given, when it is built,
+the communicator of its collectives, the *reducer* of its one statistics reduction
+per iteration (the communicator itself, or in asynchronous runs the RMA exchange of
+:mod:`padmmirnn.asynchronous`), and the communicator its step control sums trial
+losses over (every rank, or in asynchronous runs this rank alone).
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ from padmmirnn.model import (
 )
 from padmmirnn.samples import LocalData
 from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
+from padmmirnn.trainer import TrainerState
+
+
+def _loss_only(loss: float) -> np.ndarray:
+    """Residual sums of a forward pass: every residual is zero, the loss remains."""
+    out = np.zeros(len(up.Residual))
+    out[up.Residual.LOSS] = loss
+    return out
 
 
 @dataclass
@@ -60,15 +74,23 @@ class Part:
 
 
 class AdmmEngine:
-    """ADMMiRNN on one rank's samples; the communicator joins the statistics."""
+    """ADMMiRNN on one rank's samples, a :class:`~padmmirnn.trainer.Trainer`.
+
+    ``comm`` runs the collectives (constant statistics, residual sums); ``reducer``
+    (default ``comm``) sums the per-iteration statistics, the one reduction of an
+    iteration; ``loss_comm`` (default ``comm``) sums the step control's trial losses.
+    """
+
+    unit = "iteration"
+    STATE = ("A", "S", "O", "L1", "L2", "L3")  # per-sample arrays of a checkpoint
+    ROWS = ("O", "L3")  # kept in rows [|O|, n, K]; the rest is [T, h, n]
 
     def __init__(self, cfg: Config, parts: list[LocalData], n_global: int, comm,
-                 params: Params | None = None):
+                 params: Params | None = None, *, reducer=None, loss_comm=None):
         self.cfg, self.acfg = cfg, cfg.admm
         self.n_global, self.comm = n_global, comm
-        # the communicator the step control's loss is summed over: ``comm``, or in
-        # async runs this rank alone (a global loss per trial would be a synchronisation)
-        self.loss_comm = comm
+        self.reducer = comm if reducer is None else reducer
+        self.loss_comm = comm if loss_comm is None else loss_comm
         self.ordered = cfg.train.reduction == "deterministic"
         self.dtype = np.dtype(cfg.train.dtype)
         info = parts[0].info
@@ -89,6 +111,7 @@ class AdmmEngine:
         self.last_trials = 0  # ... in the last step (backtrack_max + 1: none decreased)
         self._loss: float | None = None  # global training loss sum at the current weights
         self._prev: Params | None = None  # weights before the last step (heavy ball)
+        self._sums: list[np.ndarray] | None = None  # residual sums of the last step
         self.parts = []
         for data in parts:
             state = self._initial_state(data)
@@ -97,10 +120,11 @@ class AdmmEngine:
         self.in_layout = input_layout(info.dim, h)
         self.out_layout = output_layout(h, info.classes)
         const_layout = constant_layout(info.dim, self.tokens)
-        self.const = self._reduce(const_layout, [p.const for p in self.parts])
+        self.const = const_layout.unpack(self.sum_parts([const_layout.pack(p.const)
+                                                         for p in self.parts]))
 
     @property
-    def bytes_reduced_per_iteration(self) -> int:
+    def bytes_per_step(self) -> int:
         """Bytes of the packed statistics reduced per iteration (per part when ordered)."""
         size = self.in_layout.size + self.out_layout.size
         return 8 * size * (len(self.parts) if self.ordered else 1)
@@ -140,11 +164,13 @@ class AdmmEngine:
     # --------------------------------------------------------------------- reductions
 
     def sum_parts(self, vectors: list[np.ndarray]) -> np.ndarray:
-        """Global sum of one float64 vector per local part."""
+        """Global sum of one float64 vector per local part (a collective on ``comm``)."""
         return sum_parts(self.comm, vectors, self.ordered)
 
     def _reduce(self, layout: Layout, local: list[dict]) -> dict:
-        return layout.unpack(self.sum_parts([layout.pack(v) for v in local]))
+        """The per-iteration statistics, summed by the reducer."""
+        return layout.unpack(sum_parts(self.reducer, [layout.pack(v) for v in local],
+                                       self.ordered))
 
     def _input_stats(self, p: Part, pen: up.Penalty) -> dict:
         if self.synced:  # a, s are the forward pass of the weights: no a_hat pass
@@ -168,7 +194,7 @@ class AdmmEngine:
             self.in_layout.pack(self._input_stats(p, pen), buf[:n_in])
             self.out_layout.pack(up.output_stats(p.state, m2m, pen.rho3), buf[n_in:])
             vectors.append(buf)
-        total = self.sum_parts(vectors)
+        total = sum_parts(self.reducer, vectors, self.ordered)
         return self.in_layout.unpack(total[:n_in]), self.out_layout.unpack(total[n_in:])
 
     # --------------------------------------------------------------------- blocks
@@ -225,27 +251,29 @@ class AdmmEngine:
                 self.block_s(pen)
                 self.block_o(pen)
 
-    def forward_loss(self) -> float:
-        """Global training loss sum of the auxiliaries o (after :meth:`resync`, the true
-        loss of the current weights); one reduction of one number."""
+    def forward_loss(self, over=None) -> float:
+        """Training loss sum of the auxiliaries o (after :meth:`resync`, the true loss of
+        the current weights) over the ranks of ``over`` (default ``loss_comm``); one
+        reduction of one number."""
         m = self.cfg.model
         local = [np.array([kernels.loss_and_correct(
             p.state.O.reshape(-1, p.state.O.shape[-1]), p.data.targets.reshape(-1),
             LOSSES[m.loss])[0]]) for p in self.parts]
-        return float(sum_parts(self.loss_comm, local, self.ordered)[0])
+        return float(sum_parts(self.loss_comm if over is None else over, local,
+                               self.ordered)[0])
 
-    def _backtrack(self, old: Params) -> None:
+    def _backtrack(self, old: Params, over=None) -> None:
         """Step control: try ``old + alpha (new - old)``, starting from the last accepted
         alpha, doubled (at most 1) once ``step_grow_after`` iterations in a row took
         their first trial (doubling every iteration cost 1.9 forward passes per
         iteration on the default dataset, this 1.25-1.35, with the same accuracy),
         halving alpha (at most ``backtrack_max`` times) until the true training loss
-        (forward pass, summed over ``loss_comm``: every rank, or in async runs this
-        rank's own samples) does not increase. With the joint weight solve and
+        (forward pass, summed over ``over``, default ``loss_comm``: every rank, or in
+        async runs this rank's own samples) does not increase. With the joint weight solve and
         auxiliaries from a forward pass, alpha scales 1/rho exactly (a = Theta_old z, so
         Theta_new - Theta_old is proportional to 1/rho up to the ridge term)."""
         if self._loss is None:
-            self._loss = self.forward_loss()
+            self._loss = self.forward_loss(over)
         new = self.params
         grow = self.streak >= self.acfg.step_grow_after
         alpha = min(1.0, 2.0 * self.alpha) if grow else self.alpha
@@ -260,7 +288,7 @@ class AdmmEngine:
                 arrays.append(x)
             self.params = Params(*arrays)
             self.resync()
-            loss = self.forward_loss()
+            loss = self.forward_loss(over)
             if loss <= self._loss or trial == self.acfg.backtrack_max:
                 break
             if mu:
@@ -273,30 +301,26 @@ class AdmmEngine:
         self.last_trials = trial + 1
         self._prev = old if self.acfg.momentum else None
 
-    def resolve(self, start: Params, st_in: dict, st_out: dict, comm) -> None:
+    def resolve(self, start: Params, st_in: dict, st_out: dict) -> None:
         """Redo a weight solve from the weights ``start`` with the given global
         statistics, every rank at this point (async quiescent points): the step control,
-        if any, sums its trial losses over ``comm``, so every rank ends with the same
-        weights, auxiliaries that are their forward pass and the KKT multipliers of
-        that point. Without a step control, exactly the solve SP makes."""
+        if any, sums its trial losses over every rank (``comm``), so every rank ends with
+        the same weights, auxiliaries that are their forward pass and the KKT
+        multipliers of that point. Without a step control, exactly the solve SP makes."""
         pen = self.penalty(self.iteration)
         self.params = start.copy()  # the weight blocks update their Params in place
         if not self.cfg.backtracking():
             self.weights_in(st_in, pen)
             self.weights_out(st_out, pen)
             return
-        local, self.loss_comm = self.loss_comm, comm
-        try:
-            self.resync()
-            self._loss = None
-            self.weights_in(st_in, pen)
-            self.weights_out(st_out, pen)
-            self._backtrack(start)
-            if self.acfg.multiplier_update == "kkt" and self.iteration > self.acfg.warmup:
-                self.block_kkt_multipliers()
-        finally:
-            self.loss_comm = local
-            self._loss = None  # the next step control starts from this rank's own loss
+        self.resync()
+        self._loss = None
+        self.weights_in(st_in, pen)
+        self.weights_out(st_out, pen)
+        self._backtrack(start, over=self.comm)
+        if self.acfg.multiplier_update == "kkt" and self.iteration > self.acfg.warmup:
+            self.block_kkt_multipliers()
+        self._loss = None  # the next step control starts from this rank's own loss
 
     def block_kkt_multipliers(self) -> None:
         """lambda from the least-squares multiplier estimate (a backward recursion)."""
@@ -327,7 +351,8 @@ class AdmmEngine:
         return out
 
     def residuals(self, pen: up.Penalty, update: tuple[bool, bool, bool]) -> list[np.ndarray]:
-        """Per-part RESIDUAL_FIELDS sums (multipliers before), then the multiplier step."""
+        """Per-part :class:`~padmmirnn.admm_updates.Residual` sums (multipliers before),
+        then the multiplier step."""
         cp = self.compute_params()
         m = self.cfg.model
         return [up.residual_sums(cp, p.state, p.data, pen, m.activation, m.loss, p.work, update,
@@ -343,7 +368,7 @@ class AdmmEngine:
     # --------------------------------------------------------------------- iteration
 
     def iterate(self, want_sums: bool = True) -> list[np.ndarray] | None:
-        """One ADMM iteration. Returns the per-part RESIDUAL_FIELDS sums at the new
+        """One ADMM iteration. Returns the per-part Residual sums at the new
         point (multipliers before their update) when asked or needed, else None."""
         pen = self.penalty()
         a = self.acfg
@@ -379,8 +404,8 @@ class AdmmEngine:
                 # after a re-synchronisation every residual is zero by construction
                 # (recomputing them gives ~1e-16): only the loss term remains
                 synced = self.train_loss_sums()
-                sums = ([np.array([v[0], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]) for v in synced]
-                        if synced is not None else self.residuals(pen, (False, False, False)))
+                sums = ([_loss_only(v[0]) for v in synced] if synced is not None
+                        else self.residuals(pen, (False, False, False)))
             if active:
                 self.block_kkt_multipliers()
             return sums
@@ -396,8 +421,84 @@ class AdmmEngine:
         n = self.n_global
         return {
             "objective": up.lagrangian_from_sums(sums, self.params, pen, n),
-            "residual_a": float(np.sqrt(sums[1] / n)),
-            "residual_s": float(np.sqrt(sums[3] / n)),
-            "residual_o": float(np.sqrt(sums[5] / n)),
+            "residual_a": float(np.sqrt(sums[up.Residual.R1_SQ] / n)),
+            "residual_s": float(np.sqrt(sums[up.Residual.R2_SQ] / n)),
+            "residual_o": float(np.sqrt(sums[up.Residual.R3_SQ] / n)),
             "rho1": pen.rho1,
         }
+
+    # --------------------------------------------------------------------- trainer
+
+    def step(self, evaluate: bool = False) -> None:
+        """One iteration; with ``evaluate`` (or when the multiplier step needs them) the
+        residual sums of the new point are kept for :meth:`evaluation_terms`."""
+        self._sums = self.iterate(want_sums=evaluate)
+
+    def evaluation_terms(self) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
+        return self._sums, self.train_loss_sums()
+
+    def describe(self, reduced: np.ndarray | None) -> dict:
+        return {} if reduced is None else self.summarize(reduced)
+
+    def local_progress(self) -> dict:
+        """This rank's step length, the forward passes its last step control ran
+        (``backtrack_max + 1``: no trial decreased the loss, the last was taken) and the
+        mean training loss over ``loss_comm`` at the current weights (what the step
+        control compares), when it backtracks."""
+        if not self.cfg.backtracking() or self._loss is None:
+            return {}
+        rows = sum(p.state.O.shape[0] * p.state.O.shape[1] for p in self.parts)
+        return {"alpha": self.alpha, "trials": self.last_trials,
+                "local_train_loss": self._loss / rows}
+
+    def _state_arrays(self, part: Part, name: str) -> np.ndarray:
+        """A state array of a part, as stored (s_0 = 0 is not state)."""
+        a = getattr(part.state, name)
+        return a[1:] if name == "S" else a
+
+    def _sample_major(self, name: str, a: np.ndarray) -> np.ndarray:
+        """``[n, T, h]`` / ``[n, |O|, K]`` view of a state array (the checkpoint layout)."""
+        return np.moveaxis(a, 1, 0) if name in self.ROWS else a.transpose(2, 0, 1)
+
+    def _state_major(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`_sample_major`."""
+        return np.moveaxis(a, 0, 1) if name in self.ROWS else a.transpose(1, 2, 0)
+
+    def state_dict(self) -> TrainerState:
+        """``per_sample``: this rank's a, s, o and multipliers, sample-major, parts in
+        order; ``arrays``: the step control's scalars, whether the auxiliaries are a
+        forward pass of the weights, and the previous weights (heavy ball)."""
+        per_sample = {}
+        for name in self.STATE:
+            blocks = [self._state_arrays(p, name) for p in self.parts]
+            if blocks[0].size:
+                per_sample[name] = np.concatenate([self._sample_major(name, b)
+                                                   for b in blocks])
+        arrays = {"alpha": np.float64(self.alpha), "streak": np.int64(self.streak),
+                  "synced": np.int64(self.synced),
+                  "loss": np.float64(np.nan if self._loss is None else self._loss)}
+        if self._prev is not None:
+            arrays.update({f"prev.{k}": v for k, v in self._prev.arrays().items()})
+        return {"iteration": self.iteration, "arrays": arrays, "per_sample": per_sample}
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        arrays, per_sample = state["arrays"], state["per_sample"]
+        # the restored a, s, o are the state the run had: a forward pass of the restored
+        # weights only if they were one when saved
+        self.synced = bool(arrays.get("synced", 0))
+        self.alpha = float(arrays.get("alpha", 1.0))
+        self.streak = int(arrays.get("streak", 0))
+        loss = float(arrays.get("loss", np.nan))
+        self._loss = None if np.isnan(loss) else loss
+        if "prev.U" in arrays:
+            self._prev = Params(*(np.asarray(arrays[f"prev.{k}"], np.float64)
+                                  for k in Params.NAMES))
+        lo = 0
+        for part in self.parts:
+            n = part.data.n
+            for name in self.STATE:
+                target = self._state_arrays(part, name)
+                if target.size:
+                    target[...] = self._state_major(name, per_sample[name][lo:lo + n])
+            lo += n
+        self.iteration = int(state["iteration"])

@@ -1,4 +1,4 @@
-"""One small pure function per ADMMiRNN block update (DESIGN.md section 3).
+"""One small pure function per ADMMiRNN block update (docs/design.md, section 3).
 
 Notation (time-major, feature-major: a state block is ``[h, n]``, the columns are
 samples; "hat" variables fold in the scaled multipliers):
@@ -22,16 +22,17 @@ everything else is local to a rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.kernels import bptt as bptt_kernels
 from padmmirnn.model import (
     ACTIVATIONS,
     LOSSES,
     Params,
     activate,
+    adjoint_into,
     forward_into,
     input_projection,
     outputs,
@@ -120,7 +121,7 @@ def _split(G: np.ndarray, dz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def input_stats(state: AdmmState, data: LocalData, rho1: float,
                 work: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Local sums over all (i, t) of x s_{t-1}^T, x a_hat^T, s_{t-1} s_{t-1}^T,
-    s_{t-1} a_hat^T, s_{t-1}, a_hat (DESIGN.md block 1): the products
+    s_{t-1} a_hat^T, s_{t-1}, a_hat (the [U W b] block): the products
     ``sum_t z_t s_{t-1}^T`` and ``sum_t z_t a_hat_t^T`` with z_t = [x_t; 1; s_{t-1}].
     ``work`` (``[T, h, n]``), if given, holds a_hat instead of a new array."""
     steps, h = state.A.shape[:2]
@@ -178,7 +179,7 @@ def input_stats_synced(p: Params, state: AdmmState, data: LocalData, rho1: float
 
 
 def output_stats(state: AdmmState, many_to_many: bool, rho3: float) -> dict[str, np.ndarray]:
-    """Local sums over (i, t in O) of s s^T, s o_hat^T, s, o_hat (DESIGN.md block 2)."""
+    """Local sums over (i, t in O) of s s^T, s o_hat^T, s, o_hat (the [V c] block)."""
     s = state.out_states(many_to_many)
     oh = state.o_hat(rho3)
     return {"SS": gram_steps(s, s), "SO": gram_steps(s, oh.transpose(0, 2, 1)),
@@ -328,7 +329,7 @@ def _spd_inverse(M: np.ndarray) -> np.ndarray:
 
 def s_system_inverses(p: Params, pen: Penalty, many_to_many: bool,
                       dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Inverses of the s-block matrices (DESIGN.md block 4), float64 math, ``dtype`` out:
+    """Inverses of the s-block matrices (the s block), float64 math, ``dtype`` out:
 
         t < T:  rho2 I + rho1 W^T W + rho3 V^T V [many-to-many]
         t = T:  rho2 I + rho3 V^T V
@@ -429,40 +430,20 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
         lambda2_t = W^T lambda1_{t+1} [t < T] + V^T lambda3_t [t in O]
         lambda1_t = f'(a_t) * lambda2_t
 
-    At a feasible point (auxiliaries from a forward pass) lambda1_t = -dl/da_t,
-    minus the BPTT adjoint; the weight blocks then fit a_hat = a - delta/rho1:
-    a step of length 1/rho1 along the gradient, preconditioned by the data
-    covariance. This IS a backward pass through time (cost of one; no weight
-    gradient is formed). Replaces lambda += rho r; multipliers 'all' only.
-    ``synced``: s = tanh(a) exactly (a forward re-synchronisation), so f'(a) = 1 - s^2
-    is read off s instead of recomputing tanh."""
-    steps = state.A.shape[0]
-    m2m = data.info.many_to_many
+    that is, the model's adjoint recursion (:func:`~padmmirnn.model.adjoint_into`)
+    seeded with -dl/do. At a feasible point (auxiliaries from a forward pass)
+    lambda1_t = -dl/da_t, minus the BPTT adjoint; the weight blocks then fit
+    a_hat = a - delta/rho1: a step of length 1/rho1 along the gradient,
+    preconditioned by the data covariance. This IS a backward pass through time
+    (no weight gradient is formed). Replaces lambda += rho r; multipliers 'all' only.
+    ``synced``: s = f(a) exactly (a forward re-synchronisation), so f'(a) is read off
+    s instead of recomputing it from a."""
     rows = state.L3.shape[0] * state.L3.shape[1]
     lam3 = state.L3.reshape(rows, -1)
     np.copyto(lam3, _rows(state.O))
-    bptt_kernels.output_delta(lam3, data.targets.reshape(-1), LOSSES[loss], -1.0)
-    WT = np.ascontiguousarray(p.W.T)
-    VT = np.ascontiguousarray(p.V.T)
-    carry = np.empty_like(state.A[0])
-    S = state.S
-    for t in range(steps - 1, -1, -1):
-        lam2 = state.L2[t]
-        if t < steps - 1:
-            np.matmul(WT, state.L1[t + 1], out=lam2)
-        else:
-            lam2[...] = 0.0
-        if m2m or t == steps - 1:
-            np.matmul(VT, state.L3[t if m2m else 0].T, out=carry)
-            lam2 += carry
-        lam1 = state.L1[t]
-        if act == "tanh":
-            if not synced:
-                np.tanh(state.A[t], out=lam1)
-            kernels.tanh_adjoint(S[t + 1] if synced else lam1, lam2, lam1)
-        else:
-            np.greater(state.A[t], 0.0, out=lam1, casting="unsafe")
-            lam1 *= lam2
+    kernels.output_delta(lam3, data.targets.reshape(-1), LOSSES[loss], -1.0)
+    adjoint_into(p, state.S, state.L3, data.info.many_to_many, act, state.L1, carry=state.L2,
+                 pre=None if synced else state.A)
 
 
 def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: str,
@@ -478,21 +459,31 @@ def update_o(p: Params, state: AdmmState, data: LocalData, pen: Penalty, loss: s
 # ----------------------------------------------------------------------------- residuals
 
 
-RESIDUAL_FIELDS = ("loss", "r1_sq", "l1_r1", "r2_sq", "l2_r2", "r3_sq", "l3_r3")
+class Residual(IntEnum):
+    """Positions in the vector of augmented Lagrangian pieces (:func:`residual_sums`):
+    the loss sum, and per constraint j the sums of |r_j|^2 and lambda_j . r_j."""
+
+    LOSS = 0
+    R1_SQ = 1
+    L1_R1 = 2
+    R2_SQ = 3
+    L2_R2 = 4
+    R3_SQ = 5
+    L3_R3 = 6
 
 
 def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, act: str,
                   loss: str, work: np.ndarray, update: tuple[bool, bool, bool],
                   dual_step: float = 1.0) -> np.ndarray:
-    """Local sums of the augmented Lagrangian pieces (RESIDUAL_FIELDS), with the
+    """Local sums of the augmented Lagrangian pieces (:class:`Residual`), with the
     multipliers *before* this call; then lambda_j += beta rho_j r_j where ``update[j]``
     (``beta = dual_step``; 1 is the classical ADMM multiplier step)."""
-    out = np.zeros(len(RESIDUAL_FIELDS))
+    out = np.zeros(len(Residual))
     r1 = _preactivation(p, state, data, work)
     np.subtract(state.A, r1, out=r1)
-    out[1] = np.vdot(r1, r1)
+    out[Residual.R1_SQ] = np.vdot(r1, r1)
     if state.L1.size:
-        out[2] = np.vdot(state.L1, r1)
+        out[Residual.L1_R1] = np.vdot(state.L1, r1)
         if update[0]:
             lam1 = state.L1
             lam1 += (dual_step * pen.rho1) * r1
@@ -501,20 +492,21 @@ def residual_sums(p: Params, state: AdmmState, data: LocalData, pen: Penalty, ac
         sq, lin = kernels.activation_residual(state.S[t + 1], state.A[t], state.L2[t] if
                                               state.L2.size else lam2, dual_step * pen.rho2,
                                               ACTIVATIONS[act], update[1])
-        out[3] += sq
-        out[4] += lin
+        out[Residual.R2_SQ] += sq
+        out[Residual.L2_R2] += lin
     r3 = state.O - outputs(p, state.S, data.info.many_to_many)
-    out[5] = np.vdot(r3, r3)
+    out[Residual.R3_SQ] = np.vdot(r3, r3)
     if state.L3.size:
-        out[6] = np.vdot(state.L3, r3)
+        out[Residual.L3_R3] = np.vdot(state.L3, r3)
         if update[2]:
             state.L3 += (dual_step * pen.rho3) * r3
-    out[0], _ = kernels.loss_and_correct(_rows(state.O), data.targets.reshape(-1), LOSSES[loss])
+    out[Residual.LOSS], _ = kernels.loss_and_correct(_rows(state.O), data.targets.reshape(-1),
+                                                     LOSSES[loss])
     return out
 
 
 def lagrangian_from_sums(sums: np.ndarray, p: Params, pen: Penalty, n_global: int) -> float:
-    """L from globally reduced RESIDUAL_FIELDS sums (see module docstring)."""
+    """L from globally reduced :class:`Residual` sums (see module docstring)."""
     loss, r1, l1, r2, l2, r3, l3 = sums
     data_term = (loss + l1 + 0.5 * pen.rho1 * r1 + l2 + 0.5 * pen.rho2 * r2
                  + l3 + 0.5 * pen.rho3 * r3) / n_global

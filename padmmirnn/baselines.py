@@ -1,4 +1,4 @@
-"""Gradient baselines (DESIGN.md sections 1 and 4): BPTT gradients, optimizers,
+"""Gradient baselines (docs/design.md, section 6): BPTT gradients, optimizers,
 learning-rate schedules, clipping and CELGC.
 
 No MPI here. Data-parallel training averages gradients through an ``average``
@@ -15,15 +15,25 @@ named ``"<buffer>.<param>"`` (e.g. ``"m.W"``), ready for a checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from padmmirnn.kernels.bptt import bptt
-from padmmirnn.model import ACTIVATIONS, LOSSES, Params
+from padmmirnn import kernels
+from padmmirnn.model import (
+    LOSSES,
+    Params,
+    adjoint_into,
+    forward_into,
+    input_rows,
+    outputs,
+    stacked_state,
+    states_of,
+)
 from padmmirnn.samples import LocalData
+from padmmirnn.stats import colsum, gram_steps
 
 Average = Callable[[Params], Params]
 Schedule = Callable[[int], float]
@@ -33,14 +43,6 @@ State = dict[str, np.ndarray | int | float]
 def identity(params: Params) -> Params:
     """The serial ``average``: one worker's mean is itself."""
     return params
-
-
-class Batch(NamedTuple):
-    """A mini-batch, time-major like :class:`LocalData`: ``inputs`` ``[T, B, d]`` or
-    ``[T, B]`` tokens, ``targets`` ``[1, B]`` or ``[T, B]``."""
-
-    inputs: np.ndarray
-    targets: np.ndarray
 
 
 class Gradients(NamedTuple):
@@ -53,36 +55,49 @@ class Gradients(NamedTuple):
     rows: int
 
 
-def gradients(params: Params, batch: Batch | LocalData, activation: str, loss: str,
+def gradients(params: Params, batch: LocalData, activation: str, loss: str,
               dtype: np.dtype = np.float64) -> Gradients:
     """Mean loss of ``batch`` and its BPTT gradient with respect to every weight.
 
-    L = 1/R sum over the R = B |O| output rows of l(o_t, y_t); computed in
-    ``dtype``, returned in float64.
+    L = 1/R sum over the R = n |O| output rows of l(o_t, y_t), computed in ``dtype``
+    with the model's one forward pass and one adjoint recursion
+    (:func:`~padmmirnn.model.adjoint_into` seeded with ``delta = dL/do``, giving
+    ``e_t = dL/da_t``); the weight gradients are the sums over steps and samples
+
+        [dU db dW] = sum_t e_t [x_t; 1; s_{t-1}]^T,   [dV dc] = sum_{t in O} delta_t [s_t; 1]^T
+
+    (token inputs: dU is a segment sum of e_t per token). Returned in float64.
+    ``step_norms`` shows vanishing (decay towards t = 1) or exploding gradients.
     """
-    p = params.astype(np.dtype(dtype))
-    value, *grads, norms = bptt(batch.inputs, batch.targets, p.U, p.W, p.b, p.V, p.c,
-                                ACTIVATIONS[activation], LOSSES[loss])
-    rows = batch.targets.size
-    return Gradients(value, Params(*(np.asarray(g, np.float64) for g in grads)), norms, rows)
-
-
-def batches(data: LocalData, batch_size: int, seed: int, epoch: int,
-            drop_last: bool = False) -> Iterator[Batch]:
-    """Mini-batches of the local samples, shuffled by ``default_rng([seed, epoch])``.
-
-    The permutation depends only on (seed, epoch, n); the last batch is smaller
-    unless ``drop_last``. Synchronous data-parallel callers whose ranks hold
-    different sample counts must agree on the number of steps themselves.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = data.inputs.shape[1]
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    stop = n - n % batch_size if drop_last else n
-    for lo in range(0, stop, batch_size):
-        idx = order[lo:lo + batch_size]
-        yield Batch(np.take(data.inputs, idx, axis=1), np.take(data.targets, idx, axis=1))
+    info = batch.info
+    steps, n = batch.inputs.shape[:2]
+    outs = batch.targets.shape[0]
+    if outs not in (1, steps) or batch.targets.shape[1] != n:
+        raise ValueError(f"targets shape {batch.targets.shape} does not fit inputs "
+                         f"{batch.inputs.shape}")
+    dtype = np.dtype(dtype)
+    p = params.astype(dtype)
+    h = p.W.shape[0]
+    dz = input_rows(info)
+    many = outs == steps and steps > 1
+    Z = stacked_state(batch, h, dtype)
+    work = np.empty((steps, h, n), dtype)  # pre-activations, then the adjoints e_t
+    forward_into(p, batch, activation, work, Z)
+    states = states_of(Z, dz, h)
+    delta = outputs(p, states, many)
+    rows = delta.shape[0] * delta.shape[1]
+    total = kernels.output_delta(delta.reshape(rows, -1), batch.targets.reshape(-1),
+                                 LOSSES[loss], 1.0 / rows)
+    adjoint_into(p, states, delta, many, activation, work)
+    G = gram_steps(work, Z[:steps, :dz + 1 + h])  # [h, dz + 1 + h]
+    dU = (kernels.segment_sum_columns(batch.inputs, work, info.dim).T if dz == 0
+          else G[:, :dz])
+    s_out = states[1:] if many else states[-1:]
+    dV = gram_steps(delta.transpose(0, 2, 1), s_out)
+    dc = colsum(delta.reshape(rows, -1))
+    norms = np.sqrt(np.einsum("thn,thn->tn", work, work)).sum(axis=1)
+    grads = Params(np.ascontiguousarray(dU), G[:, dz + 1:].copy(), G[:, dz].copy(), dV, dc)
+    return Gradients(total / rows, grads, norms, rows)
 
 
 def _arrays(p: Params) -> list[np.ndarray]:
@@ -315,45 +330,3 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "sgd": SGD, "momentum": Momentum, "adam": Adam, "rmsprop": RMSProp, "adagrad": Adagrad,
     "celgc": CELGC,
 }
-
-
-# -- training loop pieces --------------------------------------------------------------------
-
-
-class EpochStats(NamedTuple):
-    """Mean over the epoch's steps of the batch loss and of the (pre-clipping)
-    gradient norm, the largest gradient norm, and the number of steps."""
-
-    loss: float
-    grad_norm: float
-    max_grad_norm: float
-    steps: int
-
-
-def train_step(params: Params, batch: Batch | LocalData, optimizer: Optimizer,
-               activation: str, loss: str, clip_norm: float | None = None,
-               average: Average = identity, dtype: np.dtype = np.float64
-               ) -> tuple[Gradients, float]:
-    """One step: gradients, ``average`` them (data parallel), clip the averaged
-    gradient to ``clip_norm``, ``optimizer.step``. Returns the (local) gradients and
-    the norm of the averaged gradient before clipping."""
-    res = gradients(params, batch, activation, loss, dtype)
-    grads = average(res.grads)
-    norm = clip_by_norm(grads, clip_norm) if clip_norm is not None else global_norm(grads)
-    optimizer.step(params, grads)
-    return res, norm
-
-
-def train_epoch(params: Params, data: LocalData, optimizer: Optimizer, activation: str,
-                loss: str, batch_size: int, seed: int, epoch: int,
-                clip_norm: float | None = None, average: Average = identity,
-                dtype: np.dtype = np.float64) -> EpochStats:
-    """One pass over the shuffled local mini-batches with :func:`train_step`."""
-    losses, norms = [], []
-    for batch in batches(data, batch_size, seed, epoch):
-        res, norm = train_step(params, batch, optimizer, activation, loss, clip_norm,
-                               average, dtype)
-        losses.append(res.loss)
-        norms.append(norm)
-    return EpochStats(float(np.mean(losses)), float(np.mean(norms)), float(np.max(norms)),
-                      len(losses))

@@ -1,7 +1,7 @@
 """HDF5 files of model state: the only module that writes weights and checkpoints.
 
 Weights files hold ``U, W, b, V, c`` and, as attributes, what is needed to use
-them again. Checkpoints (DESIGN.md section 6) add everything needed to resume:
+them again. Checkpoints (docs/design.md, section 8) add everything needed to resume:
 
 * ``weights/*``, ``state/*`` (per-sample ADMM arrays ``A, S, O, L1, L2, L3``,
   sample-major ``[N, ...]`` in **global sample order**, so a restart may use any

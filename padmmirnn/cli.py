@@ -9,6 +9,7 @@
     padmmirnn data inspect FILE...  |  padmmirnn data list
     padmmirnn evaluate --weights FILE | --checkpoint FILE [--dataset NAME|PATH]
     padmmirnn checkpoint inspect FILE
+    padmmirnn config options [--markdown]
     padmmirnn scaling plan|run|report ...
     padmmirnn --version
 
@@ -33,15 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"padmmirnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model")
-    train.add_argument("--config", help="TOML configuration file")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (repeatable)")
-    train.add_argument("--dataset", help="built-in name or path of a dataset .h5 file")
+    run = argparse.ArgumentParser(add_help=False)  # options train and compare share
+    run.add_argument("--config", help="TOML configuration file or packaged preset name")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config value (repeatable; see padmmirnn config "
+                          "options)")
+    run.add_argument("--dataset", help="built-in name or path of a dataset .h5 file")
+    run.add_argument("--iterations", type=int,
+                     help="ADMM iterations / gradient epochs (of each run)")
+    run.add_argument("--seed", type=int, help="random seed")
+    run.add_argument("--parallel", help="auto (default: sync under MPI), none, sync or async")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    train = sub.add_parser("train", parents=[run], help="train a model")
     train.add_argument("--algo", help="training algorithm (admm)")
-    train.add_argument("--iterations", type=int, help="number of iterations")
-    train.add_argument("--seed", type=int, help="random seed")
-    train.add_argument("--parallel", help="auto (default: sync under MPI), none, sync or async")
     train.add_argument("--staleness", type=int, metavar="TAU",
                        help="async: how many iterations a worker may run ahead (default 1)")
     train.add_argument("--staleness-kind", choices=("iterations", "publishes"),
@@ -59,22 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", default=None,
                        help="resume even if the checkpoint's configuration differs")
     train.add_argument("--max-walltime", type=float, metavar="SECONDS",
-                       help="checkpoint and exit 0 once this much time has passed")
-    train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+                       help="checkpoint and exit 0 once this job has run this long")
 
-    cmp_ = sub.add_parser("compare", help="train several algorithms on the same data and clock")
+    cmp_ = sub.add_parser("compare", parents=[run],
+                          help="train several algorithms on the same data and clock")
     cmp_.add_argument("--algos", required=True, help="comma-separated, e.g. admm,adam,sgd")
-    cmp_.add_argument("--config", help="TOML configuration file (shared by all runs)")
-    cmp_.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    cmp_.add_argument("--dataset", help="built-in name or path of a dataset .h5 file")
-    cmp_.add_argument("--iterations", type=int,
-                      help="iterations (ADMM) / epochs (gradient methods) of each run")
     cmp_.add_argument("--budget-seconds", type=float, help="wall-clock budget of each run")
-    cmp_.add_argument("--seed", type=int, help="random seed")
-    cmp_.add_argument("--parallel", help="auto (default), none or sync")
     cmp_.add_argument("--out", required=True, help="output folder")
     cmp_.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    cmp_.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    conf = sub.add_parser("config", help="configuration tools")
+    csub = conf.add_subparsers(dest="config_command", required=True)
+    copts = csub.add_parser("options", help="every option: default, allowed values, meaning")
+    copts.add_argument("--markdown", action="store_true", help="as the table of "
+                       "docs/options.md")
 
     data = sub.add_parser("data", help="dataset tools: prepare, fetch, inspect, list")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -269,9 +273,10 @@ def _data(args, comm) -> int:
 def _evaluate(args, comm) -> int:
     import numpy as np
 
-    from padmmirnn import datafiles, samples
+    from padmmirnn import datafiles
     from padmmirnn.checkpoint import load_weights
-    from padmmirnn.model import loss_sums
+    from padmmirnn.evaluation import evaluate_split
+    from padmmirnn.splits import load_split
 
     params, meta = load_weights(args.weights or args.checkpoint)
     if args.checkpoint:
@@ -284,16 +289,24 @@ def _evaluate(args, comm) -> int:
             args.dataset = cfg.data.dataset
     train_path, test_path = datafiles.resolve(args.dataset or "default")
     path = test_path if args.split == "test" and test_path else train_path
-    info = datafiles.read_info(path)
+    split = load_split(path, comm, np.float64, None, args.split)
+    info = split.info
     if (info.dim, info.classes) != (meta["input_dim"], meta["classes"]):
         raise PadmmError(f"{path}: dataset ({info.kind}, input size {info.dim}, {info.classes} "
                          f"classes) does not fit the weights {args.weights or args.checkpoint}")
-    start, stop = samples.partition(info.n, comm.size, comm.rank)
-    local = datafiles.read_slice(info, start, stop, np.float64)
-    sums = comm.allreduce_sum(loss_sums(params, local, meta["activation"], meta["loss"]))
+    metrics = evaluate_split(params, split.parts, comm, meta["activation"], meta["loss"],
+                             np.float64, False, "split")
     if comm.rank == 0:
-        print(json.dumps({"dataset": path, "samples": info.n, "loss": sums[0] / sums[2],
-                          "accuracy": sums[1] / sums[2]}))
+        print(json.dumps({"dataset": path, "samples": info.n, "loss": metrics["split_loss"],
+                          "accuracy": metrics["split_accuracy"]}))
+    return 0
+
+
+def _config_tools(args, comm) -> int:
+    from padmmirnn.config import describe_options
+
+    if comm.rank == 0:
+        print(describe_options(markdown=args.markdown))
     return 0
 
 
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))
         handler = {"data": _data, "checkpoint": _checkpoint, "evaluate": _evaluate,
-                   "scaling": _scaling}[args.command]
+                   "scaling": _scaling, "config": _config_tools}[args.command]
         return handler(args, comm)
     except PadmmError as exc:
         if rank == 0:

@@ -20,38 +20,56 @@ from typing import Any
 from padmmirnn.errors import ConfigError
 
 
+def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
+        low: float | None = None, strict: bool = False) -> Any:
+    """A config option: its default, one line of documentation, and its allowed
+    values (``choices``, or a lower bound ``low``, exclusive when ``strict``). The CLI
+    help (``padmmirnn config options``) and docs/options.md are generated from these."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "low": low,
+                                            "strict": strict})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: int = 64
-    activation: str = "tanh"
-    loss: str = "ce"
-    w_init: str = "orthogonal"
-    init_scale: float = 1.0
+    hidden: int = opt(64, "hidden units h", low=1)
+    activation: str = opt("tanh", "f in s_t = f(a_t)", choices=("tanh", "relu"))
+    loss: str = opt("ce", "softmax cross-entropy or squared error", choices=("ce", "mse"))
+    w_init: str = opt("orthogonal", "initial recurrent weights W",
+                      choices=("orthogonal", "gaussian"))
+    init_scale: float = opt(1.0, "scale of the initial W (spectral radius if orthogonal)",
+                            low=0.0, strict=True)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "default"
-    test: str = ""
+    dataset: str = opt("default", "built-in dataset name or path of a NAME_train.h5 file")
+    test: str = opt("", "test split (default: NAME_test.h5 beside the training file)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algo: str = "admm"
-    iterations: int = 60
-    seed: int = 0
-    dtype: str = "float64"
-    parallel: str = "auto"
-    reduction: str = "fast"
-    chunk: int = 250
-    eval_every: int = 0  # 0: every iteration (serial, sync); at the end only (async)
-    budget_seconds: float = 0.0  # 0: no limit; else stop at the first iteration past it
-    staleness: int = 1  # async: tau, counted as below
-    # async: "iterations" (no worker more than tau iterations ahead of the slowest) or
-    # "publishes" (bounded delay: no contribution read is more than tau publishes old;
-    # fast ranks do more iterations, train.iterations bounds the fastest)
-    staleness_kind: str = "iterations"
-    straggler: str = ""  # "RANK:FACTOR": slow that rank's compute by FACTOR (experiments)
+    algo: str = opt("admm", "training algorithm",
+                    choices=("admm", "sgd", "momentum", "adam", "rmsprop", "adagrad", "celgc"))
+    iterations: int = opt(60, "ADMM iterations or gradient epochs", low=0)
+    seed: int = opt(0, "random seed (initial weights, mini-batch order)", low=0)
+    dtype: str = opt("float64", "compute dtype of the per-sample state",
+                     choices=("float64", "float32"))
+    parallel: str = opt("auto", "auto: sync under MPI with several ranks, else none",
+                        choices=("auto", "none", "sync", "async"))
+    reduction: str = opt("fast", "fast: one Allreduce; deterministic: fixed chunks summed "
+                         "in global order (bitwise equal for any rank count)",
+                         choices=("fast", "deterministic"))
+    chunk: int = opt(250, "samples per chunk of the deterministic reduction", low=1)
+    eval_every: int = opt(0, "iterations between evaluations (0: every one; async: at the "
+                          "end)", low=0)
+    budget_seconds: float = opt(0.0, "stop at the first iteration past this many seconds "
+                                "(0: no limit)", low=0.0)
+    staleness: int = opt(1, "async: tau, counted as staleness_kind says", low=0)
+    staleness_kind: str = opt("iterations", "async: no worker more than tau iterations ahead "
+                              "of the slowest, or no contribution read more than tau "
+                              "publishes old (fast ranks run more iterations)",
+                              choices=("iterations", "publishes"))
+    straggler: str = opt("", "RANK:FACTOR slows that rank's compute by FACTOR (experiments)")
 
 
 @dataclass(frozen=True)
@@ -60,47 +78,51 @@ class AdmmConfig:
     (docs/admm-convergence.md): auxiliaries re-synchronised by a forward pass,
     multipliers from their least-squares (KKT) estimate -- a backward recursion in
     time, so not back-propagation free -- joint weight solves and a backtracking
-    step. ``--config faithful`` selects the back-propagation-free formulation of
-    DESIGN.md section 3 (multiplier ascent, a/s/o block updates)."""
+    step. ``--config faithful`` selects the back-propagation-free formulation
+    (docs/design.md, section 3: multiplier ascent, a/s/o block updates)."""
 
-    rho1: float = 1.0
-    rho2: float = 1.0
-    rho3: float = 1.0
-    nu: float = 1e-3
-    multipliers: str = "all"
-    warmup: int = 0
-    rho_schedule: str = "constant"
-    rho_growth: float = 1.1
-    rho_max_scale: float = 100.0
-    schedule: str = "fused"
-    a_newton_steps: int = 3
-    o_newton_steps: int = 20
-    aux_order: str = "jacobi"
-    aux_sweeps: int = 0
-    dual_step: float = 1.0
-    resync_every: int = 1
-    multiplier_update: str = "kkt"
-    weight_solve: str = "joint"
-    step_control: str = "auto"
-    backtrack_max: int = 4
-    step_grow_after: int = 3
-    momentum: float = 0.0
-
-    # Options beyond the faithful formulation (docs/admm-convergence.md):
-    #   aux_order      "jacobi": blocks a, s, o; "backward": o, then s_T, a_T, ..., s_1, a_1
-    #   aux_sweeps     sweeps of the auxiliary blocks per weight solve (0: none)
-    #   dual_step      beta in lambda += beta rho r (multiplier_update "ascent")
-    #   resync_every   K > 0: a, s, o from a forward pass of the new weights every K
-    #                  iterations (not a minimisation: L may increase there)
-    #   multiplier_update  "ascent" (lambda += beta rho r) or "kkt" (least-squares
-    #                  multiplier estimate = a backward recursion; multipliers "all")
-    #   weight_solve   "blocks" (U, W, b then V, c) or "joint" ([U W b], [V c])
-    #   step_control   "backtrack": weights old + alpha (new - old), alpha halved until the
-    #                  true training loss does not increase (needs resync_every = 1, fused)
-    #   backtrack_max  halvings per iteration;  momentum  heavy-ball mu in [0, 1) on the
-    #                  weights (with step_control "backtrack")
-    #   step_grow_after  the step length doubles (at most 1) after this many iterations
-    #                  in a row took their first trial (0: every iteration)
+    rho1: float = opt(1.0, "penalty of a_t = U x_t + W s_{t-1} + b", low=0.0, strict=True)
+    rho2: float = opt(1.0, "penalty of s_t = f(a_t)", low=0.0, strict=True)
+    rho3: float = opt(1.0, "penalty of o_t = V s_t + c", low=0.0, strict=True)
+    nu: float = opt(1e-3, "weight decay nu/2 (|U|^2 + |W|^2 + |V|^2)", low=0.0)
+    multipliers: str = opt("all", "which constraints carry multipliers (none: pure penalty)",
+                           choices=("all", "output", "none"))
+    warmup: int = opt(0, "iterations without a multiplier update", low=0)
+    rho_schedule: str = opt("constant", "rho_j(k) = rho_j min(growth^(k-1), max_scale) if "
+                            "geometric", choices=("constant", "geometric"))
+    rho_growth: float = opt(1.1, "growth of the geometric rho schedule", low=1.0)
+    rho_max_scale: float = opt(100.0, "cap of the geometric rho schedule", low=1.0)
+    schedule: str = opt("fused", "fused: one statistics reduction per iteration; paper: U, "
+                        "W, b, a, s, then V, c, o (two)", choices=("fused", "paper"))
+    a_newton_steps: int = opt(3, "Newton steps of the elementwise a-update", low=0)
+    o_newton_steps: int = opt(20, "Newton steps of the o-update (cross-entropy)", low=0)
+    aux_order: str = opt("jacobi", "local blocks a, s, o, or o then s_T, a_T, ..., s_1, a_1",
+                         choices=("jacobi", "backward"))
+    aux_sweeps: int = opt(0, "sweeps of the local blocks per weight solve", low=0)
+    dual_step: float = opt(1.0, "beta in lambda += beta rho r (ascent), in (0, 2]", low=0.0,
+                           strict=True)
+    resync_every: int = opt(1, "a, s, o from a forward pass every K iterations (0: never)",
+                            low=0)
+    multiplier_update: str = opt("kkt", "ascent (lambda += beta rho r) or the least-squares "
+                                 "(KKT) estimate, a backward recursion",
+                                 choices=("ascent", "kkt"))
+    weight_solve: str = opt("joint", "U, W, b then V, c, or [U W b] and [V c] in one solve",
+                            choices=("blocks", "joint"))
+    step_control: str = opt("auto", "backtrack: old + alpha (new - old), alpha halved until "
+                            "the training loss does not increase; auto: where it applies",
+                            choices=("auto", "none", "backtrack"))
+    backtrack_max: int = opt(4, "halvings of the step per iteration", low=0)
+    step_grow_after: int = opt(3, "the step doubles (at most 1) after this many first-trial "
+                               "acceptances in a row", low=0)
+    momentum: float = opt(0.0, "heavy-ball mu on the weights, in [0, 1) (with backtracking)",
+                          low=0.0)
+    batch_size: int = opt(0, "mini-batch ADMM: samples per global mini-batch, several weight "
+                          "solves per pass (0: one full-batch solve per iteration)", low=0)
+    cov_decay: float = opt(0.95, "mini-batch: C <- decay C + (1 - decay) G / rows, the running "
+                           "Gram estimate of each weight block", low=0.0)
+    damping: float = opt(0.01, "mini-batch: the solve uses C + damping I", low=0.0)
+    trust_radius: float = opt(1.0, "mini-batch: cap of each block's change per step "
+                              "(Frobenius norm; 0: none)", low=0.0)
 
     def __post_init__(self) -> None:
         if self.multiplier_update == "kkt" and self.multipliers != "all":
@@ -122,31 +144,35 @@ class AdmmConfig:
 class OptimConfig:
     """Gradient baselines (``train.algo`` other than admm); one iteration is one epoch."""
 
-    lr: float = 0.0  # 0: the algorithm's default (padmmirnn.data_parallel.DEFAULT_LR)
-    batch_size: int = 64
-    momentum: float = 0.9
-    schedule: str = "constant"
-    step_every: int = 10
-    step_factor: float = 0.5
-    clip_norm: float = 0.0  # 0: no clipping
-    celgc_gamma: float = 1.0
-    celgc_period: int = 4
+    lr: float = opt(0.0, "learning rate (0: the algorithm's default, "
+                    "padmmirnn.data_parallel.DEFAULT_LR)", low=0.0)
+    batch_size: int = opt(64, "samples per (global) mini-batch", low=1)
+    momentum: float = opt(0.9, "heavy-ball mu of the momentum method", low=0.0)
+    schedule: str = opt("constant", "learning-rate schedule",
+                        choices=("constant", "step", "cosine"))
+    step_every: int = opt(10, "epochs between decays of the step schedule", low=1)
+    step_factor: float = opt(0.5, "decay factor of the step schedule", low=0.0, strict=True)
+    clip_norm: float = opt(0.0, "clip the gradient to this global norm (0: no clipping)",
+                           low=0.0)
+    celgc_gamma: float = opt(1.0, "CELGC clipping threshold gamma", low=0.0, strict=True)
+    celgc_period: int = opt(4, "CELGC local steps between weight averages", low=1)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # iterations between checkpoints; 0: only on a graceful stop
-    dir: str = ""  # default: OUTPUT/checkpoints
-    keep: int = 3
-    resume: str = "none"  # none | latest | PATH of a checkpoint file
-    force: bool = False  # resume even if the checkpoint's configuration differs
-    max_walltime: float = 0.0  # seconds; checkpoint and exit 0 once past it (0: off)
+    every: int = opt(0, "iterations between checkpoints (0: only on a graceful stop)", low=0)
+    dir: str = opt("", "checkpoint folder (default: OUT/checkpoints)")
+    keep: int = opt(3, "newest checkpoints kept", low=1)
+    resume: str = opt("none", "none, latest, or the PATH of a checkpoint file")
+    force: bool = opt(False, "resume even if the checkpoint's configuration differs")
+    max_walltime: float = opt(0.0, "seconds of this job after which it checkpoints and exits "
+                              "0 (0: off)", low=0.0)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = ""
-    log_every: int = 10
+    dir: str = opt("", "output folder (default runs/ALGO-TIMESTAMP)")
+    log_every: int = opt(10, "iterations between progress log lines", low=1)
 
 
 @dataclass(frozen=True)
@@ -164,8 +190,8 @@ class Config:
 
     def backtracking(self) -> bool:
         """The step control in force: ``auto`` backtracks where it can (weights from a
-        fused solve, auxiliaries re-synchronised every iteration) except in async runs,
-        where each trial would need a global training loss (a synchronisation point)."""
+        fused solve, auxiliaries re-synchronised every iteration); async runs backtrack
+        on each rank's own training loss (docs/async.md)."""
         a = self.admm
         if a.step_control != "auto":
             return a.step_control == "backtrack"
@@ -196,65 +222,6 @@ class Config:
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
                "staleness_kind", "straggler")
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.activation": ("tanh", "relu"),
-    "model.loss": ("ce", "mse"),
-    "model.w_init": ("orthogonal", "gaussian"),
-    "train.algo": ("admm", "sgd", "momentum", "adam", "rmsprop", "adagrad", "celgc"),
-    "optim.schedule": ("constant", "step", "cosine"),
-    "train.dtype": ("float64", "float32"),
-    "train.parallel": ("auto", "none", "sync", "async"),
-    "train.reduction": ("fast", "deterministic"),
-    "train.staleness_kind": ("iterations", "publishes"),
-    "admm.multipliers": ("all", "output", "none"),
-    "admm.rho_schedule": ("constant", "geometric"),
-    "admm.schedule": ("fused", "paper"),
-    "admm.aux_order": ("jacobi", "backward"),
-    "admm.multiplier_update": ("ascent", "kkt"),
-    "admm.weight_solve": ("blocks", "joint"),
-    "admm.step_control": ("auto", "none", "backtrack"),
-}
-
-# (minimum, strict): a value must be > minimum when strict, >= minimum otherwise.
-BOUNDS: dict[str, tuple[float, bool]] = {
-    "model.hidden": (1, False),
-    "model.init_scale": (0.0, True),
-    "train.iterations": (0, False),
-    "train.seed": (0, False),
-    "train.eval_every": (0, False),
-    "train.staleness": (0, False),
-    "train.chunk": (1, False),
-    "train.budget_seconds": (0.0, False),
-    "admm.rho1": (0.0, True),
-    "admm.rho2": (0.0, True),
-    "admm.rho3": (0.0, True),
-    "admm.nu": (0.0, False),
-    "admm.warmup": (0, False),
-    "admm.rho_growth": (1.0, False),
-    "admm.rho_max_scale": (1.0, False),
-    "admm.a_newton_steps": (0, False),
-    "admm.o_newton_steps": (0, False),
-    "admm.aux_sweeps": (0, False),
-    "admm.dual_step": (0.0, True),
-    "admm.resync_every": (0, False),
-    "admm.backtrack_max": (0, False),
-    "admm.step_grow_after": (0, False),
-    "admm.momentum": (0.0, False),
-    "output.log_every": (1, False),
-    "checkpoint.every": (0, False),
-    "checkpoint.keep": (1, False),
-    "checkpoint.max_walltime": (0.0, False),
-    "optim.lr": (0.0, False),
-    "optim.batch_size": (1, False),
-    "optim.momentum": (0.0, False),
-    "optim.step_every": (1, False),
-    "optim.step_factor": (0.0, True),
-    "optim.clip_norm": (0.0, False),
-    "optim.celgc_gamma": (0.0, True),
-    "optim.celgc_period": (1, False),
-}
-
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -288,11 +255,40 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     )
 
 
+def options() -> list[tuple[str, Any, dict]]:
+    """Every option as (``section.key``, default, metadata of :func:`opt`), in order."""
+    out = []
+    for section, kind in _sections().items():
+        for f in fields(kind):
+            out.append((f"{section}.{f.name}", getattr(kind(), f.name), f.metadata))
+    return out
+
+
+def describe_options(markdown: bool = False) -> str:
+    """Every option with its default, allowed values and documentation: plain lines
+    for ``padmmirnn config options``, or the markdown table of docs/options.md."""
+    rows = []
+    for key, default, meta in options():
+        if meta["choices"]:
+            allowed = ", ".join(meta["choices"])
+        elif meta["low"] is not None:
+            allowed = f"{'>' if meta['strict'] else '>='} {meta['low']:g}"
+        else:
+            allowed = type(default).__name__
+        rows.append((key, _toml_value(default), allowed, meta["doc"]))
+    if not markdown:
+        return "\n".join(f"{k} = {d}  [{a}]  {doc}" for k, d, a, doc in rows)
+    lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | `{d}` | {a} | {doc} |" for k, d, a, doc in rows]
+    return "\n".join(lines)
+
+
 def _validate(cfg: Config) -> None:
     d = cfg.to_dict()
-    for key, allowed in CHOICES.items():
+    for key, _, meta in options():
         section, name = key.split(".")
-        if d[section][name] not in allowed:
+        allowed = meta["choices"]
+        if allowed and d[section][name] not in allowed:
             raise ConfigError(
                 f"config key '{key}' must be one of {', '.join(allowed)}; got {d[section][name]!r}"
             )
@@ -316,7 +312,10 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and t.algo != "admm":
         raise ConfigError("train.parallel = async is for train.algo = admm (gradient methods "
                           "run sync, or CELGC for local steps)")
-    for key, (low, strict) in BOUNDS.items():
+    for key, _, meta in options():
+        low, strict = meta["low"], meta["strict"]
+        if low is None:
+            continue
         section, name = key.split(".")
         v = d[section][name]
         if v != v or (v <= low if strict else v < low):

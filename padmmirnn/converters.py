@@ -1,6 +1,6 @@
 """Converters from the formats people have to the canonical dataset format.
 
-``padmmirnn data prepare KIND`` (DESIGN.md section 7):
+``padmmirnn data prepare KIND`` (docs/design.md, section 9):
 
 * ``idx``: MNIST / Fashion-MNIST IDX files (gzipped or not), images as a sequence
   of rows ``[N, rows, cols]`` or of pixels ``[N, rows * cols, 1]``;

@@ -18,7 +18,6 @@ import numpy as np
 from padmmirnn.baselines import (
     CELGC,
     OPTIMIZERS,
-    Batch,
     Optimizer,
     clip_by_norm,
     global_norm,
@@ -26,8 +25,9 @@ from padmmirnn.baselines import (
     make_schedule,
 )
 from padmmirnn.config import Config
-from padmmirnn.model import Params
+from padmmirnn.model import Params, init_params
 from padmmirnn.samples import LocalData
+from padmmirnn.trainer import TrainerState
 
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.005, "adam": 3e-3, "rmsprop": 1e-3, "adagrad": 0.05,
               "celgc": 0.05}
@@ -42,11 +42,20 @@ def _pack(p: Params, scale: float, extra: list[float]) -> np.ndarray:
 
 
 class GradientTrainer:
-    """One epoch per :meth:`epoch`, on the samples ``[data.start, data.stop)`` of
-    ``n_global``; ``params`` are identical on every rank after each epoch."""
+    """A gradient method as a :class:`~padmmirnn.trainer.Trainer`: one epoch per
+    :meth:`step`, on the samples ``[data.start, data.stop)`` of ``n_global``;
+    ``params`` (seeded initial weights unless given) are identical on every rank
+    after each epoch."""
 
-    def __init__(self, cfg: Config, data: LocalData, n_global: int, comm, params: Params):
+    unit = "epoch"
+
+    def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
+                 params: Params | None = None):
         self.cfg, self.o = cfg, cfg.optim
+        info = data.info
+        if params is None:
+            params = init_params(info.dim, cfg.model.hidden, info.classes, cfg.train.seed,
+                                 cfg.model.w_init, cfg.model.init_scale)
         self.data, self.n_global, self.comm, self.params = data, n_global, comm, params
         self.algo = cfg.train.algo
         self.dtype = np.dtype(cfg.train.dtype)
@@ -64,23 +73,23 @@ class GradientTrainer:
         else:
             kwargs = {"mu": self.o.momentum} if self.algo == "momentum" else {}
             self.optimizer = OPTIMIZERS[self.algo](schedule, **kwargs)
-        self.epochs = 0
+        self.iteration = 0  # epochs done
+        self.last: dict = {}
         n_params = sum(getattr(params, k).size for k in Params.NAMES)
         if self.algo == "celgc":  # a weight average every `period` local steps, + the last
-            self.bytes_per_epoch = 8 * n_params * _ceil_div(batches, self.o.celgc_period)
+            self.bytes_per_step = 8 * n_params * _ceil_div(batches, self.o.celgc_period)
         else:  # per batch: the gradient sums, the loss, rows, step norms, samples
-            self.bytes_per_epoch = 8 * (n_params + data.info.steps + 3) * batches
+            self.bytes_per_step = 8 * (n_params + data.info.steps + 3) * batches
 
     def _average_params(self, p: Params) -> Params:
         buf = self.comm.allreduce_sum(_pack(p, 1.0, []))
         return Params.from_flat(buf / self.comm.size, p)
 
-    def _local_batch(self, idx: np.ndarray) -> Batch:
+    def _local_batch(self, idx: np.ndarray) -> LocalData:
         d = self.data
-        mine = idx[(idx >= d.start) & (idx < d.stop)] - d.start
-        return Batch(np.take(d.inputs, mine, axis=1), np.take(d.targets, mine, axis=1))
+        return d.take(idx[(idx >= d.start) & (idx < d.stop)] - d.start)
 
-    def _sync_step(self, batch: Batch) -> tuple[float, float, np.ndarray]:
+    def _sync_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
         steps = self.data.info.steps
         if batch.targets.shape[1]:
             res = gradients(self.params, batch, self.cfg.model.activation, self.cfg.model.loss,
@@ -99,16 +108,17 @@ class GradientTrainer:
         self.optimizer.step(self.params, grads)
         return buf[-steps - 3] / rows, norm, buf[-steps - 1:-1] / samples
 
-    def _celgc_step(self, batch: Batch) -> tuple[float, float, np.ndarray]:
+    def _celgc_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
         res = gradients(self.params, batch, self.cfg.model.activation, self.cfg.model.loss,
                         self.dtype)
         norm = global_norm(res.grads)
         self.optimizer.step(self.params, res.grads)
         return res.loss, norm, res.step_norms
 
-    def epoch(self) -> dict:
-        """One pass; returns the mean batch loss, gradient norms and per-step norms."""
-        order = np.random.default_rng([self.cfg.train.seed, self.epochs]).permutation(
+    def step(self, evaluate: bool = False) -> None:
+        """One pass over the training set; :meth:`describe` then gives its mean batch
+        loss, gradient norms and per-step gradient norms."""
+        order = np.random.default_rng([self.cfg.train.seed, self.iteration]).permutation(
             self.n_global)
         B = self.o.batch_size
         losses, norms, step_norms = [], [], np.zeros(self.data.info.steps)
@@ -131,10 +141,24 @@ class GradientTrainer:
                 losses.append(loss)
                 norms.append(norm)
                 step_norms += sn
-        self.epochs += 1
-        return {"batch_loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
-                "max_grad_norm": float(np.max(norms)),
-                "grad_step_norms": (step_norms / len(losses)).tolist()}
+        self.iteration += 1
+        self.last = {"batch_loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+                     "max_grad_norm": float(np.max(norms)),
+                     "grad_step_norms": (step_norms / len(losses)).tolist()}
+
+    def evaluation_terms(self) -> tuple[None, None]:
+        return None, None  # no sums to join, no forward pass of the whole training set
+
+    def describe(self, reduced: np.ndarray | None) -> dict:
+        return dict(self.last)
+
+    def state_dict(self) -> TrainerState:
+        return {"iteration": self.iteration, "per_sample": {},
+                "arrays": {k: np.asarray(v) for k, v in self.optimizer.state_dict().items()}}
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        self.optimizer.load_state_dict(state["arrays"])
+        self.iteration = int(state["iteration"])
 
     def _sync_weights(self) -> None:
         """End an epoch with identical weights on every rank (CELGC's last average)."""

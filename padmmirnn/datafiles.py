@@ -1,4 +1,4 @@
-"""Datasets in the canonical HDF5 format (DESIGN.md section 7) and rank slices.
+"""Datasets in the canonical HDF5 format (docs/design.md, section 9) and rank slices.
 
 A dataset split is one HDF5 file with
 

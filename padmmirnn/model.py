@@ -1,4 +1,5 @@
-"""The vanilla (Elman) RNN of DESIGN.md section 2 and its true forward pass.
+"""The vanilla (Elman) RNN (docs/design.md, section 2): its one forward pass and its
+one adjoint (backward) recursion, shared by evaluation, the ADMM engine and BPTT.
 
     a_t = U x_t + W s_{t-1} + b,   s_t = f(a_t),   o_t = V s_t + c   (t in O),
 
@@ -7,6 +8,17 @@ Arrays are time-major and feature-major (column form): a state block is ``[h, N]
 so ``a_t = U x_t + W s_{t-1} + b`` is a product on the left; outputs are rows
 ``[N, K]`` (the loss kernels work per row). Reported metrics always come from
 :func:`forward` with the current weights, never from ADMM auxiliaries.
+
+The adjoint recursion (:func:`adjoint_into`) runs backward in time,
+
+    g_t = W^T e_{t+1} [t < T] + V^T delta_t [t in O],    e_t = f'(a_t) * g_t,
+
+for output-side seeds ``delta_t``: with ``delta = dL/do`` it gives the BPTT adjoints
+``e_t = dL/da_t`` (and the weight gradients are sums of ``e_t z_t^T``, the same
+statistics the ADMM weight blocks use); with ``delta = -dl/do`` it gives the KKT
+multipliers ``lambda1 = e``, ``lambda2 = g``. Measured at mini-batch shapes (64
+samples, h = 64 and 128), the feature-major products run as fast as the row form
+(docs/performance.md), so there is one layout.
 """
 
 from __future__ import annotations
@@ -186,3 +198,40 @@ def loss_sums(params: Params, data: LocalData, activation: str, loss: str,
         o.reshape(rows, -1), data.targets.reshape(-1), LOSSES[loss]
     )
     return np.array([total, float(correct), float(rows)])
+
+
+def adjoint_into(p: Params, states: np.ndarray, delta: np.ndarray, many_to_many: bool,
+                 activation: str, out: np.ndarray, carry: np.ndarray | None = None,
+                 pre: np.ndarray | None = None) -> None:
+    """The backward recursion through time, in place (``p`` in the arrays' dtype):
+
+        g_t = W^T out[t + 1] [t < T] + V^T delta_t [t in O],   out[t] = f'(a_t) * g_t,
+
+    ``states`` ``[T + 1, h, n]`` (s_0 = 0), ``delta`` the output seeds in rows ``[|O|, n,
+    K]``, ``out`` ``[T, h, n]``. ``carry`` (``[T, h, n]``), if given, receives every g_t.
+    f'(a_t) is read off s_t = f(a_t) (tanh: 1 - s^2, ReLU: [s > 0]) unless ``pre``
+    (the pre-activations ``[T, h, n]``) is given: then from a_t, for auxiliaries that
+    are not a forward pass."""
+    steps = out.shape[0]
+    WT = np.ascontiguousarray(p.W.T)
+    VT = np.ascontiguousarray(p.V.T)
+    seed = np.empty_like(out[0])
+    g = np.empty_like(out[0]) if carry is None else None
+    for t in range(steps - 1, -1, -1):
+        g_t = g if carry is None else carry[t]
+        if t < steps - 1:
+            np.matmul(WT, out[t + 1], out=g_t)
+        else:
+            g_t[...] = 0.0
+        if many_to_many or t == steps - 1:
+            np.matmul(VT, delta[t if many_to_many else 0].T, out=seed)
+            g_t += seed
+        e_t = out[t]
+        if activation == "tanh":
+            if pre is not None:
+                np.tanh(pre[t], out=e_t)
+            kernels.tanh_adjoint(states[t + 1] if pre is None else e_t, g_t, e_t)
+        else:
+            np.greater(states[t + 1] if pre is None else pre[t], 0.0, out=e_t,
+                       casting="unsafe")
+            e_t *= g_t

@@ -43,6 +43,12 @@ class LocalData:
     def n(self) -> int:
         return self.stop - self.start
 
+    def take(self, idx: np.ndarray) -> LocalData:
+        """The samples at local positions ``idx`` (copies), e.g. a mini-batch; its
+        ``start``/``stop`` count positions within the batch."""
+        return LocalData(self.info, np.take(self.inputs, idx, axis=1),
+                         np.take(self.targets, idx, axis=1), 0, len(idx))
+
 
 def partition(n: int, size: int, rank: int) -> tuple[int, int]:
     """Contiguous block ``[start, stop)`` of rank ``rank`` out of ``size`` over ``n``."""

@@ -1,6 +1,6 @@
 """Sufficient statistics of the weight blocks, packed for one reduction.
 
-The weight blocks (DESIGN.md section 3, blocks 1-2) need only sums over samples
+The weight blocks (docs/design.md, section 3) need only sums over samples
 of outer products, so each rank computes its local sums, they are packed into
 one contiguous float64 buffer (symmetric blocks as upper triangles), summed over
 ranks, and every rank unpacks the same global sums and solves the same systems.

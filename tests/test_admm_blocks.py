@@ -1,4 +1,4 @@
-"""Properties of the ADMM block updates (DESIGN.md section 3).
+"""Properties of the ADMM block updates (docs/design.md, section 3).
 
 With multipliers 'none' every block minimises the augmented Lagrangian over its
 variables exactly (weights, s) or never increases it (a, o): check after each

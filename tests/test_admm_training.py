@@ -23,11 +23,11 @@ import pytest
 from conftest import FAITHFUL, make_local
 
 from padmmirnn.admm import AdmmEngine
+from padmmirnn.baselines import gradients
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config
 from padmmirnn.errors import ConfigError
-from padmmirnn.kernels.bptt import bptt
-from padmmirnn.model import ACTIVATIONS, LOSSES, loss_sums
+from padmmirnn.model import Params, loss_sums
 from padmmirnn.samples import LocalData
 
 RECOMMENDED = {
@@ -103,8 +103,8 @@ def test_kkt_multipliers_are_minus_the_bptt_adjoint(act):
                   warmup=0)
     eng.block_kkt_multipliers()  # the initial state is a forward pass: feasible
     st, p = eng.parts[0].state, eng.params
-    _, dU, dW, db, dV, dc, _ = bptt(data.inputs, data.targets, p.U, p.W, p.b, p.V, p.c,
-                                    ACTIVATIONS[act], LOSSES["ce"])
+    dU, dW, db, dV, dc = (getattr(gradients(p, data, act, "ce").grads, k)
+                          for k in Params.NAMES)
     n = data.n
     # feature-major state: L1, S [T(+1), h, n]; L3 rows [1, n, K]
     np.testing.assert_allclose(-np.einsum("tin,tjn->ij", st.L1[1:], st.S[1:-1]) / n, dW,

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from conftest import FAITHFUL, make_local
 
+from padmmirnn import asynchronous
 from padmmirnn.admm import AdmmEngine
-from padmmirnn.comm import RmaStatsExchange
+from padmmirnn.comm.rma import RmaStatsExchange
 from padmmirnn.config import build_config
 from padmmirnn.model import Params, loss_sums
 from padmmirnn.samples import LocalData, partition
+from padmmirnn.stats import input_layout, output_layout
 
 pytestmark = pytest.mark.mpi
 
@@ -21,21 +23,21 @@ def _local(full: LocalData, comm) -> LocalData:
                      np.ascontiguousarray(full.targets[:, start:stop]), start, stop)
 
 
-def _engine(comm, data, n, base=FAITHFUL, **admm):
+def _engine(comm, data, n, base=FAITHFUL, reducer=None, **admm):
     cfg = build_config(overrides={**base, "model.hidden": 7,
                                   **{f"admm.{k}": v for k, v in admm.items()}})
-    return AdmmEngine(cfg, [data], n, comm)
+    return AdmmEngine(cfg, [data], n, comm, reducer=reducer)
+
+
+def _async_engine(comm, data, n, tau, base=FAITHFUL, kind="iterations", **admm):
+    """An engine whose statistics reduction is the RMA exchange (given when built)."""
+    size = input_layout(data.info.dim, 7).size + output_layout(7, data.info.classes).size
+    ex = RmaStatsExchange(comm, size, tau, kind=kind)
+    return _engine(comm, data, n, base, reducer=ex, **admm), ex
 
 
 HYBRID_ASYNC = {"admm.step_control": "none"}  # the defaults without the step control
 DEFAULTS: dict = {}  # with it: tau = 0 sums the trial losses over all ranks, as SP does
-
-
-def _exchange(engine, comm, tau):
-    size = engine.in_layout.size + engine.out_layout.size
-    ex = RmaStatsExchange(comm, size, tau)
-    engine.comm = ex
-    return ex
 
 
 @pytest.mark.parametrize("kind,m2m,base", [("dense", False, FAITHFUL),
@@ -47,8 +49,7 @@ def test_staleness_zero_equals_sp(comm, kind, m2m, base):
     data = _local(full, comm)
     extra = {} if base is not FAITHFUL else {"multipliers": "all", "warmup": 2}
     sp = _engine(comm, data, 29, base, **extra)
-    ap = _engine(comm, data, 29, base, **extra)
-    ex = _exchange(ap, comm, 0)
+    ap, ex = _async_engine(comm, data, 29, 0, base, **extra)
     try:
         for _ in range(6):
             sp.iterate(want_sums=False)
@@ -62,8 +63,7 @@ def test_staleness_zero_equals_sp(comm, kind, m2m, base):
 
 def test_window_equals_sum_of_latest_contributions(comm):
     full = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=8)
-    eng = _engine(comm, _local(full, comm), 40)
-    ex = _exchange(eng, comm, 2)
+    eng, ex = _async_engine(comm, _local(full, comm), 40, 2)
     try:
         # ranks run at different speeds: rank 1 pauses, so rank 0 runs ahead (bounded)
         for k in range(7):
@@ -72,29 +72,26 @@ def test_window_equals_sum_of_latest_contributions(comm):
 
                 time.sleep(0.05)
             eng.iterate(want_sums=False)
-            published, consumed = ex.counters()
+            published = ex.published()
             assert published.max() - published.min() <= 2 + 1
         comm.barrier()
         window = ex.window_sum()
         total = comm.allreduce_sum(ex.previous.copy())
         np.testing.assert_allclose(window, total, rtol=1e-12, atol=1e-12)
-        published, consumed = ex.counters()
-        assert list(published) == [7, 7] and list(consumed) == [7, 7]
+        assert list(ex.published()) == [7, 7] and list(ex.consumed()) == [7, 7]
     finally:
         ex.free()
 
 
 def test_async_with_staleness_still_descends(comm):
     full = make_local("dense", False, n=60, steps=5, dim=5, classes=3, seed=9)
-    eng = _engine(comm, _local(full, comm), 60, multipliers="none")
-    start = eng.lagrangian()
-    ex = _exchange(eng, comm, 2)
+    eng, ex = _async_engine(comm, _local(full, comm), 60, 2, multipliers="none")
+    start = eng.lagrangian()  # a collective on the communicator, not the window
     try:
         for _ in range(8):
             eng.iterate(want_sums=False)
     finally:
         ex.free()
-    eng.comm = comm
     assert eng.lagrangian() < start
 
 
@@ -102,10 +99,7 @@ def test_bounded_delay_lets_the_fast_rank_run_ahead(comm):
     import time
 
     full = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=11)
-    eng = _engine(comm, _local(full, comm), 40)
-    size = eng.in_layout.size + eng.out_layout.size
-    ex = RmaStatsExchange(comm, size, 3, kind="publishes")
-    eng.comm = ex
+    eng, ex = _async_engine(comm, _local(full, comm), 40, 3, kind="publishes")
     try:
         t0 = time.perf_counter()
         delays = []
@@ -134,26 +128,25 @@ def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
     than at rank 0's weights before that solve; the run then goes on asynchronously."""
     import time
 
-    from padmmirnn.train import AdmmAlgorithm, Split
-
     full = make_local("dense", False, n=60, steps=5, dim=5, classes=3, seed=12)
     data = _local(full, comm)
     cfg = build_config(overrides={"model.hidden": 7, "train.parallel": "async",
                                   "train.staleness": 2})
     assert cfg.backtracking()
-    algo = AdmmAlgorithm(cfg, Split(full.info, data, [data]), comm)
+    engine, control = asynchronous.build(cfg, [data], 60, comm)
     try:
         for k in range(5):
             if comm.rank == 1 and k % 2:
                 time.sleep(0.05)
-            algo.step(evaluate=False)
-        assert algo.engine.loss_comm.size == 1  # a local step control
-        start = algo.before_solve
-        algo.quiesce()
-        window = algo.exchange.window_sum()
-        np.testing.assert_allclose(window, comm.allreduce_sum(algo.exchange.previous.copy()),
+            control.before_step()
+            engine.step(evaluate=False)
+        assert engine.loss_comm.size == 1  # a local step control
+        start = control.before_solve
+        control.quiesce()
+        window = control.exchange.window_sum()
+        np.testing.assert_allclose(window, comm.allreduce_sum(control.exchange.previous.copy()),
                                    rtol=1e-12, atol=1e-12)
-        for name, value in algo.params.arrays().items():
+        for name, value in engine.params.arrays().items():
             gathered = comm.allgather(value.tobytes())
             assert gathered[0] == gathered[1], name
         rank0_start = Params.from_flat(comm.bcast_array(start.flat()), start)
@@ -162,8 +155,9 @@ def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
             sums = loss_sums(params, data, cfg.model.activation, cfg.model.loss)
             return comm.allreduce_sum(sums.copy())[0]
 
-        assert global_loss(algo.params) <= global_loss(rank0_start)
-        assert algo.engine.synced and algo.engine.loss_comm.size == 1
-        algo.step(evaluate=False)  # and on asynchronously
+        assert global_loss(engine.params) <= global_loss(rank0_start)
+        assert engine.synced and engine.loss_comm.size == 1
+        control.before_step()
+        engine.step(evaluate=False)  # and on asynchronously
     finally:
-        algo.close()
+        control.close()

@@ -1,4 +1,5 @@
-"""BPTT gradients (kernels/bptt.py) and the gradient baselines (padmmirnn/baselines.py)."""
+"""BPTT gradients (the model's forward pass and adjoint recursion) and the gradient
+baselines (padmmirnn/baselines.py, padmmirnn/data_parallel.py)."""
 
 import math
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 
 from padmmirnn import baselines as bl
-from padmmirnn.kernels.bptt import forward_states
-from padmmirnn.model import ACTIVATIONS, Params, forward, init_params, loss_sums
+from padmmirnn.comm import SerialComm
+from padmmirnn.config import build_config
+from padmmirnn.data_parallel import GradientTrainer
+from padmmirnn.model import Params, forward, init_params, loss_sums
 from padmmirnn.samples import DatasetInfo, LocalData
 
 CASES = [
@@ -77,9 +80,6 @@ def test_loss_equals_model_mean_loss(kind, many, act, loss):
     res = bl.gradients(p, data, act, loss)
     assert res.rows == count == 9 * (5 if many else 1)
     assert res.loss == pytest.approx(total / count, rel=1e-13)
-    states, _ = forward(p, data, act)  # feature-major [T + 1, h, n]; the kernel's rows
-    np.testing.assert_allclose(forward_states(data.inputs, p.U, p.W, p.b, ACTIVATIONS[act]),
-                               states.transpose(0, 2, 1), rtol=1e-13, atol=1e-15)
 
 
 def test_float32_gradients_close_to_float64():
@@ -102,8 +102,8 @@ def test_step_norms_mean_over_samples_and_time_profile():
     assert one.step_norms[0] == pytest.approx(np.linalg.norm(one.grads.b), rel=1e-14)
     # duplicating every sample changes neither the mean loss, its gradient, nor the norms
     data = make_data(6, 8, 3, 3, "dense", True)
-    twice = bl.Batch(np.concatenate([data.inputs] * 2, axis=1),
-                     np.concatenate([data.targets] * 2, axis=1))
+    twice = LocalData(data.info, np.concatenate([data.inputs] * 2, axis=1),
+                      np.concatenate([data.targets] * 2, axis=1), 0, 2 * data.n)
     a, b = bl.gradients(p, data, "tanh", "ce"), bl.gradients(p, twice, "tanh", "ce")
     assert b.loss == pytest.approx(a.loss, rel=1e-14)
     np.testing.assert_allclose(b.step_norms, a.step_norms, rtol=1e-13)
@@ -120,7 +120,8 @@ def test_step_norms_mean_over_samples_and_time_profile():
 def test_targets_shape_checked():
     data = make_data(5, 4, 3, 3, "dense", True)
     with pytest.raises(ValueError, match="targets shape"):
-        bl.gradients(make_params(3, 4, 3), bl.Batch(data.inputs, data.targets[:2]), "tanh", "ce")
+        bl.gradients(make_params(3, 4, 3), LocalData(data.info, data.inputs, data.targets[:2],
+                                                     0, data.n), "tanh", "ce")
 
 
 # -- optimizers -------------------------------------------------------------------------------
@@ -132,6 +133,16 @@ def learnable_problem(seed: int = 0) -> LocalData:
     proj = np.random.default_rng(seed + 1).standard_normal((5, 3))
     data.targets[0] = np.argmax(data.inputs.sum(0) @ proj, axis=1)
     return data
+
+
+def train_step(p: Params, data: LocalData, opt: bl.Optimizer, act: str, loss: str,
+               clip_norm: float | None = None) -> bl.Gradients:
+    """Gradients, optional clipping by global norm, one optimizer step."""
+    res = bl.gradients(p, data, act, loss)
+    if clip_norm is not None:
+        bl.clip_by_norm(res.grads, clip_norm)
+    opt.step(p, res.grads)
+    return res
 
 
 OPTIMIZERS = {
@@ -151,7 +162,7 @@ def test_optimizer_decreases_loss(name):
     opt = OPTIMIZERS[name]()
     first = mean_loss(p, data, "tanh", "ce")
     for _ in range(30):
-        bl.train_step(p, data, opt, "tanh", "ce")
+        train_step(p, data, opt, "tanh", "ce")
     last = mean_loss(p, data, "tanh", "ce")
     assert last < 0.5 * first, f"{name}: {first:.3f} -> {last:.3f}"
 
@@ -162,7 +173,7 @@ def test_optimizer_state_dict_round_trip(name):
     p = init_params(5, 8, 3, 1, "orthogonal", 0.5)
     opt = OPTIMIZERS[name]()
     for _ in range(3):
-        bl.train_step(p, data, opt, "tanh", "ce")
+        train_step(p, data, opt, "tanh", "ce")
     state = opt.state_dict()
     assert all(isinstance(v, np.ndarray | int | float) for v in state.values())
     q = p.copy()
@@ -251,7 +262,7 @@ def test_clipping_tames_exploding_gradients():
         losses = []
         with np.errstate(all="ignore"):
             for _ in range(20):
-                res, _ = bl.train_step(p, data, opt, "relu", "ce", clip_norm=clip)
+                res = train_step(p, data, opt, "relu", "ce", clip_norm=clip)
                 losses.append(res.loss)
                 if not math.isfinite(res.loss):
                     break
@@ -277,7 +288,7 @@ def test_celgc_period_one_is_clipped_sgd():
         step = min(eta, gamma / norm)
         for x, gx in zip(bl._arrays(q), bl._arrays(g), strict=True):
             x -= step * gx
-        bl.train_step(p, data, opt, "tanh", "ce")
+        train_step(p, data, opt, "tanh", "ce")
         for k in Params.NAMES:
             np.testing.assert_array_equal(getattr(p, k), getattr(q, k))
     assert any(clipped) and not all(clipped)  # both branches of min(eta, gamma/||g||) ran
@@ -301,35 +312,30 @@ def test_celgc_averages_every_period_in_place():
     np.testing.assert_allclose(p.W, 7.0 - 0.1)  # averaged at step 6, one local step since
 
 
-# -- mini-batches and the epoch loop ---------------------------------------------------------
+# -- the epoch loop ---------------------------------------------------------------------------
 
 
-def test_batches_shuffle_deterministically_and_cover_once():
-    data = make_data(23, 3, 2, 3, "dense", False)
-    data.inputs[0, :, 0] = np.arange(23)  # tag samples by index
-
-    def order(seed, epoch, **kw):
-        return [b.inputs[0, :, 0].astype(int) for b in bl.batches(data, 5, seed, epoch, **kw)]
-
-    a = order(1, 0)
-    assert [len(x) for x in a] == [5, 5, 5, 5, 3]
-    flat = np.concatenate(a)
-    np.testing.assert_array_equal(np.sort(flat), np.arange(23))
-    np.testing.assert_array_equal(flat, np.random.default_rng([1, 0]).permutation(23))
-    assert all(np.array_equal(x, y) for x, y in zip(a, order(1, 0), strict=True))
-    assert not np.array_equal(flat, np.concatenate(order(1, 1)))
-    assert [len(x) for x in order(1, 0, drop_last=True)] == [5, 5, 5, 5]
-    b = next(iter(bl.batches(data, 5, 1, 0)))
-    np.testing.assert_array_equal(b.targets[0], data.targets[0, flat[:5]])
-
-
-def test_train_epoch_reduces_loss():
+def test_epoch_is_the_shuffled_minibatch_loop():
+    """One GradientTrainer epoch equals the reference loop: batches of the permutation
+    default_rng([seed, epoch]) of the sample indices (the last one smaller), a gradient,
+    clipping by global norm, an Adam step each; and it reduces the training loss."""
     data = learnable_problem()
+    cfg = build_config(overrides={"train.algo": "adam", "model.hidden": 8, "train.seed": 3,
+                                  "optim.lr": 0.02, "optim.batch_size": 15,
+                                  "optim.clip_norm": 5.0})
     p = init_params(5, 8, 3, 1, "orthogonal", 0.5)
-    opt = bl.Adam(0.02)
+    trainer = GradientTrainer(cfg, data, data.n, SerialComm(), p.copy())
+    q, opt = p.copy(), bl.Adam(0.02)
     first = mean_loss(p, data, "tanh", "ce")
-    stats = [bl.train_epoch(p, data, opt, "tanh", "ce", batch_size=16, seed=0, epoch=e,
-                            clip_norm=5.0) for e in range(5)]
-    assert all(s.steps == 4 for s in stats) and opt.t == 20
-    assert stats[-1].loss < stats[0].loss
-    assert mean_loss(p, data, "tanh", "ce") < 0.6 * first
+    for epoch in range(3):
+        trainer.step()
+        order = np.random.default_rng([3, epoch]).permutation(data.n)
+        sizes = [len(order[lo:lo + 15]) for lo in range(0, data.n, 15)]
+        assert sizes == [15, 15, 15, 15, 4]
+        for lo in range(0, data.n, 15):
+            train_step(q, data.take(order[lo:lo + 15]), opt, "tanh", "ce", clip_norm=5.0)
+        for k in Params.NAMES:
+            np.testing.assert_allclose(getattr(trainer.params, k), getattr(q, k), rtol=1e-12,
+                                       atol=1e-14)
+    assert trainer.iteration == 3 and opt.t == 15
+    assert mean_loss(trainer.params, data, "tanh", "ce") < 0.8 * first

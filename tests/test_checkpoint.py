@@ -1,5 +1,5 @@
 """Checkpoints: atomic, verified, resumable bit for bit, on another rank count,
-and written on a graceful stop (DESIGN.md section 6)."""
+and written on a graceful stop (docs/design.md, section 8)."""
 
 from __future__ import annotations
 
@@ -226,6 +226,13 @@ def test_max_walltime_checkpoints_and_exits_zero(tmp_path, toy):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"].startswith("--max-walltime")
     assert find_latest(out / "checkpoints") is not None
+    # a resubmitted job has its own walltime: the time before the checkpoint (more
+    # than the limit) does not stop it at once
+    done = summary["iterations"]
+    assert main(["train", *toy, "--iterations", str(done + 2), "--max-walltime", "0.5",
+                 "--resume", "latest", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == done + 2 and summary["stopped"] is None
 
 
 def test_config_mismatch_is_refused_unless_forced(tmp_path, toy, capsys):

@@ -179,3 +179,30 @@ def test_train_on_prepared_files(tmp_path, kind, m2m):
     if m2m:
         assert "train_perplexity" in rows[-1]
     assert rows[-1]["test_accuracy"] is not None
+
+
+def test_option_table_in_docs_is_generated_from_the_config(capsys):
+    """Each option's default, allowed values and doc live beside its field; the CLI
+    prints them and docs/options.md holds the same table."""
+    from pathlib import Path
+
+    from padmmirnn.config import describe_options, options
+
+    assert main(["config", "options"]) == 0
+    printed = capsys.readouterr().out
+    keys = [key for key, _, _ in options()]
+    assert len(keys) > 50 and all(f"{key} = " in printed for key in keys)
+    assert all(meta["doc"] for _, _, meta in options())
+    docs = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+    assert describe_options(markdown=True) in docs.read_text(), \
+        "docs/options.md is stale: regenerate it with padmmirnn config options --markdown"
+
+
+def test_choices_and_bounds_come_from_the_fields():
+    with pytest.raises(ConfigError, match="'train.staleness_kind' must be one of iterations, "
+                                          "publishes"):
+        build_config(overrides={"train.staleness_kind": "delay"})
+    with pytest.raises(ConfigError, match=r"'admm.rho2' must be > 0"):
+        build_config(overrides={"admm.rho2": 0.0})
+    with pytest.raises(ConfigError, match=r"'optim.batch_size' must be >= 1"):
+        build_config(overrides={"optim.batch_size": 0})

@@ -29,7 +29,8 @@ def test_every_algorithm_reduces_the_training_loss(algo, lr):
     tr = _trainer(algo, data, SerialComm(), batch_size=16, lr=lr)
     before = loss_sums(tr.params, data, "tanh", "ce")
     for _ in range(15):
-        stats = tr.epoch()
+        tr.step()
+    stats = tr.describe(None)
     after = loss_sums(tr.params, data, "tanh", "ce")
     assert after[0] < 0.8 * before[0]
     assert len(stats["grad_step_norms"]) == 4
@@ -39,7 +40,7 @@ def test_clipping_bounds_the_step(tmp_path):
     data = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=3)
     tr = _trainer("sgd", data, SerialComm(), batch_size=40, lr=0.5, clip_norm=1e-3)
     w0 = tr.params.W.copy()
-    tr.epoch()  # one step of at most lr * clip_norm in norm
+    tr.step()  # one step of at most lr * clip_norm in norm
     assert np.linalg.norm(tr.params.W - w0) <= 0.5 * 1e-3 + 1e-15
 
 

@@ -55,6 +55,29 @@ def test_two_rank_run_matches_serial_run(tmp_path, kind):
         assert b["train_accuracy"] == a["train_accuracy"]
 
 
+def test_ledger_counts_the_synchronisations_of_data_parallel_adam(tmp_path):
+    """Data-parallel Adam reduces once per global mini-batch: the ledger in the summary
+    and the metrics counts exactly that, and the bytes of the packed gradients; a
+    serial run communicates nothing."""
+    n, steps, dim, hidden, classes, batch = 41, 6, 5, 6, 3, 8
+    write_random_split(tmp_path / "d_train.h5", n=n, steps=steps, dim=dim, seed=1)
+    common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--algo", "adam",
+              "--iterations", "2", "--set", f"model.hidden={hidden}",
+              "--set", f"optim.batch_size={batch}"]
+    proc, _ = _run([*common, "--out", str(tmp_path / "dp")])
+    assert proc.returncode == 0, proc.stderr
+    batches = -(-n // batch)
+    params = hidden * dim + hidden * hidden + hidden + classes * hidden + classes
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["syncs"] == 2 * batches
+    assert summary["bytes"] == 2 * batches * 8 * (params + steps + 3)
+    assert [m["syncs"] for m in _metrics(tmp_path / "dp")] == [batches, 2 * batches]
+    proc, _ = _run([*common, "--out", str(tmp_path / "serial")], ranks=0)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "serial" / "summary.json").read_text())
+    assert summary["syncs"] == 0 and summary["bytes"] == 0
+
+
 def test_exception_on_one_rank_ends_the_job(tmp_path):
     write_random_split(tmp_path / "d_train.h5", n=30, seed=1)
     proc, seconds = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--iterations",

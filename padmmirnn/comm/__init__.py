@@ -1,0 +1,246 @@
+"""Communication: with :mod:`padmmirnn.comm.rma`, the only place that imports mpi4py.
+
+Algorithms receive a communicator object when they are built and call its methods;
+they never reach for ``MPI.COMM_WORLD``. :class:`SerialComm` (one process, no MPI
+imported) and :class:`MPIComm` (a ``Dup`` of a communicator) offer the same calls.
+Arrays go through buffer collectives (contiguous float64), small Python objects
+(error messages, paths) through the pickle-based lower-case calls.
+
+Every communicator keeps a :class:`Ledger` of its synchronisations: collective
+calls (and, in :mod:`padmmirnn.comm.rma`, RMA exchanges), the bytes this rank sent
+and the seconds spent, so runs can report what they communicated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+
+from padmmirnn.errors import PadmmError
+
+_MPI_ENV = ("PMI_SIZE", "PMI_RANK", "PMI_FD", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+            "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
+def launched_by_mpi() -> bool:
+    """True when the process was started by an MPI launcher (mpiexec, srun --mpi)."""
+    return any(k in os.environ for k in _MPI_ENV)
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher's environment tells it (0 if unknown),
+    for reporting errors that happen before a communicator exists."""
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+class Ledger:
+    """What one rank communicated: ``syncs`` (collective calls and RMA exchanges),
+    ``bytes`` (payload this rank sent) and ``seconds`` (wall time inside them)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.syncs = 0
+        self.bytes = 0
+
+    def record(self, seconds: float, nbytes: int) -> None:
+        self.seconds += seconds
+        self.syncs += 1
+        self.bytes += int(nbytes)
+
+    def snapshot(self) -> dict:
+        return {"syncs": self.syncs, "bytes": self.bytes, "comm_s": self.seconds}
+
+
+def sum_parts(comm, parts: list[np.ndarray], ordered: bool) -> np.ndarray:
+    """Global sum of float64 vectors, one per local part (parts are in global order).
+
+    ``ordered=False``: add the local parts, then one ``allreduce_sum`` of ``comm``
+    (fast; the result depends on the rank count in the last bits). ``ordered=True``:
+    gather every rank's parts and add them one by one in global order, so the result
+    is bitwise the same for any number of ranks holding the same parts."""
+    if not ordered:
+        buf = parts[0].copy()
+        for extra in parts[1:]:
+            buf += extra
+        return comm.allreduce_sum(buf)
+    rows = comm.allgather_rows(np.stack(parts))
+    out = rows[0].copy()
+    for row in rows[1:]:
+        out += row
+    return out
+
+
+class SerialComm:
+    """The communicator of a run on one process: every collective is the identity
+    (and costs nothing: the ledger stays empty)."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self):
+        self.ledger = Ledger()
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+    def gather_samples(self, block: np.ndarray, n_global: int) -> np.ndarray:
+        return block
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def bcast_array(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        return buf
+
+    def bcast(self, obj, root: int = 0):
+        return obj
+
+    def allgather(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def free(self) -> None:
+        pass
+
+
+class MPIComm:
+    """A private duplicate of an MPI communicator (default ``COMM_WORLD``). Every
+    collective is a thin call through :meth:`_timed`, which keeps the ledger."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.ledger = Ledger()
+
+    def _timed(self, nbytes: int, call: Callable[[], object]):
+        """Run one collective, recording its time and the bytes this rank sends."""
+        t0 = time.perf_counter()
+        result = call()
+        self.ledger.record(time.perf_counter() - t0, nbytes)
+        return result
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` (contiguous float64) over ranks, in place."""
+        self._timed(buf.nbytes, lambda: self.comm.Allreduce(self._MPI.IN_PLACE, buf,
+                                                            op=self._MPI.SUM))
+        return buf
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        """Elementwise maximum of ``buf`` (contiguous float64) over ranks, in place."""
+        self._timed(buf.nbytes, lambda: self.comm.Allreduce(self._MPI.IN_PLACE, buf,
+                                                            op=self._MPI.MAX))
+        return buf
+
+    def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Concatenate every rank's ``[k_r, m]`` float64 rows in rank order."""
+        rows = np.ascontiguousarray(rows)
+        width = rows.shape[1]
+
+        def call() -> np.ndarray:
+            counts = np.array(self.comm.allgather(rows.shape[0]), dtype=np.int64) * width
+            out = np.empty((int(counts.sum()) // width, width))
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            self.comm.Allgatherv(rows, [out, counts, displs, self._MPI.DOUBLE])
+            return out
+
+        return self._timed(rows.nbytes, call)
+
+    def gather_samples(self, block: np.ndarray, n_global: int) -> np.ndarray | None:
+        """Concatenate every rank's sample-major block ``[n_r, ...]`` on rank 0, in
+        rank order (= global sample order); other ranks get None."""
+        block = np.ascontiguousarray(block)
+
+        def call() -> np.ndarray | None:
+            row = int(np.prod(block.shape[1:], dtype=np.int64))
+            counts = np.array(self.comm.gather(block.shape[0], root=0) or [0]) * row
+            out, recv = None, None
+            if self.rank == 0:
+                out = np.empty((n_global, *block.shape[1:]), block.dtype)
+                displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+                recv = [out, counts, displs, self._MPI.Datatype.fromcode(block.dtype.char)]
+            self.comm.Gatherv(block, recv, root=0)
+            return out
+
+        return self._timed(block.nbytes, call)
+
+    def bcast_array(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Broadcast a contiguous array from ``root``, in place."""
+        sent = buf.nbytes if self.rank == root else 0
+        self._timed(sent, lambda: self.comm.Bcast(buf, root=root))
+        return buf
+
+    def bcast(self, obj, root: int = 0):
+        return self._timed(0, lambda: self.comm.bcast(obj, root=root))
+
+    def allgather(self, obj) -> list:
+        return self._timed(0, lambda: self.comm.allgather(obj))
+
+    def barrier(self) -> None:
+        self._timed(0, self.comm.Barrier)
+
+    def free(self) -> None:
+        """Free the duplicate (idempotent; nothing to do once MPI is finalized)."""
+        if self.comm is not None and not self._MPI.Is_finalized():
+            self.comm.Free()
+        self.comm = None
+
+
+def make_comm(parallel: str):
+    """The communicator for ``--parallel``: serial unless launched by MPI with >1 rank
+    (``auto``) or asked for (``sync``, ``async``)."""
+    if parallel == "auto" and not launched_by_mpi():
+        return SerialComm()
+    comm = MPIComm()
+    if parallel == "none" and comm.size > 1:
+        size = comm.size
+        comm.free()
+        raise PadmmError(f"--parallel none was asked for, but the job has {size} ranks: "
+                         "start one process, or use --parallel sync")
+    if parallel == "none" or (comm.size == 1 and parallel == "auto"):
+        comm.free()
+        return SerialComm()
+    return comm
+
+
+def agree(comm, check: Callable[[], object]) -> object:
+    """Run ``check()`` on every rank; if it raises :class:`PadmmError` on any rank,
+    raise the first rank's error on *all* ranks (so no rank waits in a collective
+    for one that has given up). Returns ``check()``'s value."""
+    try:
+        value, message = check(), None
+    except PadmmError as exc:
+        value, message = None, (type(exc), str(exc))
+    errors = [(r, m) for r, m in enumerate(comm.allgather(message)) if m is not None]
+    if errors:
+        rank, (kind, text) = errors[0]
+        prefix = f"rank {rank}: " if comm.size > 1 and rank != comm.rank else ""
+        raise kind(prefix + text)
+    return value
+
+
+def abort_on_exception(rank: int, size: int) -> None:
+    """Print this rank's traceback and end the whole MPI job (no hang on the others)."""
+    sys.stderr.write(f"[rank {rank}/{size}] unhandled exception:\n")
+    traceback.print_exc()
+    sys.stderr.flush()
+    if size > 1 and "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(1)

@@ -1,0 +1,275 @@
+"""One-sided (RMA) building blocks and the asynchronous statistics exchange of AP.
+
+Small parts, each used on windows that every rank keeps open in one passive
+``Lock_all`` epoch for the whole run (operations complete with ``Flush``):
+
+* :class:`WindowMutex`: a spin lock on one int64 word, taken and released by
+  ``Compare_and_swap`` only (one atomic operation on the word, as the window's
+  default ``accumulate_ops = same_op_no_op`` asks), used with ``with``;
+* :class:`Counters`: named int64 slots read and written element-atomically
+  (``Get_accumulate`` with ``NO_OP``, ``Accumulate`` with ``REPLACE``/``MIN``/``MAX``,
+  ``Fetch_and_op``);
+* :class:`RmaStatsExchange`: the bounded-staleness exchange of AP-ADMMiRNN built
+  from them (docs/design.md, section 6).
+
+Why no ``MPI_Win_lock``: measured with the MPICH wheel, ``Win.Lock`` on a target
+busy computing waits until that target next enters MPI (1.9 s in a 2 s compute
+phase), while ``Lock_all`` + ``Flush`` operations complete in about 1 ms.
+
+Origin buffers stay referenced until the ``Flush`` that completes their operation
+(the standard forbids touching an origin buffer before completion). Waits poll with
+exponential backoff (0.1 ms to 10 ms), not a spinning core. ``free()`` is
+idempotent and collective.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from padmmirnn.comm import MPIComm
+
+
+def poll(ready: Callable[[], bool], give_up: Callable[[], bool] | None = None) -> float:
+    """Poll ``ready()`` with backoff (0.1 ms doubling to 10 ms) until it holds or
+    ``give_up()`` does; returns the seconds waited."""
+    delay = 1e-4
+    t0 = time.perf_counter()
+    while not ready():
+        if give_up is not None and give_up():
+            break
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-2)
+    return time.perf_counter() - t0
+
+
+class WindowMutex:
+    """Mutual exclusion through the int64 word ``disp`` of ``win`` on ``host``: 0 is
+    free, ``rank + 1`` is held by ``rank``. Use as ``with mutex: ...``."""
+
+    def __init__(self, win, host: int, disp: int, rank: int, mpi):
+        self._win, self._host, self._disp = win, host, disp
+        self._mine = np.array([rank + 1], np.int64)
+        self._free = np.zeros(1, np.int64)
+        self._seen = np.empty(1, np.int64)
+        self._mpi = mpi
+
+    def _swap(self, new: np.ndarray, expected: np.ndarray) -> int:
+        self._win.Compare_and_swap(new, expected, self._seen, self._host, self._disp)
+        self._win.Flush(self._host)
+        return int(self._seen[0])
+
+    def acquire(self) -> None:
+        poll(lambda: self._swap(self._mine, self._free) == 0)
+
+    def release(self) -> None:
+        holder = self._swap(self._free, self._mine)
+        if holder != self._mine[0]:
+            raise RuntimeError(f"window mutex released by rank {self._mine[0] - 1} but held "
+                               f"by {holder - 1}")
+
+    def __enter__(self) -> WindowMutex:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Counters:
+    """Named int64 slots of ``win`` on ``host``: ``layout`` maps a name to its
+    (first word, number of words). Every access is element-atomic and completed
+    (flushed) before the call returns."""
+
+    def __init__(self, win, host: int, layout: dict[str, tuple[int, int]], mpi):
+        self._win, self._host, self._mpi = win, host, mpi
+        self.layout = layout
+        self._lo = min(first for first, _ in layout.values())
+        self._hi = max(first + length for first, length in layout.values())
+        self._all = np.empty(self._hi - self._lo, np.int64)
+        self._noop = np.zeros_like(self._all)  # origin of NO_OP reads (not the result)
+
+    def _disp(self, name: str, index: int) -> int:
+        first, length = self.layout[name]
+        if not 0 <= index < length:
+            raise IndexError(f"counter {name}[{index}] (length {length})")
+        return first + index
+
+    def read(self) -> dict[str, np.ndarray]:
+        """Every slot, in one element-atomic read (copies)."""
+        self._win.Get_accumulate(self._noop, self._all, self._host, self._lo,
+                                 op=self._mpi.NO_OP)
+        self._win.Flush(self._host)
+        return {name: self._all[first - self._lo:first - self._lo + length].copy()
+                for name, (first, length) in self.layout.items()}
+
+    def update(self, name: str, value: int, op, index: int = 0) -> None:
+        """``slot = op(slot, value)`` (``REPLACE``, ``MIN``, ``MAX``, ``SUM``)."""
+        origin = np.array([value], np.int64)
+        self._win.Accumulate(origin, self._host, self._disp(name, index), op=op)
+        self._win.Flush(self._host)
+
+    def fetch_add(self, name: str, value: int, index: int = 0) -> int:
+        """Add ``value`` to the slot; return its value before."""
+        origin, result = np.array([value], np.int64), np.empty(1, np.int64)
+        self._win.Fetch_and_op(origin, result, self._host, self._disp(name, index),
+                               op=self._mpi.SUM)
+        self._win.Flush(self._host)
+        return int(result[0])
+
+
+class RmaStatsExchange:
+    """Asynchronous, bounded-staleness exchange of the per-iteration statistics over
+    MPI one-sided windows (AP-ADMMiRNN, docs/design.md, section 6). It is the
+    engine's reducer in asynchronous runs: :meth:`allreduce_sum` replaces the
+    Allreduce of the statistics.
+
+    The statistics window (float64, on ``host``) holds the global statistics; the
+    control window (int64) holds the mutex word and the :class:`Counters`
+    ``published[p]``, ``consumed[p]``, ``stop`` (agreed last iteration, reason),
+    ``version`` (publishes so far) and ``last_version[p]`` (the version of each
+    worker's latest publish). A worker keeps its last published contribution and,
+    at iteration k,
+
+    1. waits until every worker has consumed iteration ``k - 1 - tau``,
+    2. under the mutex, accumulates ``new - previous`` into the statistics and sets
+       ``published[me] = k``,
+    3. waits until every worker has published iteration ``max(k - tau, 1)`` (a
+       snapshot never lacks a worker's contribution),
+    4. under the mutex, reads a snapshot of the statistics, then sets
+       ``consumed[me] = k``.
+
+    So the snapshot holds every worker's contribution from iterations within
+    ``tau`` of k, and ``tau = 0`` is the synchronous algorithm (the same sums as
+    one Allreduce, up to the rounding of accumulating differences). Invariant: the
+    statistics window equals the sum of every worker's latest contribution.
+
+    ``kind = "publishes"`` bounds the *delay* instead (as partial-barrier
+    asynchronous ADMM): every publish advances ``version``; step 1 goes, and step 3
+    waits only while some worker's latest contribution is more than ``tau``
+    publishes old or some worker has not published yet (or a stop is agreed). Fast
+    workers then run more iterations than slow ones instead of waiting for them.
+    """
+
+    NO_STOP = np.iinfo(np.int64).max
+
+    def __init__(self, comm: MPIComm, size: int, staleness: int, host: int = 0,
+                 kind: str = "iterations"):
+        MPI = comm._MPI
+        self._MPI = MPI
+        self.comm, self.tau, self.host, self.kind = comm, staleness, host, kind
+        self.rank, self.size = comm.rank, comm.size
+        p = self.size
+        layout = {"published": (1, p), "consumed": (1 + p, p), "stop": (1 + 2 * p, 2),
+                  "version": (3 + 2 * p, 1), "last_version": (4 + 2 * p, p)}
+        words = 4 + 3 * p
+        here = self.rank == host
+        self.win_stats = MPI.Win.Allocate(size * 8 if here else 0, 8, comm=comm.comm)
+        self.win_count = MPI.Win.Allocate(words * 8 if here else 0, 8, comm=comm.comm)
+        self.win_stats.Lock_all()
+        self.win_count.Lock_all()
+        if here:  # initialise through RMA inside the epoch (no unsynchronised local stores)
+            self.win_stats.Put(np.zeros(size), host)
+            init = np.zeros(words, np.int64)
+            init[layout["stop"][0]] = self.NO_STOP
+            self.win_count.Put(init, host)
+            self.win_stats.Flush(host)
+            self.win_count.Flush(host)
+        comm.barrier()
+        self.mutex = WindowMutex(self.win_count, host, 0, self.rank, MPI)
+        self.counters = Counters(self.win_count, host, layout, MPI)
+        self.previous = np.zeros(size)
+        self.k = 0
+        self.ledger = comm.ledger
+        self.wait_seconds = 0.0
+        self.staleness = 0
+
+    # -- reads -----------------------------------------------------------------------
+
+    def published(self) -> np.ndarray:
+        return self.counters.read()["published"]
+
+    def consumed(self) -> np.ndarray:
+        return self.counters.read()["consumed"]
+
+    def delays(self) -> np.ndarray:
+        """For every rank, how many publishes ago (by anyone) it last published."""
+        c = self.counters.read()
+        return c["version"][0] - c["last_version"]
+
+    def agreed_stop(self) -> tuple[int | None, int]:
+        """(last iteration to run, reason code), or (None, 0) when nobody asked to stop."""
+        last, reason = self.counters.read()["stop"]
+        return (None if last == self.NO_STOP else int(last)), int(reason)
+
+    def window_sum(self) -> np.ndarray:
+        """A consistent copy of the statistics window (under the mutex)."""
+        out = np.empty_like(self.previous)
+        with self.mutex:
+            self.win_stats.Get(out, self.host)
+            self.win_stats.Flush(self.host)
+        return out
+
+    # -- writes ----------------------------------------------------------------------
+
+    def propose_stop(self, last: int, reason: int) -> None:
+        """Ask every rank to stop after iteration ``last`` (the earliest proposal wins;
+        the reason code is the largest). Safe when ``last`` >= this rank's consumed
+        iteration + 1 + tau: no worker can have started an iteration beyond it."""
+        self.counters.update("stop", last, self._MPI.MIN, index=0)
+        self.counters.update("stop", reason, self._MPI.MAX, index=1)
+
+    def _wait(self, ready: Callable[[], bool], stop_releases: bool = False) -> None:
+        """Wait until ``ready()``; with ``stop_releases`` also stop waiting once a stop
+        is agreed (a stopped rank publishes no more)."""
+        give_up = (lambda: self.agreed_stop()[0] is not None) if stop_releases else None
+        self.wait_seconds += poll(ready, give_up)
+
+    def _publish(self, buf: np.ndarray, k: int) -> None:
+        """Step 2: add this rank's change of contribution to the window."""
+        delta = buf - self.previous  # referenced until the Flush below completes it
+        with self.mutex:
+            self.win_stats.Accumulate(delta, self.host, op=self._MPI.SUM)
+            self.win_stats.Flush(self.host)
+            if self.kind == "publishes":
+                version = self.counters.fetch_add("version", 1)
+                self.counters.update("last_version", version + 1, self._MPI.REPLACE,
+                                     index=self.rank)
+            self.counters.update("published", k, self._MPI.REPLACE, index=self.rank)
+        self.previous = buf.copy()
+
+    # -- the exchange ----------------------------------------------------------------
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """One iteration's exchange: publish ``buf`` (this rank's statistics) and
+        replace it, in place, by a snapshot of the global sum within staleness tau."""
+        t0 = time.perf_counter()
+        k = self.k + 1
+        if self.kind == "iterations":
+            self._wait(lambda: self.consumed().min() >= k - 1 - self.tau)
+            self._publish(buf, k)
+            # every worker's contribution is in the snapshot (from its iteration 1 on)
+            self._wait(lambda: self.published().min() >= max(k - self.tau, 1))
+            self.staleness = int(k - self.published().min())
+        else:
+            self._publish(buf, k)
+            self._wait(lambda: self.delays().max() <= self.tau
+                       and self.published().min() >= 1, stop_releases=True)
+            self.staleness = int(self.delays().max())
+        buf[...] = self.window_sum()
+        self.counters.update("consumed", k, self._MPI.REPLACE, index=self.rank)
+        self.k = k
+        self.ledger.record(time.perf_counter() - t0, 2 * buf.nbytes)
+        return buf
+
+    def free(self) -> None:
+        """End the epochs and free both windows (collective; idempotent)."""
+        for win in (self.win_stats, self.win_count):
+            if win is not None:
+                try:
+                    win.Unlock_all()
+                finally:
+                    win.Free()
+        self.win_stats = self.win_count = None

@@ -1,0 +1,107 @@
+"""What the run loop asks of a training algorithm, and when it evaluates, checkpoints
+and logs.
+
+A :class:`Trainer` (the ADMM engine, the gradient trainer) is the whole contract
+between an algorithm and the loop, in the manner of an optimizer's ``step`` /
+``state_dict`` / ``load_state_dict``: the loop calls :meth:`Trainer.step` once per
+iteration (ADMM) or epoch (gradient methods), reads :attr:`Trainer.params`, and
+saves and restores the algorithm through :meth:`Trainer.state_dict` and
+:meth:`Trainer.load_state_dict`. The weights themselves are not part of the state
+dict: the checkpoint stores them once, and a trainer is built from them.
+
+A :class:`Schedule` says after which iterations the loop evaluates and writes a
+checkpoint; a run control (synchronous or asynchronous) gives, before each
+iteration, the :class:`Decision` every rank agreed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from padmmirnn.config import Config
+from padmmirnn.model import Params
+
+TrainerState = dict  # {"iteration": int, "arrays": {name: array}, "per_sample": {name: array}}
+
+
+class Trainer(Protocol):
+    """One training algorithm on one rank's samples.
+
+    ``unit`` names a step ("iteration" or "epoch"); ``iteration`` counts the steps
+    taken; ``bytes_per_step`` is what one step reduces over the ranks (bytes per rank).
+    """
+
+    unit: str
+    iteration: int
+    bytes_per_step: int
+
+    @property
+    def params(self) -> Params: ...
+
+    def step(self, evaluate: bool) -> None:
+        """One iteration or epoch; ``evaluate``: the loop evaluates after it (a trainer
+        may then keep sums for :meth:`evaluation_terms`)."""
+
+    def evaluation_terms(self) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
+        """``(extra, train_sums)`` for the evaluation after a step: per-part vectors to
+        reduce together with the evaluation (or None), and per-part ``[loss, correct,
+        rows]`` of the current weights on the training samples when the trainer already
+        holds them (or None: the evaluation runs a forward pass)."""
+
+    def describe(self, reduced: np.ndarray | None) -> dict:
+        """Metrics of the last step, from the reduced ``extra`` of
+        :meth:`evaluation_terms` (None when there was none)."""
+
+    def state_dict(self) -> TrainerState:
+        """What resumes the algorithm: ``iteration``, ``arrays`` (whole-model state:
+        scalars, optimizer moments) and ``per_sample`` (this rank's per-sample state,
+        sample-major ``[n_local, ...]`` in global sample order; empty if none)."""
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Restore :meth:`state_dict` (``per_sample`` holding this rank's samples)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the ranks agreed before an iteration: ``end`` the run normally now (the
+    budget is spent), ``stopped`` it now with a checkpoint (the text says what
+    stopped it), or run it as the ``last`` one."""
+
+    end: bool = False
+    stopped: str | None = None
+    last: bool = False
+
+
+@dataclass(frozen=True)
+class Every:
+    """Due at every multiple of ``period`` (never when ``period`` is 0)."""
+
+    period: int
+
+    def due(self, k: int) -> bool:
+        return self.period > 0 and k % self.period == 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the loop evaluates and writes checkpoints.
+
+    Synchronous runs evaluate every ``train.eval_every`` iterations (0: every one) and
+    after the last; asynchronous runs only every ``train.eval_every`` (0: at the end,
+    which follows the loop): their ranks reach an iteration at different times."""
+
+    evaluate: Every
+    checkpoint: Every
+    asynchronous: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config, asynchronous: bool) -> Schedule:
+        every = cfg.train.eval_every if asynchronous else max(cfg.train.eval_every, 1)
+        return cls(Every(every), Every(cfg.checkpoint.every), asynchronous)
+
+    def evaluate_at(self, k: int, last: bool) -> bool:
+        """Evaluate after iteration ``k`` (``last``: the loop ends after it)?"""
+        return self.evaluate.due(k) or (last and not self.asynchronous)
