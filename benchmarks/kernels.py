@@ -102,7 +102,6 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
     from padmmirnn.admm import AdmmEngine
     from padmmirnn.comm import SerialComm
     from padmmirnn.config import build_config
-    from padmmirnn.kernels import bptt as bptt_kernels
 
     eng = AdmmEngine(build_config(overrides={"model.hidden": hidden, "train.dtype": dtype}),
                      [local], n_global, SerialComm())
@@ -113,8 +112,7 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
     targets = [(kernels, n) for n in ("loss_and_correct", "add_columns",
                                       "segment_sum_columns", "token_counts", "o_update",
                                       "a_update", "activation_residual", "shifted",
-                                      "tanh_adjoint")]
-    targets += [(bptt_kernels, n) for n in ("output_delta", "step_backward", "segment_add")]
+                                      "tanh_adjoint", "output_delta")]
     for module, name in targets:
         fn = getattr(module, name)
         originals[(module, name)] = fn

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--algos", required=True, help="comma-separated, e.g. admm,adam,sgd")
     cmp_.add_argument("--budget-seconds", type=float, help="wall-clock budget of each run")
     cmp_.add_argument("--out", required=True, help="output folder")
+    cmp_.add_argument("--thresholds", default="0.5,0.8", metavar="A1,A2,...",
+                      help="test accuracies to report the time, iterations, synchronisations "
+                           "and bytes to reach (default 0.5,0.8)")
+    cmp_.add_argument("--loss-thresholds", default="", metavar="L1,L2,...",
+                      help="test losses (at most) to report the same for, e.g. nats per "
+                           "character of a language model")
     cmp_.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
     conf = sub.add_parser("config", help="configuration tools")
@@ -243,8 +249,18 @@ def _compare(args, comm, cfg) -> int:
     if not algos or len(set(algos)) != len(algos):
         raise PadmmError(f"--algos needs distinct algorithm names, got {args.algos!r}")
     out = Path(args.out)
-    run_compare(cfg, algos, out, comm, plots=not args.no_plots)
+    run_compare(cfg, algos, out, comm, plots=not args.no_plots,
+                thresholds=_floats(args.thresholds, "--thresholds"),
+                loss_thresholds=_floats(args.loss_thresholds, "--loss-thresholds"))
     return 0
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers (empty: none)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PadmmError(f"{flag} needs comma-separated numbers, got {text!r}") from None
 
 
 def _data(args, comm) -> int:

@@ -74,12 +74,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AdmmConfig:
-    """ADMM settings. The defaults are the *hybrid* configuration that trains
-    (docs/admm-convergence.md): auxiliaries re-synchronised by a forward pass,
-    multipliers from their least-squares (KKT) estimate -- a backward recursion in
-    time, so not back-propagation free -- joint weight solves and a backtracking
-    step. ``--config faithful`` selects the back-propagation-free formulation
-    (docs/design.md, section 3: multiplier ascent, a/s/o block updates)."""
+    """ADMM settings. The default is mini-batch hybrid ADMM (docs/design.md, section 5):
+    several weight solves per pass, each on a mini-batch whose auxiliaries are a
+    forward pass and whose multipliers are the least-squares (KKT) estimate -- a
+    backward recursion in time, so not back-propagation free. ``--config fullbatch``
+    is the full-batch hybrid (one solve per iteration, backtracking step;
+    docs/admm-convergence.md), ``--config faithful`` the back-propagation-free
+    formulation (docs/design.md, section 3: multiplier ascent, a/s/o block updates)."""
 
     rho1: float = opt(1.0, "penalty of a_t = U x_t + W s_{t-1} + b", low=0.0, strict=True)
     rho2: float = opt(1.0, "penalty of s_t = f(a_t)", low=0.0, strict=True)
@@ -116,13 +117,19 @@ class AdmmConfig:
                                "acceptances in a row", low=0)
     momentum: float = opt(0.0, "heavy-ball mu on the weights, in [0, 1) (with backtracking)",
                           low=0.0)
-    batch_size: int = opt(0, "mini-batch ADMM: samples per global mini-batch, several weight "
-                          "solves per pass (0: one full-batch solve per iteration)", low=0)
+    batch_size: int = opt(64, "mini-batch ADMM: samples per global mini-batch, several weight "
+                          "solves per pass (0: one full-batch solve per iteration, the "
+                          "fullbatch preset)", low=0)
     cov_decay: float = opt(0.95, "mini-batch: C <- decay C + (1 - decay) G / rows, the running "
                            "Gram estimate of each weight block", low=0.0)
     damping: float = opt(0.01, "mini-batch: the solve uses C + damping I", low=0.0)
-    trust_radius: float = opt(1.0, "mini-batch: cap of each block's change per step "
+    trust_radius: float = opt(0.25, "mini-batch: cap of each block's change per step "
                               "(Frobenius norm; 0: none)", low=0.0)
+    sync_every: int = opt(1, "mini-batch on several ranks: 1: every mini-batch is global (one "
+                          "reduction each; equals the serial run); I > 1: each rank takes local "
+                          "steps on batch_size / ranks of its own samples and one reduction "
+                          "averages the weights every I steps and at the end of a pass",
+                          low=1)
 
     def __post_init__(self) -> None:
         if self.multiplier_update == "kkt" and self.multipliers != "all":
@@ -309,6 +316,14 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and cfg.admm.momentum:
         raise ConfigError("train.parallel = async needs admm.momentum = 0 (each worker's "
                           "heavy-ball term would follow its own stale weights)")
+    if cfg.admm.batch_size and t.parallel == "async" and t.algo == "admm":
+        raise ConfigError("train.parallel = async runs full-batch ADMM: add --config fullbatch "
+                          "(or --set admm.batch_size=0); mini-batch ADMM (admm.batch_size > 0) "
+                          "runs with train.parallel auto, none or sync")
+    if cfg.admm.batch_size and t.reduction == "deterministic" and cfg.admm.batch_size % t.chunk:
+        raise ConfigError(f"admm.batch_size = {cfg.admm.batch_size} must be a multiple of "
+                          f"train.chunk = {t.chunk} with train.reduction = deterministic "
+                          "(a mini-batch is a group of whole chunks)")
     if t.parallel == "async" and t.algo != "admm":
         raise ConfigError("train.parallel = async is for train.algo = admm (gradient methods "
                           "run sync, or CELGC for local steps)")

@@ -29,6 +29,11 @@ data-parallel gradient baselines draw theirs. For each mini-batch B:
    step (docs/design.md, section 4) taken once per mini-batch instead of once per
    pass: one side of a Kronecker-factored Gauss-Newton step.
 
+With ``train.reduction = deterministic`` a mini-batch is a group of whole chunks of
+``train.chunk`` samples (chosen by a permutation of the chunk indices): each chunk is
+processed by the rank that holds it, and the chunks' statistics are added in global
+chunk order, so the run is bitwise the same on any rank count.
+
 Token inputs: ``x x^T`` is the diagonal of token counts, so ``C`` is held as that
 diagonal, the ``[vocab, 1 + h]`` block ``sum x [1; s]^T`` and the ``(1 + h)``-square
 rest, and solved through the Schur complement of the diagonal (no ``vocab``-square
@@ -40,7 +45,6 @@ from __future__ import annotations
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.comm import sum_parts
 from padmmirnn.config import Config
 from padmmirnn.model import (
     LOSSES,
@@ -54,7 +58,7 @@ from padmmirnn.model import (
     states_of,
 )
 from padmmirnn.samples import LocalData
-from padmmirnn.stats import Field, Layout, colsum, gram_steps, sum_steps
+from padmmirnn.stats import Field, Layout, colsum, sum_steps
 from padmmirnn.trainer import TrainerState
 
 
@@ -106,10 +110,26 @@ class RunningGram:
             self.cross = np.array(arrays[f"{prefix}.cross"], np.float64)
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _spd_solve_right(G: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """X with X G = R for a symmetric positive definite G."""
-    L = np.linalg.cholesky(G)
-    return np.linalg.solve(L.T, np.linalg.solve(L, R.T)).T
+    """X with X G = R for a symmetric positive definite G (G X^T = R^T: one LU solve,
+    cheaper here than a Cholesky factor and two general solves)."""
+    return np.linalg.solve(G, R.T).T
+
+
+def _time_major(a: np.ndarray) -> np.ndarray:
+    """``[T, q, n]`` blocks side by side as one ``[q, T n]`` matrix (a copy), so that a
+    sum over steps of products is one large product instead of T small ones."""
+    steps, q, n = a.shape
+    return np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(q, steps * n)
+
+
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a b^T`` in float64 (float32 operands: their product, in float64)."""
+    return (a @ b.T).astype(np.float64, copy=False)
 
 
 def batch_layout(dz: int, vocab: int, h: int, classes: int) -> Layout:
@@ -145,20 +165,22 @@ def batch_statistics(p: Params, batch: LocalData, activation: str, loss: str,
                                  LOSSES[loss], -1.0)
     adjoint_into(p, S, lam3, m2m, activation, work)
     zs = Z[:steps, :dz + 1 + h]
-    out = {"in.rest": gram_steps(zs, zs), "in.D": gram_steps(work, zs)}
+    zc = _time_major(zs)
+    out = {"in.rest": _gram(zc, zc), "in.D": _gram(_time_major(work), zc)}
     if not dz:
         vocab = info.dim
         out["in.diag"] = kernels.token_counts(batch.inputs.reshape(-1), vocab)
         out["in.cross"] = kernels.segment_sum_columns(batch.inputs, zs, vocab)
         out["in.Dx"] = kernels.segment_sum_columns(batch.inputs, work, vocab).T
     s_out = S[1:] if m2m else S[-1:]
-    ss = gram_steps(s_out, s_out)
+    sc = _time_major(s_out)
+    ss = _gram(sc, sc)
     s_sum = sum_steps(s_out)
     G_out = np.empty((h + 1, h + 1))
     G_out[:h, :h], G_out[:h, h], G_out[h, :h], G_out[h, h] = ss, s_sum, s_sum, rows
     lam_rows = lam3.reshape(rows, -1)
     D_out = np.empty((lam3.shape[-1], h + 1))
-    D_out[:, :h] = gram_steps(lam3.transpose(0, 2, 1), s_out)
+    D_out[:, :h] = _gram(lam_rows.T, sc)
     D_out[:, h] = colsum(lam_rows)
     out.update({"out.rest": G_out, "out.D": D_out,
                 "counts": np.array([total, float(steps * n), float(rows)])})
@@ -173,9 +195,11 @@ class MinibatchAdmm:
     unit = "iteration"
 
     def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
-                 params: Params | None = None):
+                 params: Params | None = None, parts: list[LocalData] | None = None):
         self.cfg, self.a = cfg, cfg.admm
         self.data, self.n_global, self.comm = data, n_global, comm
+        self.ordered = cfg.train.reduction == "deterministic"
+        self.parts = parts or [data]  # chunks in global order (deterministic reduction)
         info = data.info
         h = cfg.model.hidden
         self.params = params if params is not None else init_params(
@@ -189,8 +213,16 @@ class MinibatchAdmm:
         self.gram_out = RunningGram(h + 1)
         self.iteration = 0  # passes done
         self.steps = 0  # weight updates done
-        self.batches = -(-n_global // self.a.batch_size)
-        self.bytes_per_step = 8 * self.layout.size * self.batches
+        self.local = comm.size > 1 and self.a.sync_every > 1  # local steps, then an average
+        if self.local:
+            self.local_batch = max(1, self.a.batch_size // comm.size)
+            # every rank takes the local steps of the largest slice (smaller ones wrap)
+            self.local_steps = _ceil_div(_ceil_div(n_global, comm.size), self.local_batch)
+            syncs = _ceil_div(self.local_steps, self.a.sync_every)
+            self.bytes_per_step = 8 * self._flat().size * syncs
+        else:
+            batches = _ceil_div(n_global, self.a.batch_size)  # deterministic: fewer
+            self.bytes_per_step = 8 * self.layout.size * batches
         self.last: dict = {}
 
     # ------------------------------------------------------------------ the weights
@@ -234,23 +266,88 @@ class MinibatchAdmm:
 
     # ------------------------------------------------------------------ the trainer
 
-    def step(self, evaluate: bool = False) -> None:
-        """One pass over the training set in global mini-batches."""
-        order = np.random.default_rng([self.cfg.train.seed, self.iteration]).permutation(
-            self.n_global)
-        d, B = self.data, self.a.batch_size
+    def _statistics(self, batch: LocalData) -> dict[str, np.ndarray]:
+        """This rank's statistics of its samples of a batch (zeros if none)."""
+        if not batch.n:
+            return self.layout.unpack(np.zeros(self.layout.size))
         m = self.cfg.model
+        return batch_statistics(self.params.astype(self.dtype), batch, m.activation, m.loss,
+                                self.dtype)
+
+    def _batches(self, rng: np.random.Generator):
+        """Every global mini-batch's statistics, one reduction each (none when serial):
+        of the samples of a permutation of the global order, or (deterministic) of
+        groups of whole chunks, added in global chunk order."""
+        if not self.ordered:
+            order = rng.permutation(self.n_global)
+            d = self.data
+            for lo in range(0, self.n_global, self.a.batch_size):
+                idx = order[lo:lo + self.a.batch_size]
+                stats = self._statistics(d.take(idx[(idx >= d.start) & (idx < d.stop)]
+                                                - d.start))
+                if self.comm.size == 1:
+                    yield stats
+                else:
+                    yield self.layout.unpack(self.comm.allreduce_sum(self.layout.pack(stats)))
+            return
+        chunk = self.cfg.train.chunk
+        order = rng.permutation(-(-self.n_global // chunk))
+        per_batch = self.a.batch_size // chunk
+        held = {p.start // chunk: p for p in self.parts}
+        for lo in range(0, len(order), per_batch):
+            ids = np.sort(order[lo:lo + per_batch])
+            mine = [self.layout.pack(self._statistics(held[c])) for c in ids if c in held]
+            rows = self.comm.allgather_rows(
+                np.stack(mine) if mine else np.empty((0, self.layout.size)))
+            total = rows[0].copy()
+            for row in rows[1:]:
+                total += row
+            yield self.layout.unpack(total)
+
+    def _local_pass(self) -> None:
+        """Local steps (``admm.sync_every`` > 1 on several ranks): each rank steps on
+        mini-batches of ``batch_size / ranks`` of its own samples, in an order keyed by
+        (seed, pass, its first sample), and every ``sync_every`` steps and at the end of
+        the pass one reduction averages the weights and the running Gram estimates."""
+        d = self.data
+        rng = np.random.default_rng([self.cfg.train.seed, self.iteration, d.start])
+        order = rng.permutation(d.n)
+        B = self.local_batch
+        for k in range(self.local_steps):
+            idx = np.take(order, np.arange(k * B, (k + 1) * B) % d.n)
+            self._update(self._statistics(d.take(idx)))
+            if (k + 1) % self.a.sync_every == 0 or k + 1 == self.local_steps:
+                self._average()
+
+    def _flat(self) -> np.ndarray:
+        """The weights and the running Gram estimates in one vector."""
+        parts = [self.params.flat()]
+        for gram in (self.gram_in, self.gram_out):
+            parts += [a.ravel() for a in gram.state("").values()]
+        return np.concatenate(parts)
+
+    def _average(self) -> None:
+        """Replace the weights and running Grams by their mean over the ranks."""
+        flat = self.comm.allreduce_sum(self._flat()) / self.comm.size
+        n = self.params.flat().size
+        self.params = Params.from_flat(flat[:n], self.params)
+        lo = n
+        for gram in (self.gram_in, self.gram_out):
+            state = gram.state("")
+            for a in state.values():
+                a[...] = flat[lo:lo + a.size].reshape(a.shape)
+                lo += a.size
+
+    def step(self, evaluate: bool = False) -> None:
+        """One pass over the training set: global mini-batches (one reduction each), or
+        local steps with periodic averages."""
         self._losses: list[float] = []
-        for lo in range(0, self.n_global, B):
-            idx = order[lo:lo + B]
-            mine = d.take(idx[(idx >= d.start) & (idx < d.stop)] - d.start)
-            if mine.n:
-                stats = batch_statistics(self.params.astype(self.dtype), mine, m.activation,
-                                         m.loss, self.dtype)
-                buf = self.layout.pack(stats)
-            else:
-                buf = np.zeros(self.layout.size)
-            self._update(self.layout.unpack(sum_parts(self.comm, [buf], False)))
+        if self.local:
+            self._local_pass()
+        else:
+            rng = np.random.default_rng([self.cfg.train.seed, self.iteration])
+            for stats in self._batches(rng):
+                self._update(stats)
         self.iteration += 1
         self.last = {"batch_loss": float(np.mean(self._losses))}
 

@@ -31,6 +31,8 @@ from padmmirnn import kernels
 from padmmirnn.samples import DatasetInfo, LocalData
 
 ACTIVATIONS = {"tanh": kernels.ACT_TANH, "relu": kernels.ACT_RELU}
+# Samples per forward pass of an evaluation (:func:`loss_sums`).
+EVAL_BLOCK = 4096
 LOSSES = {"ce": kernels.LOSS_CE, "mse": kernels.LOSS_MSE}
 
 
@@ -190,14 +192,22 @@ def outputs(params: Params, states: np.ndarray, many_to_many: bool,
 def loss_sums(params: Params, data: LocalData, activation: str, loss: str,
               dtype: np.dtype = np.float64) -> np.ndarray:
     """Local sums ``[loss, correct, count]`` over this rank's output rows (float64),
-    ready to be reduced; mean loss = loss / count, accuracy = correct / count."""
-    states, _ = forward(params, data, activation, dtype)
-    o = outputs(params, states, data.info.many_to_many)
-    rows = o.shape[0] * o.shape[1]
-    total, correct = kernels.loss_and_correct(
-        o.reshape(rows, -1), data.targets.reshape(-1), LOSSES[loss]
-    )
-    return np.array([total, float(correct), float(rows)])
+    ready to be reduced; mean loss = loss / count, accuracy = correct / count. Forward
+    passes over blocks of at most :data:`EVAL_BLOCK` samples, so evaluating a large
+    split never holds the states of all its samples."""
+    n = data.inputs.shape[1]
+    out = np.zeros(3)
+    for lo in range(0, n, EVAL_BLOCK):
+        block = data if n <= EVAL_BLOCK else LocalData(
+            data.info, data.inputs[:, lo:lo + EVAL_BLOCK], data.targets[:, lo:lo + EVAL_BLOCK],
+            0, min(n - lo, EVAL_BLOCK))
+        states, _ = forward(params, block, activation, dtype)
+        o = outputs(params, states, data.info.many_to_many)
+        rows = o.shape[0] * o.shape[1]
+        total, correct = kernels.loss_and_correct(o.reshape(rows, -1),
+                                                  block.targets.reshape(-1), LOSSES[loss])
+        out += (total, float(correct), float(rows))
+    return out
 
 
 def adjoint_into(p: Params, states: np.ndarray, delta: np.ndarray, many_to_many: bool,

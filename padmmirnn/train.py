@@ -34,6 +34,7 @@ from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import PadmmError
 from padmmirnn.evaluation import evaluate_run
 from padmmirnn.logs import Progress, get_logger
+from padmmirnn.memory import check_fits
 from padmmirnn.minibatch import MinibatchAdmm
 from padmmirnn.model import Params
 from padmmirnn.outputs import TIMING_WARMUP, RunOutput
@@ -91,7 +92,7 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None)
         return GradientTrainer(cfg, train.local, train.info.n, comm, params), \
             SyncControl(cfg, comm)
     if cfg.admm.batch_size:
-        return MinibatchAdmm(cfg, train.local, train.info.n, comm, params), \
+        return MinibatchAdmm(cfg, train.local, train.info.n, comm, params, train.parts), \
             SyncControl(cfg, comm)
     if cfg.train.parallel == "async" and comm.size > 1:
         return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
@@ -167,6 +168,8 @@ class TrainingRun:
         self.log = get_logger()
         self.train, self.test = load_data(cfg.data.dataset, cfg.data.test, comm,
                                           np.dtype(cfg.train.dtype), self._chunk())
+        on_node = comm.ranks_on_node()  # every rank's state must fit, before any output
+        agree(comm, lambda: check_fits(self.train.info, cfg, self.train.local.n, on_node))
         self.out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
         self.ckpt_dir = (Path(cfg.checkpoint.dir) if cfg.checkpoint.dir
                          else Path(self.out_dir) / "checkpoints")

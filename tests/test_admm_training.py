@@ -25,7 +25,7 @@ from conftest import FAITHFUL, make_local
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.baselines import gradients
 from padmmirnn.comm import SerialComm
-from padmmirnn.config import build_config
+from padmmirnn.config import build_config, load_config
 from padmmirnn.errors import ConfigError
 from padmmirnn.model import Params, loss_sums
 from padmmirnn.samples import LocalData
@@ -76,13 +76,19 @@ def test_recommended_configuration_trains():
 
 
 def test_defaults_are_the_recommended_configuration():
-    cfg = build_config()
+    """The default is mini-batch ADMM; the fullbatch preset is the full-batch hybrid
+    (the recommended block options, backtracking, also in async runs on a local loss)."""
+    assert build_config().admm.batch_size > 0
+    cfg = load_config("fullbatch")
+    assert cfg.admm.batch_size == 0
     for key, value in RECOMMENDED.items():
         assert getattr(cfg.admm, key) == value or (key == "step_control" and
                                                    cfg.admm.step_control == "auto"), key
     assert cfg.backtracking()
-    assert build_config(overrides={"train.parallel": "async"}).backtracking()  # local loss
+    assert load_config("fullbatch", {"train.parallel": "async"}).backtracking()  # local loss
     assert not build_config(overrides=FAITHFUL).backtracking()
+    with pytest.raises(ConfigError, match="--config fullbatch"):
+        build_config(overrides={"train.parallel": "async"})
 
 
 def test_faithful_default_trains_less():

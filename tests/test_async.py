@@ -131,7 +131,7 @@ def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
     full = make_local("dense", False, n=60, steps=5, dim=5, classes=3, seed=12)
     data = _local(full, comm)
     cfg = build_config(overrides={"model.hidden": 7, "train.parallel": "async",
-                                  "train.staleness": 2})
+                                  "train.staleness": 2, "admm.batch_size": 0})
     assert cfg.backtracking()
     engine, control = asynchronous.build(cfg, [data], 60, comm)
     try:

@@ -54,12 +54,19 @@ def toy(tmp_path):
     write_random_split(tmp_path / "toy_train.h5", n=33, steps=5, dim=4, seed=1)
     write_random_split(tmp_path / "toy_test.h5", n=9, steps=5, dim=4, seed=2)
     return ["--dataset", str(tmp_path / "toy_train.h5"), "--set", "model.hidden=6",
-            "--set", "admm.multipliers=all", "--set", "admm.warmup=1"]
+            "--config", "fullbatch", "--set", "admm.multipliers=all", "--set", "admm.warmup=1"]
 
 
-@pytest.mark.parametrize("algo", ["admm", "adam"])
-def test_resume_is_bitwise_identical_serial(tmp_path, toy, algo):
-    common = [*toy, "--algo", algo, "--set", "optim.batch_size=8"]
+# (algo, extra settings): full-batch ADMM (per-sample state), mini-batch ADMM (running
+# Gram estimates, no per-sample state), a gradient method (optimizer moments)
+ALGOS = {"admm": ("admm", []), "minibatch": ("admm", ["--set", "admm.batch_size=8"]),
+         "adam": ("adam", [])}
+
+
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_resume_is_bitwise_identical_serial(tmp_path, toy, name):
+    algo, extra = ALGOS[name]
+    common = [*toy, "--algo", algo, *extra, "--set", "optim.batch_size=8"]
     assert main(["train", *common, "--iterations", "6", "--out", str(tmp_path / "full")]) == 0
     part = tmp_path / "part"
     assert main(["train", *common, "--iterations", "3", "--checkpoint-every", "3",
@@ -74,9 +81,10 @@ def test_resume_is_bitwise_identical_serial(tmp_path, toy, algo):
 
 
 @needs_mpi
-@pytest.mark.parametrize("algo", ["admm", "adam"])
-def test_resume_is_bitwise_identical_two_ranks(tmp_path, toy, algo):
-    common = ["train", *toy, "--algo", algo, "--set", "optim.batch_size=8"]
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_resume_is_bitwise_identical_two_ranks(tmp_path, toy, name):
+    algo, extra = ALGOS[name]
+    common = ["train", *toy, "--algo", algo, *extra, "--set", "optim.batch_size=8"]
     _run([*common, "--iterations", "5", "--out", str(tmp_path / "full")], ranks=2)
     part = tmp_path / "part"
     _run([*common, "--iterations", "2", "--checkpoint-every", "2", "--out", str(part)], ranks=2)

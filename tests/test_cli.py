@@ -15,7 +15,8 @@ from padmmirnn.cli import main
 from padmmirnn.config import ConfigError, build_config, load_config, parse_override
 
 REQUIRED_METRICS = {"iteration", "wall_time_s", "train_loss", "train_accuracy", "test_loss",
-                    "test_accuracy", "objective", "residual_a", "residual_s", "residual_o"}
+                    "test_accuracy", "syncs", "bytes"}
+FULLBATCH_METRICS = {"objective", "residual_a", "residual_s", "residual_o"}
 REQUIRED_SUMMARY = {"algo", "parallel", "ranks", "iterations", "train_loss", "train_accuracy",
                     "test_loss", "test_accuracy", "wall_time_s", "time_per_iteration_s"}
 
@@ -27,9 +28,9 @@ def test_default_run_writes_outputs_and_learns(tmp_path, capsys):
                                               "weights.h5"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
-    assert all(REQUIRED_METRICS <= set(r) for r in rows)
-    objective = [r["objective"] for r in rows]
-    assert objective[0] > objective[1] > objective[2]
+    assert all(REQUIRED_METRICS | {"batch_loss"} <= set(r) for r in rows)
+    losses = [r["train_loss"] for r in rows]
+    assert losses[0] > losses[1] > losses[2]
     summary = json.loads((out / "summary.json").read_text())
     assert REQUIRED_SUMMARY <= set(summary)
     assert summary["iterations"] == 3 and summary["ranks"] == 1 and summary["algo"] == "admm"
@@ -45,6 +46,16 @@ def test_default_run_writes_outputs_and_learns(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
     assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-10)
+
+
+def test_fullbatch_run_reports_the_augmented_lagrangian(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fullbatch", "--iterations", "3", "--out",
+                 str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(REQUIRED_METRICS | FULLBATCH_METRICS <= set(r) for r in rows)
+    objective = [r["objective"] for r in rows]
+    assert objective[0] > objective[1] > objective[2]
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -173,9 +184,15 @@ def test_train_on_prepared_files(tmp_path, kind, m2m):
     write_random_split(tmp_path / "toy_test.h5", kind, m2m, n=10, dim=6, seed=2)
     out = tmp_path / "run"
     assert main(["train", "--dataset", str(tmp_path / "toy_train.h5"), "--iterations", "4",
-                 "--out", str(out), "--set", "model.hidden=5"]) == 0
+                 "--out", str(out), "--set", "model.hidden=5", "--config", "fullbatch"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.all(np.diff([r["objective"] for r in rows]) <= 1e-12)
+    mini = tmp_path / "mini"
+    assert main(["train", "--dataset", str(tmp_path / "toy_train.h5"), "--iterations", "4",
+                 "--out", str(mini), "--set", "model.hidden=5", "--set",
+                 "admm.batch_size=8"]) == 0
+    rows = [json.loads(line) for line in (mini / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     if m2m:
         assert "train_perplexity" in rows[-1]
     assert rows[-1]["test_accuracy"] is not None
@@ -206,3 +223,37 @@ def test_choices_and_bounds_come_from_the_fields():
         build_config(overrides={"admm.rho2": 0.0})
     with pytest.raises(ConfigError, match=r"'optim.batch_size' must be >= 1"):
         build_config(overrides={"optim.batch_size": 0})
+
+
+def test_state_that_cannot_fit_stops_with_one_line_and_writes_nothing(tmp_path, capsys,
+                                                                      monkeypatch):
+    from padmmirnn import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: (250 * 2 ** 20, "MemAvailable"))
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fullbatch", "--iterations", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("padmmirnn: error: the ADMM state of 4000 "
+                                               "samples needs")
+    assert "GiB" in err[0] and "float32" in err[0] and "admm.batch_size" in err[0]
+    assert not out.exists()
+    # mini-batch ADMM (the default) needs a batch's workspace only: it fits where the
+    # full-batch state does not
+    assert main(["train", "--iterations", "1", "--out", str(out)]) == 0
+
+
+def test_state_estimate_is_what_the_engine_allocates():
+    from conftest import make_local
+
+    from padmmirnn.admm import AdmmEngine
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.memory import admm_state_bytes
+
+    for kind, m2m, dtype in (("dense", False, "float64"), ("tokens", True, "float32")):
+        data = make_local(kind, m2m, n=30, steps=7, dim=5, classes=4)
+        cfg = build_config(overrides={"model.hidden": 6, "train.dtype": dtype})
+        eng = AdmmEngine(cfg, [data], 30, SerialComm())
+        st = eng.parts[0].state
+        held = st.A.nbytes + st.Z.nbytes + st.O.nbytes + st.L2.nbytes + st.L3.nbytes \
+            + eng.parts[0].work.nbytes
+        assert admm_state_bytes(data.info, cfg, 30) == held

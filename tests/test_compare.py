@@ -24,7 +24,8 @@ def test_compare_writes_curves_and_table(tmp_path, capsys):
     out = tmp_path / "cmp"
     plots = importlib.util.find_spec("matplotlib") is not None
     args = ["compare", "--algos", "admm,adam,celgc", "--dataset", _toy(tmp_path),
-            "--iterations", "3", "--set", "model.hidden=5", "--out", str(out)]
+            "--iterations", "3", "--set", "model.hidden=5", "--out", str(out),
+            "--thresholds", "0.2,0.99", "--loss-thresholds", "5.0"]
     assert main(args + ([] if plots else ["--no-plots"])) == 0
     with open(out / "curves.csv") as f:
         rows = list(csv.DictReader(f))
@@ -36,6 +37,24 @@ def test_compare_writes_curves_and_table(tmp_path, capsys):
         summary = json.loads((out / algo / "summary.json").read_text())
         assert float(table[algo]["final_test_accuracy"]) == summary["test_accuracy"]
     assert "| admm |" in capsys.readouterr().out
+    # the ledger at each threshold is the first evaluation that reached it
+    with open(out / "to_threshold.csv") as f:
+        ledger = list(csv.DictReader(f))
+    assert len(ledger) == 3 * 3
+    for row in ledger:
+        metrics = [json.loads(line) for line in
+                   (out / row["algo"] / "metrics.jsonl").read_text().splitlines()]
+        t = float(row["threshold"])
+        hit = [m for m in metrics if (m["test_accuracy"] >= t if row["metric"] ==
+                                      "test_accuracy" else m["test_loss"] <= t)]
+        if not hit:
+            assert row["wall_time_s"] == row["iterations"] == row["syncs"] == ""
+            continue
+        assert int(row["iterations"]) == hit[0]["iteration"]
+        assert int(row["syncs"]) == hit[0]["syncs"] and int(row["bytes"]) == hit[0]["bytes"]
+        assert float(row["wall_time_s"]) == hit[0]["wall_time_s"]
+    assert any(r["metric"] == "test_accuracy" and r["threshold"] == "0.99"
+               and r["iterations"] == "" for r in ledger)
     if plots:
         for name in ("curves_vs_iterations.png", "curves_vs_time.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -66,7 +66,7 @@ def test_sp_matches_serial_every_iteration(comm, kind, m2m, n, mode, schedule):
 def test_deterministic_reduction_is_bitwise_rank_independent(comm):
     full = make_local("dense", False, n=103, steps=6, dim=5, classes=3, seed=3)
     cfg = build_config(overrides={"model.hidden": 9, "train.reduction": "deterministic",
-                                  "train.chunk": 10})
+                                  "train.chunk": 10, "admm.batch_size": 0})
     serial = AdmmEngine(cfg, split_parts(full, 10), 103, SerialComm())
     start, stop = chunk_partition(103, 10, comm.size, comm.rank)
     assert start % 10 == 0
@@ -136,3 +136,71 @@ def test_celgc_ranks_end_each_epoch_with_the_same_weights(comm):
     assert w[0] == w[1]
     # local steps happened: the weights moved
     assert not np.allclose(tr.params.W, init_params(5, 6, 3, 0, "orthogonal", 1.0).W)
+
+
+@pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
+def test_minibatch_sp_matches_serial(comm, kind, m2m):
+    """Mini-batch ADMM: the same global batches, one reduction each: 2 ranks equal the
+    serial run (fast reduction, to rounding)."""
+    from padmmirnn.minibatch import MinibatchAdmm
+
+    full = make_local(kind, m2m, n=45, steps=5, dim=6, classes=4, seed=21)
+    cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10})
+    start, stop = partition(45, comm.size, comm.rank)
+    serial = MinibatchAdmm(cfg, full, 45, SerialComm())
+    sp = MinibatchAdmm(cfg, _slice(full, start, stop), 45, comm)
+    for _ in range(3):
+        serial.step()
+        sp.step()
+        for name, value in serial.params.arrays().items():
+            np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
+    assert sp.describe(None)["batch_loss"] == pytest.approx(serial.describe(None)["batch_loss"],
+                                                            rel=1e-10)
+
+
+def test_minibatch_deterministic_reduction_is_bitwise_for_any_rank_count(comm):
+    """With train.reduction = deterministic a mini-batch is a group of whole chunks, each
+    processed by its owner and added in global chunk order: 2 ranks equal 1 bitwise."""
+    from padmmirnn.minibatch import MinibatchAdmm
+
+    full = make_local("dense", False, n=47, steps=5, dim=6, classes=4, seed=22)
+    cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10,
+                                  "train.reduction": "deterministic", "train.chunk": 5})
+    serial = MinibatchAdmm(cfg, full, 47, SerialComm(), parts=split_parts(full, 5))
+    start, stop = chunk_partition(47, 5, comm.size, comm.rank)
+    mine = _slice(full, start, stop)
+    sp = MinibatchAdmm(cfg, mine, 47, comm, parts=split_parts(mine, 5))
+    for _ in range(3):
+        serial.step()
+        sp.step()
+    for name, value in serial.params.arrays().items():
+        np.testing.assert_array_equal(getattr(sp.params, name), value)
+
+
+def test_minibatch_local_steps_average_once_per_period(comm):
+    """admm.sync_every = I > 1: local steps on each rank's samples, one reduction every I
+    steps and at the end of a pass; every rank then holds the same weights, the ledger
+    counts those reductions only, and the passes reduce the global training loss."""
+    from padmmirnn.minibatch import MinibatchAdmm
+    from padmmirnn.model import loss_sums
+
+    full = make_local("dense", False, n=80, steps=5, dim=6, classes=3, seed=23)
+    full.targets[0] = np.argmax(full.inputs.sum(0)[:, :3], axis=1)  # learnable
+    cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10,
+                                  "admm.sync_every": 3})
+    start, stop = partition(80, comm.size, comm.rank)
+    mine = _slice(full, start, stop)
+    tr = MinibatchAdmm(cfg, mine, 80, comm)
+    assert tr.local_steps == 8  # 40 samples per rank, local batches of 5
+
+    def global_loss():
+        return comm.allreduce_sum(loss_sums(tr.params, mine, "tanh", "ce"))[0]
+
+    before, syncs = global_loss(), comm.ledger.syncs
+    for _ in range(3):
+        tr.step()
+    assert comm.ledger.syncs - syncs == 3 * 3  # ceil(8 / 3) averages per pass
+    for name, value in tr.params.arrays().items():
+        gathered = comm.allgather(value.tobytes())
+        assert gathered[0] == gathered[1], name
+    assert global_loss() < before

@@ -35,12 +35,16 @@ def _metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["dense", "tokens"])
-def test_two_rank_run_matches_serial_run(tmp_path, kind):
+@pytest.mark.parametrize("kind,preset", [("dense", None), ("tokens", None),
+                                         ("dense", "fullbatch"), ("tokens", "fullbatch")])
+def test_two_rank_run_matches_serial_run(tmp_path, kind, preset):
     write_random_split(tmp_path / "d_train.h5", kind, n=41, dim=6, seed=1)
     write_random_split(tmp_path / "d_test.h5", kind, n=13, dim=6, seed=2)
     common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--iterations", "4",
-              "--set", "model.hidden=6"]
+              "--set", "model.hidden=6",
+              *(["--config", preset] if preset else ["--set", "admm.batch_size=8"])]
+    keys = (("objective", "train_loss", "test_loss", "residual_a", "residual_o") if preset
+            else ("batch_loss", "train_loss", "test_loss"))
     serial, _ = _run([*common, "--out", str(tmp_path / "serial")], ranks=0)
     assert serial.returncode == 0, serial.stderr
     sp, _ = _run([*common, "--out", str(tmp_path / "sp")])
@@ -50,7 +54,7 @@ def test_two_rank_run_matches_serial_run(tmp_path, kind):
     assert summary["bytes_reduced_per_iteration"] > 0
     assert 0 <= summary["t_imbalance_s"] <= summary["t_compute_s"]
     for a, b in zip(_metrics(tmp_path / "serial"), _metrics(tmp_path / "sp"), strict=True):
-        for key in ("objective", "train_loss", "test_loss", "residual_a", "residual_o"):
+        for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-10), key
         assert b["train_accuracy"] == a["train_accuracy"]
 
@@ -122,7 +126,7 @@ def test_async_staleness_zero_run_equals_sync_run(tmp_path):
     the SP job on the default dataset, in the default configuration (with tau = 0 the
     step control sums its trial losses over all ranks, as SP's does); per-rank AP logs
     record every iteration."""
-    common = ["train", "--iterations", "4", "--set", "model.hidden=16"]
+    common = ["train", "--iterations", "4", "--set", "model.hidden=16", "--config", "fullbatch"]
     sync, _ = _run([*common, "--parallel", "sync", "--out", str(tmp_path / "sync")],
                    timeout=300)
     assert sync.returncode == 0, sync.stderr
@@ -140,13 +144,13 @@ def test_async_staleness_zero_run_equals_sync_run(tmp_path):
 
 
 def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
-    """AP with tau = 2 and the default configuration (its step control on each rank's
+    """AP with tau = 2 and the full-batch configuration (its step control on each rank's
     own training loss) on the default dataset and its default 60 iterations: every
     rank's training loss never increases, except where no trial step decreased it
     (a stale direction; the step control then takes its shortest step, rare), and the
     final test accuracy is at most 1 point below SP's (measured: 0.2 below to 0.7
     above; at 30 iterations AP can be 2 points below, docs/async.md)."""
-    common = ["train", "--iterations", "60"]
+    common = ["train", "--iterations", "60", "--config", "fullbatch"]
     sync, _ = _run([*common, "--parallel", "sync", "--set", "train.eval_every=60",
                     "--out", str(tmp_path / "sync")], timeout=300)
     assert sync.returncode == 0, sync.stderr
@@ -170,7 +174,7 @@ def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
 def test_async_checkpoint_walltime_and_resume(tmp_path):
     write_random_split(tmp_path / "d_train.h5", n=50, seed=1)
     common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
-              "--set", "model.hidden=6", "--out", str(tmp_path / "o")]
+              "--config", "fullbatch", "--set", "model.hidden=6", "--out", str(tmp_path / "o")]
     proc, _ = _run([*common, "--iterations", "100000", "--max-walltime", "1.5"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     s = _summary(tmp_path / "o")
@@ -184,7 +188,8 @@ def test_async_checkpoint_walltime_and_resume(tmp_path):
 def test_straggler_slows_one_rank(tmp_path):
     write_random_split(tmp_path / "d_train.h5", n=400, steps=20, seed=1)
     proc, _ = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
-                    "--staleness", "8", "--straggler", "1:4", "--iterations", "12",
+                    "--config", "fullbatch", "--staleness", "8", "--straggler", "1:4",
+                    "--iterations", "12",
                     "--set", "model.hidden=24", "--out", str(tmp_path / "o")], timeout=120)
     assert proc.returncode == 0, proc.stderr
     per_rank = []
@@ -204,7 +209,8 @@ def test_bad_straggler_is_a_clear_error(tmp_path, spec, message):
 def test_bounded_delay_job_under_a_straggler(tmp_path):
     write_random_split(tmp_path / "d_train.h5", n=400, steps=20, seed=1)
     proc, _ = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
-                    "--staleness-kind", "publishes", "--staleness", "4", "--straggler", "1:3",
+                    "--config", "fullbatch", "--staleness-kind", "publishes", "--staleness", "4",
+                    "--straggler", "1:3",
                     "--iterations", "15", "--set", "model.hidden=24",
                     "--out", str(tmp_path / "o")], timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -214,8 +220,9 @@ def test_bounded_delay_job_under_a_straggler(tmp_path):
     assert s["staleness_kind"] == "publishes" and s["train_accuracy"] is not None
 
 
-@pytest.mark.parametrize("extra", [["--parallel", "sync"], ["--parallel", "async", "--set",
-                                                            "train.eval_every=2"]])
+@pytest.mark.parametrize("extra", [["--parallel", "sync"],
+                                   ["--parallel", "async", "--config", "fullbatch", "--set",
+                                    "train.eval_every=2"]])
 def test_bounded_delay_needs_async_without_periodic_collectives(tmp_path, extra):
     proc, _ = _run(["train", "--staleness-kind", "publishes", *extra,
                     "--out", str(tmp_path / "o")], ranks=0)
@@ -226,7 +233,8 @@ def test_exception_on_one_rank_ends_an_async_job(tmp_path):
     """No rank may wait on a window (or its collective free) for a rank that failed."""
     write_random_split(tmp_path / "d_train.h5", n=30, seed=1)
     proc, seconds = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--iterations",
-                          "50", "--parallel", "async", "--out", str(tmp_path / "o")],
+                          "50", "--parallel", "async", "--config", "fullbatch", "--out",
+                          str(tmp_path / "o")],
                          env={"PADMMIRNN_FAULT_INJECT": "1:2"}, timeout=60)
     assert proc.returncode != 0 and seconds < 30
     assert "[rank 1/2] unhandled exception" in proc.stderr

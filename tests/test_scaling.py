@@ -61,7 +61,7 @@ def test_plan_writes_scripts_datasets_and_manifest(tmp_path, capsys):
                  "#SBATCH --partition=p1", "#SBATCH --exclusive"):
         assert line in script.splitlines()
     assert f"exec bash {study / 'train.sbatch'} --dataset {data}" in script
-    assert "--iterations 7 --set model.hidden=5 --resume none" in script
+    assert "--iterations 7 --config fullbatch --set model.hidden=5 --resume none" in script
     assert "{{" not in script and "\n\n" not in script
     strong = (study / "strong-2r-1n.sbatch").read_text()
     assert "#SBATCH --cpus-per-task=2" in strong and "--overcommit" not in strong

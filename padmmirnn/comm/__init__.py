@@ -112,6 +112,9 @@ class SerialComm:
     def barrier(self) -> None:
         pass
 
+    def ranks_on_node(self) -> int:
+        return 1
+
     def free(self) -> None:
         pass
 
@@ -194,6 +197,14 @@ class MPIComm:
 
     def barrier(self) -> None:
         self._timed(0, self.comm.Barrier)
+
+    def ranks_on_node(self) -> int:
+        """How many ranks of this communicator share this rank's node (its memory)."""
+        node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
 
     def free(self) -> None:
         """Free the duplicate (idempotent; nothing to do once MPI is finalized)."""

@@ -242,7 +242,8 @@ def plan(opts: PlanOptions) -> list[str]:
 
     overrides = dict(parse_override(s) for s in opts.sets)
     overrides.update({"train.algo": opts.algo, "train.iterations": opts.iterations})
-    cfg = load_config(None, overrides)  # a bad --set fails here, before any file is written
+    # a bad --set fails here, before any file is written
+    cfg = load_config("fullbatch" if opts.algo == "admm" else None, overrides)
     source = datafiles.resolve(opts.dataset)[0]
     info = datafiles.read_info(source)
     train_script, template = _slurm_files(opts.slurm_dir)
@@ -269,6 +270,8 @@ def plan(opts: PlanOptions) -> list[str]:
         parallel = "none" if ranks == 1 else opts.parallel
         train_args = ["--dataset", data_rel, "--algo", opts.algo, "--parallel", parallel,
                       "--iterations", str(opts.iterations)]
+        if opts.algo == "admm":  # the model: one reduction per iteration (full batch)
+            train_args += ["--config", "fullbatch"]
         for s in opts.sets:
             train_args += ["--set", s]
         train_args += ["--resume", "none", "--out", f"runs/{name}"]
