@@ -120,11 +120,12 @@ def _spd_solve_right(G: np.ndarray, R: np.ndarray) -> np.ndarray:
     return np.linalg.solve(G, R.T).T
 
 
-def _time_major(a: np.ndarray) -> np.ndarray:
-    """``[T, q, n]`` blocks side by side as one ``[q, T n]`` matrix (a copy), so that a
-    sum over steps of products is one large product instead of T small ones."""
+def _side_by_side(a: np.ndarray) -> np.ndarray:
+    """``[T, q, n]`` blocks side by side as one ``[q, T n]`` matrix (a view when the steps
+    of a row are adjacent in memory, as in :func:`batch_statistics`), so that a sum over
+    steps of products is one large product instead of T small ones."""
     steps, q, n = a.shape
-    return np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(q, steps * n)
+    return a.transpose(1, 0, 2).reshape(q, steps * n)
 
 
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -155,8 +156,10 @@ def batch_statistics(p: Params, batch: LocalData, activation: str, loss: str,
     h = p.W.shape[0]
     dz = input_rows(info)
     m2m = info.many_to_many
-    Z = stacked_state(batch, h, dtype)
-    work = np.empty((steps, h, n), dtype)  # pre-activations, then lambda1
+    # steps side by side in memory ([rows, T, n]): the sums over steps and samples
+    # below are single products of [rows, T n] views
+    Z = stacked_state(batch, h, dtype, rows_outer=True)
+    work = np.empty((h, steps, n), dtype).transpose(1, 0, 2)  # pre-activations, lambda1
     forward_into(p, batch, activation, work, Z)
     S = states_of(Z, dz, h)
     lam3 = outputs(p, S, m2m)  # o, then lambda3 = -dl/do, rows [|O|, n, K]
@@ -165,15 +168,15 @@ def batch_statistics(p: Params, batch: LocalData, activation: str, loss: str,
                                  LOSSES[loss], -1.0)
     adjoint_into(p, S, lam3, m2m, activation, work)
     zs = Z[:steps, :dz + 1 + h]
-    zc = _time_major(zs)
-    out = {"in.rest": _gram(zc, zc), "in.D": _gram(_time_major(work), zc)}
+    zc = _side_by_side(zs)
+    out = {"in.rest": _gram(zc, zc), "in.D": _gram(_side_by_side(work), zc)}
     if not dz:
         vocab = info.dim
         out["in.diag"] = kernels.token_counts(batch.inputs.reshape(-1), vocab)
         out["in.cross"] = kernels.segment_sum_columns(batch.inputs, zs, vocab)
         out["in.Dx"] = kernels.segment_sum_columns(batch.inputs, work, vocab).T
     s_out = S[1:] if m2m else S[-1:]
-    sc = _time_major(s_out)
+    sc = _side_by_side(s_out)
     ss = _gram(sc, sc)
     s_sum = sum_steps(s_out)
     G_out = np.empty((h + 1, h + 1))

@@ -99,7 +99,8 @@ def input_rows(info: DatasetInfo) -> int:
     return 0 if info.kind == "tokens" else info.dim
 
 
-def stacked_state(data: LocalData, h: int, dtype: np.dtype, extra: int = 0) -> np.ndarray:
+def stacked_state(data: LocalData, h: int, dtype: np.dtype, extra: int = 0,
+                  rows_outer: bool = False) -> np.ndarray:
     """``Z`` ``[T + 1, dz + 1 + h + extra, n]``, feature-major: ``Z[t] = [x_t; 1; s_{t-1};
     e_t]`` (``dz`` = :func:`input_rows`) with the states zero (s_0 = 0), ``Z[T] = [0; 1;
     s_T; 0]`` and ``extra`` rows ``e_t`` for the caller (the ADMM engine keeps lambda1
@@ -107,10 +108,17 @@ def stacked_state(data: LocalData, h: int, dtype: np.dtype, extra: int = 0) -> n
     Z[t, :dz + 1 + h] is ONE product per step, the sums of the weight blocks are products
     of Z with its own rows; and BLAS multiplies an ``[h, h]`` matrix into ``[h, n]``
     blocks faster than ``[n, h]`` blocks into an ``[h, h]`` one (measured: 86% against
-    58% of the square-GEMM rate at h = 128)."""
+    58% of the square-GEMM rate at h = 128). ``rows_outer``: the memory holds ``[dz + 1 + h
+    + extra, T + 1, n]`` and Z is its transposed view, so that the steps of one row are
+    side by side: sums over steps of products become one product of ``[rows, T n]``
+    views (mini-batches)."""
     steps, n = data.inputs.shape[:2]
     dz = input_rows(data.info)
-    Z = np.zeros((steps + 1, dz + 1 + h + extra, n), dtype)
+    rows = dz + 1 + h + extra
+    if rows_outer:
+        Z = np.zeros((rows, steps + 1, n), dtype).transpose(1, 0, 2)
+    else:
+        Z = np.zeros((steps + 1, rows, n), dtype)
     if dz:
         Z[:steps, :dz] = data.inputs.transpose(0, 2, 1)
     Z[:, dz] = 1.0
