@@ -3,6 +3,10 @@
     parallel   SP speedup of 2 ranks over 1 and the communication share (issue 5), and
                AP against SP under a straggler (issue 7)
     kernels    GEMM rate, ADMM iteration cost against it and against a BPTT epoch (issue 10)
+    baselines  time per pass: Adam and mini-batch ADMM (float64, float32), and PyTorch's
+               nn.RNN + Adam with --torch-python (issue 15)
+    lengths    test accuracy of the faithful, full-batch and mini-batch configurations on
+               the default digits cut into T = 1 ... 28 steps (issue 15)
 """
 
 import sys
@@ -18,12 +22,16 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("parallel", "kernels"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("parallel", "kernels", "baselines", "lengths"):
         print(__doc__)
         return 2
     name = sys.argv.pop(1)
     if name == "parallel":
         from benchmarks.parallel import main as run
+    elif name == "baselines":
+        from benchmarks.baselines import main as run
+    elif name == "lengths":
+        from benchmarks.lengths import main as run
     else:
         from benchmarks.kernels import main as run
     return run()

@@ -2,10 +2,13 @@
 
 * SP (issue 5): time per ADMM iteration at 1 and 2 ranks (h = 128 by default,
   evaluation off so only iterations are timed), speedup, parallel efficiency and
-  the share of iteration time spent in communication (max over ranks).
+  the share of iteration time spent in communication (max over ranks), for the
+  full-batch configuration (one reduction per iteration) and the mini-batch default
+  (one per mini-batch; an iteration is a pass).
 * AP (issue 7): rank 0's iterations per second and time to a test accuracy for
-  SP and AP (tau = 1, 2, 4), without and with ``--straggler 1:2``; AP's throughput
-  under the straggler relative to its own throughput without one.
+  SP and AP (tau = 1, 2, 4) in the full-batch configuration (AP's), without and with
+  ``--straggler 1:2``; AP's throughput under the straggler relative to its own
+  throughput without one.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from pathlib import Path
 from benchmarks.common import read_jsonl, run_job, table
 
 
-def sp_speedup(out: Path, hidden: int, iterations: int) -> dict:
+def sp_speedup(out: Path, hidden: int, iterations: int, preset: str | None) -> dict:
     common = ["--set", f"model.hidden={hidden}", "--iterations", str(iterations),
-              "--set", f"train.eval_every={iterations}"]
-    one = run_job(common, 1, out / "sp-1")
-    two = run_job([*common, "--parallel", "sync"], 2, out / "sp-2")
+              "--set", f"train.eval_every={iterations}", *(["--config", preset] if preset
+                                                          else [])]
+    name = preset or "minibatch"
+    one = run_job(common, 1, out / f"sp-1-{name}")
+    two = run_job([*common, "--parallel", "sync"], 2, out / f"sp-2-{name}")
     t1, t2 = one["time_per_iteration_s"], two["time_per_iteration_s"]
-    return {"hidden": hidden, "t_iter_1rank_s": t1, "t_iter_2ranks_s": t2,
+    return {"config": name, "hidden": hidden, "t_iter_1rank_s": t1, "t_iter_2ranks_s": t2,
             "speedup": t1 / t2, "efficiency": t1 / t2 / 2,
             "comm_share_2ranks": two["t_comm_s"] / t2,
             "bytes_reduced_per_iteration": two["bytes_reduced_per_iteration"]}
@@ -42,7 +47,7 @@ def _rank0_rate(folder: Path, mode: str, summary: dict) -> float:
 
 def ap_straggler(out: Path, hidden: int, lengths: list[int], taus: list[int],
                  targets: tuple[float, ...] = (0.8, 0.85)) -> tuple[list[dict], list[dict]]:
-    """SP and AP with and without a 2x straggler, in the default configuration (SP's
+    """SP and AP with and without a 2x straggler, in the full-batch configuration (SP's
     step control on the global training loss, AP's on each rank's own). Every mode
     runs once per length in ``lengths`` (iterations of rank 0, each a whole job with
     its consistent end), giving test accuracy against wall time; rank 0's throughput
@@ -57,7 +62,8 @@ def ap_straggler(out: Path, hidden: int, lengths: list[int], taus: list[int],
             points = []
             for n in sorted(lengths):
                 args = ["--set", f"model.hidden={hidden}", "--iterations", str(n),
-                        "--parallel", mode, "--staleness", str(tau), "--staleness-kind", kind]
+                        "--parallel", mode, "--staleness", str(tau), "--staleness-kind", kind,
+                        "--config", "fullbatch"]
                 if mode == "sync":  # evaluate at the end only, as async runs do
                     args += ["--set", f"train.eval_every={n}"]
                 if straggler:
@@ -103,8 +109,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = {}
     if not a.skip_sp:
-        result["sp"] = sp_speedup(out, a.hidden, a.iterations)
-        print(table([result["sp"]]))
+        result["sp"] = [sp_speedup(out, a.hidden, a.iterations, preset)
+                        for preset in ("fullbatch", None)]
+        print(table(result["sp"]))
     if not a.skip_ap:
         result["ap"], result["ap_runs"] = ap_straggler(
             out, a.ap_hidden, [int(n) for n in a.ap_lengths.split(",")],

@@ -87,10 +87,14 @@ class AsyncControl:
         """Once every rank has published its last iteration, the window holds the sum
         of every worker's latest contribution; all ranks solve the weights from it, so
         they hold the same weights (before checkpoints and at the end). With staleness
-        0 this is exactly the last weight solve of SP."""
-        if self.before_solve is None:
-            return
+        0 this is exactly the last weight solve of SP. Collective on every rank, also
+        on one that a stop released before its first iteration."""
         engine = self.engine
+        stepped = self.comm.allreduce_max(np.array([float(self.before_solve is not None)]))
+        if not stepped[0]:  # no rank has run an iteration: nothing to re-solve, on any rank
+            return
+        if self.before_solve is None:  # a stop released this rank before its first step
+            self.before_solve = engine.params.copy()
         self.comm.barrier()
         snapshot = self.exchange.window_sum()
         self.comm.barrier()  # nobody publishes again before every rank has read

@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"padmmirnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _training_parsers(sub)
+    _config_parser(sub)
+    _data_parser(sub)
+    _scaling_parser(sub)
+    _model_tools_parsers(sub)
+    return parser
+
+
+def _training_parsers(sub) -> None:
+    """``train`` and ``compare``, which share the run options."""
     run = argparse.ArgumentParser(add_help=False)  # options train and compare share
     run.add_argument("--config", help="TOML configuration file or packaged preset name")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -80,12 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "character of a language model")
     cmp_.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
+
+
+def _config_parser(sub) -> None:
+    """``config options``."""
     conf = sub.add_parser("config", help="configuration tools")
     csub = conf.add_subparsers(dest="config_command", required=True)
     copts = csub.add_parser("options", help="every option: default, allowed values, meaning")
     copts.add_argument("--markdown", action="store_true", help="as the table of "
                        "docs/options.md")
 
+
+
+def _data_parser(sub) -> None:
+    """``data prepare|fetch|inspect|list``."""
     data = sub.add_parser("data", help="dataset tools: prepare, fetch, inspect, list")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="convert a dataset to padmmirnn's HDF5 format",
@@ -138,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("files", nargs="+", metavar="FILE")
     dsub.add_parser("list", help="built-in dataset names")
 
+
+
+def _scaling_parser(sub) -> None:
+    """``scaling plan|run|report``."""
     scal = sub.add_parser("scaling", help="strong/weak scaling studies: Slurm scripts, local "
                           "runs, CSV report, model and plots")
     ssub = scal.add_subparsers(dest="scaling_command", required=True)
@@ -195,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     srep.add_argument("--bandwidth-gbs", type=float,
                       help="use this reduction bandwidth (GB/s) instead of the fitted one")
 
+
+
+def _model_tools_parsers(sub) -> None:
+    """``checkpoint inspect`` and ``evaluate``."""
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="checkpoint_command", required=True)
     inspect = cksub.add_parser("inspect", help="print what a checkpoint holds")
@@ -208,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint's dataset, else the built-in default)")
     ev.add_argument("--split", choices=("test", "train"), default="test",
                     help="which split of a built-in dataset (default test)")
-    return parser
 
 
 FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "train.iterations",

@@ -1,0 +1,105 @@
+"""Time per pass over the default dataset, measured in one run: the project's Adam
+(float64, float32), the mini-batch ADMM default (float64, float32), and, when a Python
+with PyTorch is given (``--torch-python``; PyTorch is never a dependency of the
+project), ``torch.nn.RNN`` + Adam on the same files, float32, one thread.
+
+Every method does the same work per pass: h = 64, tanh, batch 64, one pass over the
+4,000 training sequences, no evaluation. The figure is the median over ``--repeats``
+passes after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+TORCH_SCRIPT = r"""
+import sys, time, statistics, json
+import h5py, numpy as np, torch
+torch.set_num_threads(1)
+path, hidden, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with h5py.File(path) as f:
+    x = torch.tensor(np.asarray(f["inputs"], np.float32))
+    y = torch.tensor(np.asarray(f["targets"], np.int64))
+torch.manual_seed(0)
+rnn = torch.nn.RNN(x.shape[2], hidden, nonlinearity="tanh", batch_first=True)
+head = torch.nn.Linear(hidden, int(y.max()) + 1)
+opt = torch.optim.Adam(list(rnn.parameters()) + list(head.parameters()), lr=3e-3)
+loss_fn = torch.nn.CrossEntropyLoss()
+def epoch(k):
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(k))
+    for lo in range(0, x.shape[0], batch):
+        idx = order[lo:lo + batch]
+        out, _ = rnn(x[idx])
+        loss = loss_fn(head(out[:, -1]), y[idx])
+        opt.zero_grad(); loss.backward(); opt.step()
+epoch(0)
+times = []
+for k in range(repeats):
+    t0 = time.perf_counter(); epoch(k + 1); times.append(time.perf_counter() - t0)
+print(json.dumps({"epoch_s": statistics.median(times)}))
+"""
+
+
+def _median_pass(trainer, repeats: int) -> float:
+    trainer.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def project_pass(local, n: int, algo: str, dtype: str, repeats: int) -> float:
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.config import build_config
+    from padmmirnn.data_parallel import GradientTrainer
+    from padmmirnn.minibatch import MinibatchAdmm
+
+    cfg = build_config(overrides={"train.algo": algo, "train.dtype": dtype})
+    data = local if dtype == "float64" else type(local)(
+        local.info, local.inputs.astype(np.float32), local.targets, local.start, local.stop)
+    kind = MinibatchAdmm if algo == "admm" else GradientTrainer
+    return _median_pass(kind(cfg, data, n, SerialComm()), repeats)
+
+
+def main() -> int:
+    from benchmarks.common import table
+    from padmmirnn import datafiles
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks baselines")
+    p.add_argument("--out", default="runs/bench-baselines")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--torch-python", help="a Python with torch and h5py installed")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, _ = datafiles.resolve("default")
+    info = datafiles.read_info(train)
+    local = datafiles.read_slice(info, 0, info.n, np.float64)
+    rows = []
+    for algo, dtype in (("adam", "float64"), ("adam", "float32"), ("admm", "float64"),
+                        ("admm", "float32")):
+        rows.append({"method": f"padmmirnn {algo} (mini-batch)" if algo == "admm"
+                     else f"padmmirnn {algo}", "dtype": dtype,
+                     "pass_s": project_pass(local, info.n, algo, dtype, a.repeats)})
+    if a.torch_python:
+        proc = subprocess.run([a.torch_python, "-c", TORCH_SCRIPT, train, "64", "64",
+                               str(a.repeats)], capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"the PyTorch reference failed:\n{proc.stderr[-2000:]}")
+        rows.append({"method": "torch.nn.RNN + Adam", "dtype": "float32",
+                     "pass_s": json.loads(proc.stdout.splitlines()[-1])["epoch_s"]})
+    base = rows[0]["pass_s"]
+    for r in rows:
+        r["over_padmmirnn_adam_float64"] = r["pass_s"] / base
+    print(table(rows))
+    (out / "baselines.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
