@@ -11,7 +11,7 @@ from pathlib import Path
 
 from padmmirnn.config import Config
 from padmmirnn.errors import PadmmError
-from padmmirnn.model import EVAL_BLOCK
+from padmmirnn.model import eval_block
 from padmmirnn.samples import DatasetInfo
 
 GIB = 1024 ** 3
@@ -73,11 +73,12 @@ def check_fits(info: DatasetInfo, cfg: Config, n_local: int, ranks_on_node: int)
     of the node's available memory."""
     if cfg.train.algo != "admm":
         return
+    evaluation = batch_bytes(info, cfg, eval_block(info, cfg.model.hidden, _itemsize(cfg)))
     if cfg.admm.batch_size:
-        need = batch_bytes(info, cfg, min(cfg.admm.batch_size, n_local) + EVAL_BLOCK)
+        need = batch_bytes(info, cfg, min(cfg.admm.batch_size, n_local)) + evaluation
         what = "the mini-batch ADMM workspace"
     else:
-        need = admm_state_bytes(info, cfg, n_local) + batch_bytes(info, cfg, EVAL_BLOCK)
+        need = admm_state_bytes(info, cfg, n_local) + evaluation
         what = f"the ADMM state of {n_local} samples"
     free, source = available_bytes()
     if free is None or need * ranks_on_node <= free:

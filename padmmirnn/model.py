@@ -31,8 +31,17 @@ from padmmirnn import kernels
 from padmmirnn.samples import DatasetInfo, LocalData
 
 ACTIVATIONS = {"tanh": kernels.ACT_TANH, "relu": kernels.ACT_RELU}
-# Samples per forward pass of an evaluation (:func:`loss_sums`).
+# An evaluation (:func:`loss_sums`) runs forward passes over blocks of at most this
+# many samples, and at most EVAL_BYTES of states and pre-activations per block.
 EVAL_BLOCK = 4096
+EVAL_BYTES = 256 * 2 ** 20
+
+
+def eval_block(info: DatasetInfo, h: int, itemsize: int) -> int:
+    """Samples per forward pass of an evaluation: at most :data:`EVAL_BLOCK`, and at
+    most :data:`EVAL_BYTES` of stacked state and pre-activations (long sequences)."""
+    per_sample = ((info.steps + 1) * (input_rows(info) + 1 + h) + info.steps * h) * itemsize
+    return max(1, min(EVAL_BLOCK, EVAL_BYTES // per_sample))
 LOSSES = {"ce": kernels.LOSS_CE, "mse": kernels.LOSS_MSE}
 
 
@@ -201,14 +210,15 @@ def loss_sums(params: Params, data: LocalData, activation: str, loss: str,
               dtype: np.dtype = np.float64) -> np.ndarray:
     """Local sums ``[loss, correct, count]`` over this rank's output rows (float64),
     ready to be reduced; mean loss = loss / count, accuracy = correct / count. Forward
-    passes over blocks of at most :data:`EVAL_BLOCK` samples, so evaluating a large
-    split never holds the states of all its samples."""
+    passes over blocks of :func:`eval_block` samples, so evaluating a large split never
+    holds the states of all its samples."""
     n = data.inputs.shape[1]
+    size = eval_block(data.info, params.W.shape[0], np.dtype(dtype).itemsize)
     out = np.zeros(3)
-    for lo in range(0, n, EVAL_BLOCK):
-        block = data if n <= EVAL_BLOCK else LocalData(
-            data.info, data.inputs[:, lo:lo + EVAL_BLOCK], data.targets[:, lo:lo + EVAL_BLOCK],
-            0, min(n - lo, EVAL_BLOCK))
+    for lo in range(0, n, size):
+        block = data if n <= size else LocalData(
+            data.info, data.inputs[:, lo:lo + size], data.targets[:, lo:lo + size], 0,
+            min(n - lo, size))
         states, _ = forward(params, block, activation, dtype)
         o = outputs(params, states, data.info.many_to_many)
         rows = o.shape[0] * o.shape[1]

@@ -107,3 +107,19 @@ def test_resume_continues_bit_for_bit(tmp_path):
     for a, b in zip(*rows, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]
         assert a["batch_loss"] == b["batch_loss"]
+
+
+def test_evaluation_in_blocks_equals_one_forward_pass(monkeypatch):
+    """Long sequences are evaluated in blocks of samples (a bounded memory): the sums
+    equal those of one forward pass over all samples."""
+    from padmmirnn import model
+
+    data = make_local("tokens", True, n=50, steps=6, dim=5, classes=3, seed=9)
+    p = model.init_params(5, 7, 3, 0, "orthogonal", 1.0)
+    whole = model.loss_sums(p, data, "tanh", "ce")
+    per_sample = (7 * (0 + 1 + 7) + 6 * 7) * 8
+    monkeypatch.setattr(model, "EVAL_BYTES", 8 * per_sample)
+    assert model.eval_block(data.info, 7, 8) == 8
+    blocks = model.loss_sums(p, data, "tanh", "ce")
+    np.testing.assert_allclose(blocks, whole, rtol=1e-13)
+    assert blocks[2] == whole[2] == 50 * 6
