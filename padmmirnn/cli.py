@@ -391,7 +391,7 @@ def _checkpoint(args, comm) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from padmmirnn.comm import abort_on_exception, launcher_rank, make_comm
+    from padmmirnn.comm import abort_job, abort_on_exception, launcher_rank, make_comm
     from padmmirnn.logs import setup_logging
 
     comm = None
@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"[{rank}/{size}] interrupted", file=sys.stderr)
+        abort_job(size, 130)  # windows may be locked and ranks in collectives: end them all
         return 130
     except Exception:
         abort_on_exception(rank, size)

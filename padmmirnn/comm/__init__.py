@@ -251,7 +251,14 @@ def abort_on_exception(rank: int, size: int) -> None:
     sys.stderr.write(f"[rank {rank}/{size}] unhandled exception:\n")
     traceback.print_exc()
     sys.stderr.flush()
+    abort_job(size, 1)
+
+
+def abort_job(size: int, code: int) -> None:
+    """End every rank of a multi-rank MPI job now with ``code`` (``MPI_Abort``): after an
+    interrupt or an unexpected error, no rank may be left waiting in a collective, on a
+    window or in a collective ``free`` for ranks that will not come."""
     if size > 1 and "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
-        MPI.COMM_WORLD.Abort(1)
+        MPI.COMM_WORLD.Abort(code)

@@ -32,14 +32,12 @@ import numpy as np
 from padmmirnn.comm import MPIComm
 
 
-def poll(ready: Callable[[], bool], give_up: Callable[[], bool] | None = None) -> float:
-    """Poll ``ready()`` with backoff (0.1 ms doubling to 10 ms) until it holds or
-    ``give_up()`` does; returns the seconds waited."""
+def poll(ready: Callable[[], bool]) -> float:
+    """Poll ``ready()`` with backoff (0.1 ms doubling to 10 ms) until it holds; returns
+    the seconds waited."""
     delay = 1e-4
     t0 = time.perf_counter()
     while not ready():
-        if give_up is not None and give_up():
-            break
         time.sleep(delay)
         delay = min(2 * delay, 1e-2)
     return time.perf_counter() - t0
@@ -200,9 +198,15 @@ class RmaStatsExchange:
         return c["version"][0] - c["last_version"]
 
     def agreed_stop(self) -> tuple[int | None, int]:
-        """(last iteration to run, reason code), or (None, 0) when nobody asked to stop."""
-        last, reason = self.counters.read()["stop"]
-        return (None if last == self.NO_STOP else int(last)), int(reason)
+        """(last iteration to run, reason code), or (None, 0) when nobody asked to stop.
+        A proposer writes the reason before the iteration, but one read of the pair is
+        atomic per element only: an iteration seen without its reason is read again."""
+        while True:
+            last, reason = self.counters.read()["stop"]
+            if last == self.NO_STOP:
+                return None, 0
+            if reason:
+                return int(last), int(reason)
 
     def window_sum(self) -> np.ndarray:
         """A consistent copy of the statistics window (under the mutex)."""
@@ -217,15 +221,14 @@ class RmaStatsExchange:
     def propose_stop(self, last: int, reason: int) -> None:
         """Ask every rank to stop after iteration ``last`` (the earliest proposal wins;
         the reason code is the largest). Safe when ``last`` >= this rank's consumed
-        iteration + 1 + tau: no worker can have started an iteration beyond it."""
-        self.counters.update("stop", last, self._MPI.MIN, index=0)
+        iteration + 1 + tau: no worker can have started an iteration beyond it. The reason
+        is written (and completed) first, so a rank that sees the iteration finds it."""
         self.counters.update("stop", reason, self._MPI.MAX, index=1)
+        self.counters.update("stop", last, self._MPI.MIN, index=0)
 
-    def _wait(self, ready: Callable[[], bool], stop_releases: bool = False) -> None:
-        """Wait until ``ready()``; with ``stop_releases`` also stop waiting once a stop
-        is agreed (a stopped rank publishes no more)."""
-        give_up = (lambda: self.agreed_stop()[0] is not None) if stop_releases else None
-        self.wait_seconds += poll(ready, give_up)
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        """Wait (polling with backoff) until ``ready()``."""
+        self.wait_seconds += poll(ready)
 
     def _publish(self, buf: np.ndarray, k: int) -> None:
         """Step 2: add this rank's change of contribution to the window."""
@@ -240,6 +243,30 @@ class RmaStatsExchange:
             self.counters.update("published", k, self._MPI.REPLACE, index=self.rank)
         self.previous = buf.copy()
 
+    def _bounded_snapshot(self) -> np.ndarray:
+        """Bounded delay: a snapshot in which every worker has published and no
+        contribution is more than tau publishes old, the bound checked and the snapshot
+        read in ONE critical section (a check outside it could be stale by the time of
+        the read, with 3 or more ranks); an agreed stop releases the wait."""
+        out = np.empty_like(self.previous)
+        delay = 1e-4
+        t0 = time.perf_counter()
+        while True:
+            with self.mutex:
+                c = self.counters.read()
+                delays = c["version"][0] - c["last_version"]
+                ready = delays.max() <= self.tau and c["published"].min() >= 1
+                stopped = c["stop"][0] != self.NO_STOP
+                if ready or stopped:
+                    self.win_stats.Get(out, self.host)
+                    self.win_stats.Flush(self.host)
+                    self.staleness = int(delays.max())
+                    break
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-2)
+        self.wait_seconds += time.perf_counter() - t0
+        return out
+
     # -- the exchange ----------------------------------------------------------------
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
@@ -253,12 +280,10 @@ class RmaStatsExchange:
             # every worker's contribution is in the snapshot (from its iteration 1 on)
             self._wait(lambda: self.published().min() >= max(k - self.tau, 1))
             self.staleness = int(k - self.published().min())
+            buf[...] = self.window_sum()
         else:
             self._publish(buf, k)
-            self._wait(lambda: self.delays().max() <= self.tau
-                       and self.published().min() >= 1, stop_releases=True)
-            self.staleness = int(self.delays().max())
-        buf[...] = self.window_sum()
+            buf[...] = self._bounded_snapshot()
         self.counters.update("consumed", k, self._MPI.REPLACE, index=self.rank)
         self.k = k
         self.ledger.record(time.perf_counter() - t0, 2 * buf.nbytes)
