@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+import traceback
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from conftest import FAITHFUL, make_local
 
 from padmmirnn import asynchronous
 from padmmirnn.admm import AdmmEngine
+from padmmirnn.comm import abort_job
 from padmmirnn.comm.rma import RmaStatsExchange
 from padmmirnn.config import build_config
 from padmmirnn.model import Params, loss_sums
@@ -15,6 +20,21 @@ from padmmirnn.samples import LocalData, partition
 from padmmirnn.stats import input_layout, output_layout
 
 pytestmark = pytest.mark.mpi
+
+
+@contextmanager
+def freed_on_success(free):
+    """Free the windows (a collective) when the block succeeds; when it fails on a rank,
+    print the failure and abort the job instead: a collective free on that rank alone
+    would wait for the others forever, and the test would hang instead of failing."""
+    try:
+        yield
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        abort_job(2, 1)
+        raise
+    free()
 
 
 def _local(full: LocalData, comm) -> LocalData:
@@ -50,21 +70,19 @@ def test_staleness_zero_equals_sp(comm, kind, m2m, base):
     extra = {} if base is not FAITHFUL else {"multipliers": "all", "warmup": 2}
     sp = _engine(comm, data, 29, base, **extra)
     ap, ex = _async_engine(comm, data, 29, 0, base, **extra)
-    try:
+    with freed_on_success(ex.free):
         for _ in range(6):
             sp.iterate(want_sums=False)
             ap.iterate(want_sums=False)
             for name, value in sp.params.arrays().items():
                 np.testing.assert_allclose(getattr(ap.params, name), value, rtol=1e-10,
                                            atol=1e-12)
-    finally:
-        ex.free()
 
 
 def test_window_equals_sum_of_latest_contributions(comm):
     full = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=8)
     eng, ex = _async_engine(comm, _local(full, comm), 40, 2)
-    try:
+    with freed_on_success(ex.free):
         # ranks run at different speeds: rank 1 pauses, so rank 0 runs ahead (bounded)
         for k in range(7):
             if comm.rank == 1 and k % 2:
@@ -79,19 +97,15 @@ def test_window_equals_sum_of_latest_contributions(comm):
         total = comm.allreduce_sum(ex.previous.copy())
         np.testing.assert_allclose(window, total, rtol=1e-12, atol=1e-12)
         assert list(ex.published()) == [7, 7] and list(ex.consumed()) == [7, 7]
-    finally:
-        ex.free()
 
 
 def test_async_with_staleness_still_descends(comm):
     full = make_local("dense", False, n=60, steps=5, dim=5, classes=3, seed=9)
     eng, ex = _async_engine(comm, _local(full, comm), 60, 2, multipliers="none")
     start = eng.lagrangian()  # a collective on the communicator, not the window
-    try:
+    with freed_on_success(ex.free):
         for _ in range(8):
             eng.iterate(want_sums=False)
-    finally:
-        ex.free()
     assert eng.lagrangian() < start
 
 
@@ -100,7 +114,7 @@ def test_bounded_delay_lets_the_fast_rank_run_ahead(comm):
 
     full = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=11)
     eng, ex = _async_engine(comm, _local(full, comm), 40, 3, kind="publishes")
-    try:
+    with freed_on_success(ex.free):
         t0 = time.perf_counter()
         delays = []
         while time.perf_counter() - t0 < 1.5 and ex.agreed_stop()[0] is None:
@@ -117,8 +131,6 @@ def test_bounded_delay_lets_the_fast_rank_run_ahead(comm):
         window = ex.window_sum()
         np.testing.assert_allclose(window, comm.allreduce_sum(ex.previous.copy()),
                                    rtol=1e-12, atol=1e-12)
-    finally:
-        ex.free()
 
 
 def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
@@ -134,7 +146,7 @@ def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
                                   "train.staleness": 2, "admm.batch_size": 0})
     assert cfg.backtracking()
     engine, control = asynchronous.build(cfg, [data], 60, comm)
-    try:
+    with freed_on_success(control.close):
         for k in range(5):
             if comm.rank == 1 and k % 2:
                 time.sleep(0.05)
@@ -159,5 +171,3 @@ def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
         assert engine.synced and engine.loss_comm.size == 1
         control.before_step()
         engine.step(evaluate=False)  # and on asynchronously
-    finally:
-        control.close()
