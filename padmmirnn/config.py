@@ -82,10 +82,12 @@ class AdmmConfig:
     docs/admm-convergence.md), ``--config faithful`` the back-propagation-free
     formulation (docs/design.md, section 3: multiplier ascent, a/s/o block updates)."""
 
-    rho1: float = opt(1.0, "penalty of a_t = U x_t + W s_{t-1} + b", low=0.0, strict=True)
+    rho1: float = opt(0.5, "penalty of a_t = U x_t + W s_{t-1} + b (an inverse step size)",
+                      low=0.0, strict=True)
     rho2: float = opt(1.0, "penalty of s_t = f(a_t)", low=0.0, strict=True)
-    rho3: float = opt(1.0, "penalty of o_t = V s_t + c", low=0.0, strict=True)
-    nu: float = opt(1e-3, "weight decay nu/2 (|U|^2 + |W|^2 + |V|^2)", low=0.0)
+    rho3: float = opt(0.5, "penalty of o_t = V s_t + c (an inverse step size)", low=0.0,
+                      strict=True)
+    nu: float = opt(0.0, "weight decay nu/2 (|U|^2 + |W|^2 + |V|^2)", low=0.0)
     multipliers: str = opt("all", "which constraints carry multipliers (none: pure penalty)",
                            choices=("all", "output", "none"))
     warmup: int = opt(0, "iterations without a multiplier update", low=0)
@@ -124,7 +126,8 @@ class AdmmConfig:
                            "Gram estimate of each weight block", low=0.0)
     damping: float = opt(0.01, "mini-batch: the solve uses C + damping I", low=0.0)
     trust_radius: float = opt(0.25, "mini-batch: cap of each block's change per step "
-                              "(Frobenius norm; 0: none)", low=0.0)
+                              "(Frobenius norm), times sqrt(|O|) with a label per step "
+                              "(0: none)", low=0.0)
     sync_every: int = opt(1, "mini-batch on several ranks: 1: every mini-batch is global (one "
                           "reduction each; equals the serial run); I > 1: each rank takes local "
                           "steps on batch_size / ranks of its own samples and one reduction "
@@ -159,8 +162,8 @@ class OptimConfig:
                         choices=("constant", "step", "cosine"))
     step_every: int = opt(10, "epochs between decays of the step schedule", low=1)
     step_factor: float = opt(0.5, "decay factor of the step schedule", low=0.0, strict=True)
-    clip_norm: float = opt(0.0, "clip the gradient to this global norm (0: no clipping)",
-                           low=0.0)
+    clip_norm: float = opt(1.0, "clip the (averaged) gradient to this global norm (0: no "
+                           "clipping)", low=0.0)
     celgc_gamma: float = opt(1.0, "CELGC clipping threshold gamma", low=0.0, strict=True)
     celgc_period: int = opt(4, "CELGC local steps between weight averages", low=1)
 

@@ -18,6 +18,10 @@ from padmmirnn.samples import DatasetInfo, LocalData
 # ADMMiRNN block theory pin it, whatever the defaults are.
 FAITHFUL = {f"admm.{k}": v for k, v in
             tomllib.loads(preset_path("faithful").read_text())["admm"].items()}
+# The full-batch hybrid (the packaged preset): tests of the full-batch engine's
+# defaults pin it, whatever the mini-batch defaults are.
+FULLBATCH = {f"admm.{k}": v for k, v in
+             tomllib.loads(preset_path("fullbatch").read_text())["admm"].items()}
 
 
 def make_local(kind: str, many_to_many: bool, n: int = 12, steps: int = 5, dim: int = 4,

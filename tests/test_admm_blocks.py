@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import FAITHFUL, make_local
+from conftest import FAITHFUL, FULLBATCH, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm
@@ -187,7 +187,7 @@ def test_rho_schedule_geometric_with_cap():
     assert [eng.penalty(k).rho1 for k in (1, 2, 3, 4, 10)] == [0.5, 1.0, 2.0, 2.5, 2.5]
 
 
-@pytest.mark.parametrize("base", [FAITHFUL, {}], ids=["faithful", "default"])
+@pytest.mark.parametrize("base", [FAITHFUL, FULLBATCH], ids=["faithful", "fullbatch"])
 def test_float32_tracks_float64(base):
     data64 = make_local("dense", False, n=20, steps=4, seed=9)
     data32 = make_local("dense", False, n=20, steps=4, seed=9, dtype=np.float32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FAITHFUL, make_local
+from conftest import FAITHFUL, FULLBATCH, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.baselines import gradients
@@ -277,7 +277,8 @@ def test_train_metrics_from_synced_state_equal_a_forward_pass():
     """The default iteration leaves a, s, o equal to the forward pass of the weights:
     the training metrics read off o equal those of a true forward pass."""
     data = _learnable()
-    eng = AdmmEngine(build_config(overrides={"model.hidden": 8}), [data], data.n, SerialComm())
+    eng = AdmmEngine(build_config(overrides={**FULLBATCH, "model.hidden": 8}), [data], data.n,
+                     SerialComm())
     for _ in range(3):
         eng.iterate(want_sums=False)
         sums = eng.train_loss_sums()
@@ -291,7 +292,8 @@ def test_train_metrics_from_synced_state_equal_a_forward_pass():
 
 def test_synced_residual_sums_equal_recomputed_ones():
     data = _learnable()
-    eng = AdmmEngine(build_config(overrides={"model.hidden": 8}), [data], data.n, SerialComm())
+    eng = AdmmEngine(build_config(overrides={**FULLBATCH, "model.hidden": 8}), [data], data.n,
+                     SerialComm())
     for _ in range(2):
         fast = eng.iterate(want_sums=True)[0]
         recomputed = eng.residuals(eng.penalty(eng.iteration), (False, False, False))[0]

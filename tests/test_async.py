@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import FAITHFUL, make_local
+from conftest import FAITHFUL, FULLBATCH, make_local
 
 from padmmirnn import asynchronous
 from padmmirnn.admm import AdmmEngine
@@ -56,8 +56,10 @@ def _async_engine(comm, data, n, tau, base=FAITHFUL, kind="iterations", **admm):
     return _engine(comm, data, n, base, reducer=ex, **admm), ex
 
 
-HYBRID_ASYNC = {"admm.step_control": "none"}  # the defaults without the step control
-DEFAULTS: dict = {}  # with it: tau = 0 sums the trial losses over all ranks, as SP does
+# the full-batch hybrid without the step control, and with it (tau = 0 sums the trial
+# losses over all ranks, as SP does)
+HYBRID_ASYNC = {**FULLBATCH, "admm.step_control": "none"}
+DEFAULTS: dict = FULLBATCH
 
 
 @pytest.mark.parametrize("kind,m2m,base", [("dense", False, FAITHFUL),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FAITHFUL, make_local
+from conftest import FAITHFUL, FULLBATCH, make_local
 
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm, agree, sum_parts
@@ -45,7 +45,7 @@ CASES = [
 def test_sp_matches_serial_every_iteration(comm, kind, m2m, n, mode, schedule):
     assert comm.size == 2
     full = make_local(kind, m2m, n=n, steps=5, dim=6, classes=4, seed=n)
-    base = {} if mode == "hybrid" else {**FAITHFUL, "admm.multipliers": mode,
+    base = FULLBATCH if mode == "hybrid" else {**FAITHFUL, "admm.multipliers": mode,
                                         "admm.warmup": 1, "admm.schedule": schedule}
     cfg = build_config(overrides={**base, "model.hidden": 7,
                                   "admm.rho_schedule": "geometric"})
