@@ -24,10 +24,10 @@ data-parallel gradient baselines draw theirs. For each mini-batch B:
 
    ``R`` the output rows of B (``D / R`` is minus the gradient of the mean loss),
    ``Theta~`` the weights without biases, the change capped at ``trust_radius
-   sqrt(|O|)`` in Frobenius norm (|O| labels per sequence); ``rho`` follows
-   ``admm.rho_schedule`` per pass (geometric: a step that shrinks from pass to
-   pass). With ``C`` the Gram matrix of the batch itself (and no damping or cap)
-   this is the exact block minimiser of B's augmented Lagrangian; it is the
+   sqrt(|O|)`` in Frobenius norm (|O| labels per sequence); with
+   ``admm.rho_schedule = geometric`` the step and its cap shrink from pass to pass by
+   the factor ``rho(k) / rho``. With ``C`` the Gram matrix of the batch itself (and
+   no damping or cap) this is the exact block minimiser of B's augmented Lagrangian; it is the
    full-batch hybrid's step (docs/design.md, section 4) taken once per mini-batch
    instead of once per pass: one side of a Kronecker-factored Gauss-Newton step.
 
@@ -253,13 +253,13 @@ class MinibatchAdmm:
         grad = D_in / out_rows
         grad[:, :d] -= a.nu * p.U
         grad[:, d + 1:] -= a.nu * p.W
-        step = self._capped(self.gram_in.solve(grad, a.damping) / (a.rho1 * self._scale))
+        step = self._capped(self.gram_in.solve(grad, a.damping) / a.rho1) / self._scale
         theta += step
         p.U, p.b, p.W = theta[:, :d].copy(), theta[:, d].copy(), theta[:, d + 1:].copy()
         self.gram_out.update({"rest": st["out.rest"]}, out_rows, a.cov_decay)
         grad = st["out.D"] / out_rows
         grad[:, :h] -= a.nu * p.V
-        step = self._capped(self.gram_out.solve(grad, a.damping) / (a.rho3 * self._scale))
+        step = self._capped(self.gram_out.solve(grad, a.damping) / a.rho3) / self._scale
         p.V = p.V + step[:, :h]
         p.c = p.c + step[:, h]
         self.steps += 1
