@@ -177,6 +177,21 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.startswith("padmmirnn ")
 
 
+def test_every_subpackage_is_installed():
+    """setup.cfg lists packages by name: a new subpackage missing from it imports
+    in the source tree but not from a clean install (CI's failure mode)."""
+    import configparser
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {".".join(p.parent.relative_to(root).parts)
+               for p in (root / "padmmirnn").rglob("__init__.py")}
+    assert on_disk <= listed, f"add to setup.cfg [options] packages: {on_disk - listed}"
+
+
 @pytest.mark.parametrize("kind,m2m", [("dense", True), ("tokens", False), ("tokens", True)])
 def test_train_on_prepared_files(tmp_path, kind, m2m):
     """A user's own files (train + test beside it) in each input and target layout."""
