@@ -91,10 +91,12 @@ class AdmmConfig:
     multipliers: str = opt("all", "which constraints carry multipliers (none: pure penalty)",
                            choices=("all", "output", "none"))
     warmup: int = opt(0, "iterations without a multiplier update", low=0)
-    rho_schedule: str = opt("constant", "rho_j(k) = rho_j min(growth^(k-1), max_scale) if "
-                            "geometric", choices=("constant", "geometric"))
-    rho_growth: float = opt(1.1, "growth of the geometric rho schedule", low=1.0)
-    rho_max_scale: float = opt(100.0, "cap of the geometric rho schedule", low=1.0)
+    rho_schedule: str = opt("geometric", "rho_j(k) = rho_j min(growth^(k-1), max_scale) "
+                            "in iteration/pass k if geometric (a decaying step)",
+                            choices=("constant", "geometric"))
+    rho_growth: float = opt(1.05, "growth of the geometric rho schedule per iteration/pass",
+                            low=1.0)
+    rho_max_scale: float = opt(10.0, "cap of the geometric rho schedule", low=1.0)
     schedule: str = opt("fused", "fused: one statistics reduction per iteration; paper: U, "
                         "W, b, a, s, then V, c, o (two)", choices=("fused", "paper"))
     a_newton_steps: int = opt(3, "Newton steps of the elementwise a-update", low=0)
