@@ -1,12 +1,12 @@
 """Performance of one ADMM iteration against the machine and against BPTT (issue 10).
 
 In one run: the GEMM rate of this machine's BLAS (float64 and float32, one
-thread); the analytic floating-point work of one fused ADMM iteration (dense
-products only); median times of each block of an iteration on the default
-dataset at several hidden sizes and on a token task; one epoch of the Adam
-baseline on the same data; the ratios achieved/GEMM FLOP/s, ADMM iteration / BPTT
-epoch, the share of time in Numba kernels, and the bytes of ADMM state per
-training sample. Run it with the thread count of one rank (the default: 1).
+thread); the analytic floating-point work of one fused iteration of the full-batch
+hybrid (``--config fullbatch``; dense products only); median times of each block of
+an iteration on the default dataset at several hidden sizes and on a token task; one
+epoch of the Adam baseline on the same data; the ratios achieved/GEMM FLOP/s, ADMM
+iteration / BPTT epoch, the share of time in Numba kernels, and the bytes of ADMM
+state per training sample. Run it with the thread count of one rank (the default: 1).
 """
 
 from __future__ import annotations
@@ -94,17 +94,19 @@ WARMUP_DEFAULT = 10
 
 def time_default(local, n_global: int, hidden: int, repeats: int,
                  dtype: str = "float64") -> dict:
-    """Mean seconds of one iteration of the default (hybrid) configuration over
+    """Mean seconds of one iteration of the full-batch hybrid (``--config fullbatch``) over
     ``repeats`` iterations after ``WARMUP_DEFAULT``, the forward passes its step control
     ran per iteration, and the share of its time in Numba kernels (timed by wrapping
     them)."""
     from padmmirnn import kernels
     from padmmirnn.admm import AdmmEngine
     from padmmirnn.comm import SerialComm
-    from padmmirnn.config import build_config
+    from padmmirnn.config import build_config, load_config
 
-    eng = AdmmEngine(build_config(overrides={"model.hidden": hidden, "train.dtype": dtype}),
-                     [local], n_global, SerialComm())
+    preset = load_config("fullbatch").to_dict()
+    cfg = build_config({**preset, "model": {"hidden": hidden},
+                        "train": {**preset["train"], "dtype": dtype}})
+    eng = AdmmEngine(cfg, [local], n_global, SerialComm())
     for _ in range(WARMUP_DEFAULT):  # past the first steps, into the step control's regime
         eng.iterate(want_sums=False)
     spent = {"numba": 0.0}
@@ -149,7 +151,7 @@ def time_default(local, n_global: int, hidden: int, repeats: int,
 
 def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
                  tokens: bool, forwards: float = 1.0) -> float:
-    """Dense work of one default (hybrid) iteration: the statistics, ``forwards``
+    """Dense work of one full-batch hybrid iteration: the statistics, ``forwards``
     forward re-synchronisations (one per backtracking trial) and the KKT backward
     recursion, each recurrent product over the T - 1 steps that have one (s_0 = 0, and
     lambda2_T has no W^T lambda1_{T+1}); the joint h x h solves are negligible."""
@@ -236,7 +238,7 @@ def token_task(n: int = 4000, steps: int = 28, vocab: int = 1000, seed: int = 0)
 
 def _default_row(task: str, config: str, local, h: int, default: dict,
                  bptt_s: float | None) -> dict:
-    """One table row of the default configuration; FLOP/s against the GEMM rate of its
+    """One table row of the full-batch hybrid; FLOP/s against the GEMM rate of its
     dtype measured with it, with the forward passes the step control ran and with one."""
     rate = default["gemm_rate"]
     info = local.info
@@ -268,7 +270,7 @@ def main() -> int:
     p.add_argument("--hidden", default="64,128,256")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--float32-hidden", default="128",
-                   help="hidden sizes also timed in float32 (default configuration)")
+                   help="hidden sizes also timed in float32 (full-batch hybrid)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,7 +287,7 @@ def main() -> int:
         if key not in bptt:
             bptt[key] = adam_epoch(local, local.info.n, h, a.repeats)
         default = time_default(local, local.info.n, h, 2 * a.repeats)
-        rows.append(_default_row(name, "default (hybrid)", local, h, default, bptt[key]))
+        rows.append(_default_row(name, "fullbatch (hybrid)", local, h, default, bptt[key]))
         blocks = time_blocks(local, local.info.n, h, a.repeats)
         flops = admm_flops(local.info.n, local.info.steps, local.info.dim, h, local.info.classes,
                            1, local.info.kind == "tokens")
@@ -307,7 +309,7 @@ def main() -> int:
     single = datafiles.read_slice(info, 0, info.n, np.float32)
     for h in (int(v) for v in a.float32_hidden.split(",") if v):
         default = time_default(single, info.n, h, 2 * a.repeats, "float32")
-        rows.append(_default_row("mnist-rows", "default, float32", single, h, default, None))
+        rows.append(_default_row("mnist-rows", "fullbatch, float32", single, h, default, None))
     result = {"gemm_gflops_float64": rate64 / 1e9, "gemm_gflops_float32": rate32 / 1e9,
               "rows": rows}
     print(f"GEMM (1024^3, one thread) at the start: float64 {rate64 / 1e9:.1f} GFLOP/s, "
