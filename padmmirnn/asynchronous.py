@@ -36,7 +36,8 @@ def build(cfg: Config, parts: list[LocalData], n_global: int, comm,
     info = parts[0].info
     h = cfg.model.hidden
     size = input_layout(info.dim, h).size + output_layout(h, info.classes).size
-    exchange = RmaStatsExchange(comm, size, t.staleness, kind=t.staleness_kind)
+    exchange = RmaStatsExchange(comm, size, t.staleness, kind=t.staleness_kind,
+                                progress=t.progress_thread)
     lockstep = t.staleness == 0 and t.staleness_kind == "iterations"
     engine = AdmmEngine(cfg, parts, n_global, comm, params, reducer=exchange,
                         loss_comm=comm if lockstep else SerialComm())

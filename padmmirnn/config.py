@@ -70,6 +70,9 @@ class TrainConfig:
                               "publishes old (fast ranks run more iterations)",
                               choices=("iterations", "publishes"))
     straggler: str = opt("", "RANK:FACTOR slows that rank's compute by FACTOR (experiments)")
+    progress_thread: bool = opt(True, "async: the rank hosting the windows runs a thread "
+                                "that enters MPI every millisecond, so the others' one-sided "
+                                "operations complete while it computes (between nodes)")
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class Config:
 # (parallel, staleness, staleness_kind, straggler) do change the iterates -- an async
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
-               "staleness_kind", "straggler")
+               "staleness_kind", "straggler", "progress_thread")
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -341,6 +344,22 @@ def _validate(cfg: Config) -> None:
         if v != v or (v <= low if strict else v < low):
             rel = ">" if strict else ">="
             raise ConfigError(f"config key '{key}' must be {rel} {low}; got {v!r}")
+
+
+def check_for_ranks(cfg: Config, ranks: int) -> None:
+    """What only the rank count can rule out; the same on every rank, so it is raised
+    everywhere before the first collective."""
+    t = cfg.train
+    if (t.parallel == "async" and t.staleness_kind == "publishes" and ranks > 1
+            and t.staleness < ranks - 1):
+        raise ConfigError(
+            f"train.staleness = {t.staleness} with staleness_kind = publishes needs at least "
+            f"ranks - 1 = {ranks - 1} on {ranks} ranks: one round of publishes makes the "
+            f"first contribution {ranks - 1} publishes old, and every rank would wait")
+    straggler = straggler_rank_factor(t.straggler)
+    if straggler and straggler[0] >= ranks:
+        raise ConfigError(f"config key 'train.straggler' names rank {straggler[0]}, but the "
+                          f"job has {ranks} rank(s)")
 
 
 def straggler_rank_factor(text: str) -> tuple[int, float] | None:

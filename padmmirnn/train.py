@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from padmmirnn.checkpoint import (
     write_checkpoint,
 )
 from padmmirnn.comm import agree
-from padmmirnn.config import Config, straggler_rank_factor
+from padmmirnn.config import Config, check_for_ranks, straggler_rank_factor
 from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import PadmmError
 from padmmirnn.evaluation import evaluate_run
@@ -43,7 +44,9 @@ from padmmirnn.signals import Stop, StopSignals, stop_reason
 from padmmirnn.splits import Split, load_data
 from padmmirnn.trainer import Decision, Schedule, Trainer
 
-# Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration.
+# Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration;
+# "RANK:ITERATION:kill" kills the process there with SIGKILL (a lost node: no Python
+# exception, no MPI_Abort).
 FAULT_ENV = "PADMMIRNN_FAULT_INJECT"
 
 
@@ -112,12 +115,13 @@ def weights_meta(cfg: Config, info: DatasetInfo) -> dict:
     }
 
 
-def _fault_iteration(rank: int) -> int | None:
+def _fault(rank: int) -> tuple[int | None, bool]:
+    """The iteration of an injected fault on this rank, and whether it is a kill."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return None
-    fault_rank, iteration = (int(v) for v in spec.split(":"))
-    return iteration if fault_rank == rank else None
+        return None, False
+    fault_rank, iteration, *kind = spec.split(":")
+    return (int(iteration) if int(fault_rank) == rank else None), kind == ["kill"]
 
 
 def _choose_resume(cfg: Config, comm, ckpt_dir: Path) -> Path | None:
@@ -166,6 +170,7 @@ class TrainingRun:
     def __init__(self, cfg: Config, comm, signals: StopSignals):
         self.cfg, self.comm, self.signals = cfg, comm, signals
         self.log = get_logger()
+        check_for_ranks(cfg, comm.size)
         self.train, self.test = load_data(cfg.data.dataset, cfg.data.test, comm,
                                           np.dtype(cfg.train.dtype), self._chunk())
         on_node = comm.ranks_on_node()  # every rank's state must fit, before any output
@@ -190,6 +195,8 @@ class TrainingRun:
         self.slow = straggler[1] if straggler and straggler[0] == comm.rank else 1.0
         self.rank_log = None
         self.timed = np.zeros(3)  # compute s, communication s, iterations (after warm-up)
+        self.timed_all = np.zeros(3)  # the same over every iteration (a run too short
+        # to have any past the warm-up reports these)
         self.ledger = np.zeros(2)  # synchronisations and bytes of the steps (this rank)
         self.ran = 0  # iterations run by this process
         self.metrics: dict = {}
@@ -252,9 +259,11 @@ class TrainingRun:
 
     def _loop(self) -> None:
         total = self.cfg.train.iterations
-        fault_at = _fault_iteration(self.comm.rank)
+        fault_at, kill = _fault(self.comm.rank)
         progress = Progress(total, self.comm.rank, self.cfg.output.log_every)
         for k in range(self.trainer.iteration + 1, total + 1):
+            if k == fault_at and kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             if k == fault_at:
                 raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
             decision = self.control.decide(k, self._elapsed(),
@@ -300,6 +309,7 @@ class TrainingRun:
                 "iteration": k, "wall_time_s": self._elapsed(), "iteration_s": t_iter,
                 "comm_s": t_comm, **self.control.rank_record()}) + "\n")
         self.ran += 1
+        self.timed_all += (t_iter - t_comm, t_comm, 1)
         if self.ran > TIMING_WARMUP:
             self.timed += (t_iter - t_comm, t_comm, 1)
         return t_iter, t_comm
@@ -353,7 +363,8 @@ class TrainingRun:
     def _summary(self, per_rank: list[int]) -> dict:
         cfg, comm, trainer = self.cfg, self.comm, self.trainer
         wall = self._elapsed()
-        mean = self.timed[:2] / max(self.timed[2], 1)
+        timed = self.timed if self.timed[2] else self.timed_all
+        mean = timed[:2] / max(timed[2], 1)
         per_iter = comm.allreduce_max(np.array([mean[0], mean[1], -mean[0], *self.ledger]))
         parallel = "none" if comm.size == 1 else (
             "async" if self.control.asynchronous else "sync")

@@ -173,3 +173,27 @@ def test_quiescent_point_gives_every_rank_the_same_backtracked_weights(comm):
         assert engine.synced and engine.loss_comm.size == 1
         control.before_step()
         engine.step(evaluate=False)  # and on asynchronously
+
+
+def test_a_stop_before_a_ranks_first_step_ends_every_rank(comm):
+    """BUG 2: in bounded-delay mode a rank that stops before its first step releases
+    the others, which finish one step; the quiescent solve must then run on every rank
+    (it returned at once on the rank that never stepped and waited in a barrier on the
+    others: a hang) and leave them all with the same weights."""
+    full = make_local("dense", False, n=40, steps=4, dim=5, classes=3, seed=13)
+    cfg = build_config(overrides={**FULLBATCH, "model.hidden": 7, "train.parallel": "async",
+                                  "train.staleness": 1, "train.staleness_kind": "publishes",
+                                  "train.budget_seconds": 1.0})
+    engine, control = asynchronous.build(cfg, [_local(full, comm)], 40, comm)
+    with freed_on_success(control.close):
+        if comm.rank == 1:
+            decision = control.decide(1, elapsed=5.0, job_elapsed=5.0, signum=0)
+            assert decision.end and engine.iteration == 0
+        else:
+            control.before_step()
+            engine.step(evaluate=False)  # released by rank 1's stop
+            assert engine.iteration == 1
+        control.quiesce()
+        for name, value in engine.params.arrays().items():
+            gathered = comm.allgather(value.tobytes())
+            assert gathered[0] == gathered[1], name

@@ -143,19 +143,22 @@ def test_async_staleness_zero_run_equals_sync_run(tmp_path):
     assert all(r["staleness"] == 0 for r in rows)
 
 
-def test_async_with_staleness_trains_as_well_as_sync(tmp_path):
+@pytest.mark.parametrize("network", [False, True], ids=["shared-memory", "network-path"])
+def test_async_with_staleness_trains_as_well_as_sync(tmp_path, network):
     """AP with tau = 2 and the full-batch configuration (its step control on each rank's
     own training loss) on the default dataset and its default 60 iterations: every
     rank's training loss never increases, except where no trial step decreased it
     (a stale direction; the step control then takes its shortest step, rare), and the
     final test accuracy is at most 1 point below SP's (measured: 0.2 below to 0.7
-    above; at 30 iterations AP can be 2 points below, docs/async.md)."""
+    above; at 30 iterations AP can be 2 points below, docs/async.md). Also on MPICH's
+    network path (``MPIR_CVAR_NOLOCAL=1``: the route between nodes)."""
     common = ["train", "--iterations", "60", "--config", "fullbatch"]
     sync, _ = _run([*common, "--parallel", "sync", "--set", "train.eval_every=60",
                     "--out", str(tmp_path / "sync")], timeout=300)
     assert sync.returncode == 0, sync.stderr
     ap, _ = _run([*common, "--parallel", "async", "--staleness", "2",
-                  "--out", str(tmp_path / "async")], timeout=300)
+                  "--out", str(tmp_path / "async")], timeout=300,
+                 env={"MPIR_CVAR_NOLOCAL": "1"} if network else None)
     assert ap.returncode == 0, ap.stderr
     for r in (0, 1):
         rows = [json.loads(x) for x in (tmp_path / "async" / f"async_rank{r}.jsonl")
@@ -220,6 +223,17 @@ def test_bounded_delay_job_under_a_straggler(tmp_path):
     assert s["staleness_kind"] == "publishes" and s["train_accuracy"] is not None
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--staleness-kind", "publishes", "--staleness", "0"], "needs at least ranks - 1 = 1"),
+    (["--straggler", "2:3"], "names rank 2, but the job has 2 rank(s)")])
+def test_what_only_the_rank_count_rules_out_is_one_clear_line(tmp_path, args, message):
+    """Bounded delay below ranks - 1 would leave every rank waiting for ever."""
+    proc, seconds = _run(["train", "--parallel", "async", "--config", "fullbatch", *args,
+                          "--out", str(tmp_path / "o")], timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("extra", [["--parallel", "sync"],
                                    ["--parallel", "async", "--config", "fullbatch", "--set",
                                     "train.eval_every=2"]])
@@ -238,6 +252,31 @@ def test_exception_on_one_rank_ends_an_async_job(tmp_path):
                          env={"PADMMIRNN_FAULT_INJECT": "1:2"}, timeout=60)
     assert proc.returncode != 0 and seconds < 30
     assert "[rank 1/2] unhandled exception" in proc.stderr
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["shared-memory", "network-path"])
+def test_a_rank_killed_mid_async_run_ends_the_job_and_its_checkpoint_resumes(tmp_path,
+                                                                             network):
+    """A lost node: rank 1 dies by SIGKILL (no exception, no MPI_Abort) at iteration 7 of
+    an AP run that checkpoints every 2 iterations. The job ends within 30 s with a
+    non-zero status (the other rank may be spinning on a window); the last checkpoint
+    (iteration 6) verifies and the run resumes from it to the end."""
+    write_random_split(tmp_path / "d_train.h5", n=50, seed=1)
+    common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
+              "--config", "fullbatch", "--set", "model.hidden=6", "--iterations", "12",
+              "--set", "checkpoint.every=2", "--out", str(tmp_path / "o")]
+    env = {"MPIR_CVAR_NOLOCAL": "1"} if network else {}
+    proc, seconds = _run(common, env={**env, "PADMMIRNN_FAULT_INJECT": "1:7:kill"},
+                         timeout=60)
+    assert proc.returncode != 0 and seconds < 30, (proc.returncode, seconds)
+    from padmmirnn.checkpoint import find_latest
+
+    latest = find_latest(tmp_path / "o" / "checkpoints")
+    assert latest is not None and latest.name.endswith("00006.h5"), latest
+    proc, _ = _run([*common, "--resume", "latest"], env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = _summary(tmp_path / "o")
+    assert s["iterations"] == 12 and s["train_accuracy"] is not None
 
 
 def test_parallel_from_the_configuration_is_honoured(tmp_path):

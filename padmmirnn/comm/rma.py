@@ -9,6 +9,8 @@ Small parts, each used on windows that every rank keeps open in one passive
 * :class:`Counters`: named int64 slots read and written element-atomically
   (``Get_accumulate`` with ``NO_OP``, ``Accumulate`` with ``REPLACE``/``MIN``/``MAX``,
   ``Fetch_and_op``);
+* :class:`ProgressThread`: keeps MPI's progress engine turning on the rank that hosts
+  the windows while it computes;
 * :class:`RmaStatsExchange`: the bounded-staleness exchange of AP-ADMMiRNN built
   from them (docs/design.md, section 6).
 
@@ -24,6 +26,7 @@ idempotent and collective.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -118,6 +121,52 @@ class Counters:
         return int(result[0])
 
 
+class ProgressThread:
+    """A thread that enters MPI (``Iprobe`` on ``comm``) every ``interval`` seconds,
+    so that passive-target operations on this rank's windows complete while its main
+    thread computes. Through shared memory the origin completes them alone; on MPICH's
+    network path (between nodes, or ``MPIR_CVAR_NOLOCAL=1``) they wait for the target
+    to enter MPI: 175 ms of waiting per AP iteration without this thread, against
+    0.3-4 ms with it (docs/async.md). A probe on ``COMM_SELF`` does not drive that
+    path; one on the exchange's communicator does. It sleeps between probes (unlike
+    ``MPIR_CVAR_ASYNC_PROGRESS``, whose spinning thread takes a core). Needs
+    ``MPI_THREAD_MULTIPLE``; :attr:`running` says whether it started. Use with
+    ``with``, or :meth:`start` and :meth:`stop` (idempotent)."""
+
+    def __init__(self, comm, mpi, interval: float = 1e-3):
+        self._comm, self._mpi, self.interval = comm, mpi, interval
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def _run(self) -> None:
+        mpi = self._mpi
+        while not self._halt.wait(self.interval):
+            self._comm.Iprobe(mpi.ANY_SOURCE, mpi.ANY_TAG)
+
+    def start(self) -> ProgressThread:
+        if self._thread is None and self._mpi.Query_thread() == self._mpi.THREAD_MULTIPLE:
+            self._thread = threading.Thread(target=self._run, name="mpi-progress",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> ProgressThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class RmaStatsExchange:
     """Asynchronous, bounded-staleness exchange of the per-iteration statistics over
     MPI one-sided windows (AP-ADMMiRNN, docs/design.md, section 6). It is the
@@ -145,16 +194,21 @@ class RmaStatsExchange:
     statistics window equals the sum of every worker's latest contribution.
 
     ``kind = "publishes"`` bounds the *delay* instead (as partial-barrier
-    asynchronous ADMM): every publish advances ``version``; step 1 goes, and step 3
-    waits only while some worker's latest contribution is more than ``tau``
-    publishes old or some worker has not published yet (or a stop is agreed). Fast
-    workers then run more iterations than slow ones instead of waiting for them.
+    asynchronous ADMM): every publish advances ``version``; step 1 goes; step 2 waits,
+    under the mutex, while another worker's latest contribution is already ``tau``
+    publishes old (so no contribution in the window is ever older than ``tau``
+    publishes); step 3 waits only until every worker has published once (or a stop
+    is agreed). Fast workers then run more iterations than slow ones instead of
+    waiting for them. It needs ``tau >= ranks - 1`` (the first round of publishes
+    makes the first worker ``ranks - 1`` publishes old). A reader is never held by
+    the age of a contribution: its own, or that of a worker that is itself waiting
+    to read, could not get younger, and the ranks would wait for each other for ever.
     """
 
     NO_STOP = np.iinfo(np.int64).max
 
     def __init__(self, comm: MPIComm, size: int, staleness: int, host: int = 0,
-                 kind: str = "iterations"):
+                 kind: str = "iterations", progress: bool = True):
         MPI = comm._MPI
         self._MPI = MPI
         self.comm, self.tau, self.host, self.kind = comm, staleness, host, kind
@@ -183,6 +237,11 @@ class RmaStatsExchange:
         self.ledger = comm.ledger
         self.wait_seconds = 0.0
         self.staleness = 0
+        # the host's progress thread (``progress``): the others' operations on its
+        # windows complete while it computes, on the network path too
+        self.progress = ProgressThread(comm.comm, MPI)
+        if here and progress and self.size > 1:
+            self.progress.start()
 
     # -- reads -----------------------------------------------------------------------
 
@@ -231,41 +290,69 @@ class RmaStatsExchange:
         self.wait_seconds += poll(ready)
 
     def _publish(self, buf: np.ndarray, k: int) -> None:
-        """Step 2: add this rank's change of contribution to the window."""
+        """Step 2: add this rank's change of contribution to the window (bounded delay:
+        once the bound allows it)."""
         delta = buf - self.previous  # referenced until the Flush below completes it
-        with self.mutex:
-            self.win_stats.Accumulate(delta, self.host, op=self._MPI.SUM)
-            self.win_stats.Flush(self.host)
-            if self.kind == "publishes":
-                version = self.counters.fetch_add("version", 1)
-                self.counters.update("last_version", version + 1, self._MPI.REPLACE,
-                                     index=self.rank)
-            self.counters.update("published", k, self._MPI.REPLACE, index=self.rank)
+        if self.kind == "publishes":
+            self._locked_poll(self._within_bound, lambda c: self._write(delta, k))
+        else:
+            with self.mutex:
+                self._write(delta, k)
         self.previous = buf.copy()
 
-    def _bounded_snapshot(self) -> np.ndarray:
-        """Bounded delay: a snapshot in which every worker has published and no
-        contribution is more than tau publishes old, the bound checked and the snapshot
-        read in ONE critical section (a check outside it could be stale by the time of
-        the read, with 3 or more ranks); an agreed stop releases the wait."""
+    def _write(self, delta: np.ndarray, k: int) -> None:
+        """Accumulate ``delta`` and record the publish (the caller holds the mutex)."""
+        self.win_stats.Accumulate(delta, self.host, op=self._MPI.SUM)
+        self.win_stats.Flush(self.host)
+        if self.kind == "publishes":
+            version = self.counters.fetch_add("version", 1)
+            self.counters.update("last_version", version + 1, self._MPI.REPLACE,
+                                 index=self.rank)
+        self.counters.update("published", k, self._MPI.REPLACE, index=self.rank)
+
+    def _within_bound(self, c: dict[str, np.ndarray]) -> bool:
+        """Bounded delay, enforced at the write: this rank may publish when no other
+        worker's latest contribution is already tau publishes old (or a stop is agreed).
+        After the publish every contribution in the window is then at most tau publishes
+        old, so the window never holds an older one and a reader needs no bound of its
+        own. The wait always ends (with tau >= ranks - 1): the publishes' ages are
+        distinct, so at most one worker is tau old, and that one may publish."""
+        others = (c["published"] >= 1) & (np.arange(self.size) != self.rank)
+        delays = c["version"][0] - c["last_version"][others]
+        return c["stop"][0] != self.NO_STOP or not delays.size or delays.max() < self.tau
+
+    def _snapshot_when_all_published(self) -> np.ndarray:
+        """Bounded delay: a snapshot once every worker has published (or a stop is
+        agreed), read in the same critical section as the check; ``staleness`` is the
+        age in publishes of its oldest contribution (at most tau, by the write rule)."""
         out = np.empty_like(self.previous)
+
+        def ready(c: dict[str, np.ndarray]) -> bool:
+            return c["published"].min() >= 1 or c["stop"][0] != self.NO_STOP
+
+        def read(c: dict[str, np.ndarray]) -> None:
+            self.win_stats.Get(out, self.host)
+            self.win_stats.Flush(self.host)
+            published = c["published"] >= 1
+            self.staleness = int((c["version"][0] - c["last_version"][published]).max())
+
+        self._locked_poll(ready, read)
+        return out
+
+    def _locked_poll(self, ready: Callable[[dict], bool], act: Callable[[dict], None]) -> None:
+        """Take the mutex, read the counters; if ``ready(counters)``, ``act(counters)``
+        in the same critical section and return, else release and retry with backoff."""
         delay = 1e-4
         t0 = time.perf_counter()
         while True:
             with self.mutex:
                 c = self.counters.read()
-                delays = c["version"][0] - c["last_version"]
-                ready = delays.max() <= self.tau and c["published"].min() >= 1
-                stopped = c["stop"][0] != self.NO_STOP
-                if ready or stopped:
-                    self.win_stats.Get(out, self.host)
-                    self.win_stats.Flush(self.host)
-                    self.staleness = int(delays.max())
+                if ready(c):
+                    act(c)
                     break
             time.sleep(delay)
             delay = min(2 * delay, 1e-2)
         self.wait_seconds += time.perf_counter() - t0
-        return out
 
     # -- the exchange ----------------------------------------------------------------
 
@@ -283,7 +370,7 @@ class RmaStatsExchange:
             buf[...] = self.window_sum()
         else:
             self._publish(buf, k)
-            buf[...] = self._bounded_snapshot()
+            buf[...] = self._snapshot_when_all_published()
         self.counters.update("consumed", k, self._MPI.REPLACE, index=self.rank)
         self.k = k
         self.ledger.record(time.perf_counter() - t0, 2 * buf.nbytes)
@@ -291,6 +378,7 @@ class RmaStatsExchange:
 
     def free(self) -> None:
         """End the epochs and free both windows (collective; idempotent)."""
+        self.progress.stop()
         for win in (self.win_stats, self.win_count):
             if win is not None:
                 try:
