@@ -46,7 +46,7 @@ def build(cfg: Config, parts: list[LocalData], n_global: int, comm,
 
 class AsyncControl:
     """The run control of an asynchronous run (the synchronous one is
-    :class:`padmmirnn.train.SyncControl`)."""
+    :class:`padmmirnn.training.SyncControl`)."""
 
     asynchronous = True
 

@@ -34,14 +34,18 @@ from padmmirnn.model import Params
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
 
 
-def save_weights(path: str | Path, params: Params, meta: dict) -> None:
-    """Write the weights and ``meta`` (str/int/float/bool attributes) atomically."""
+def save_weights(path: str | Path, params: Params, meta: dict,
+                 strings: dict[str, list[str]] | None = None) -> None:
+    """Write the weights, ``meta`` (str/int/float/bool attributes) and ``strings``
+    (string tables such as ``vocabulary`` and ``class_names``) atomically."""
     def fill(f):
         for name, value in params.arrays().items():
             f.create_dataset(name, data=value)
         f.attrs["padmmirnn_version"] = __version__
         for key, value in meta.items():
             f.attrs[key] = value
+        for key, table in (strings or {}).items():
+            f.create_dataset(key, data=np.array(table, dtype=h5py.string_dtype()))
     with atomic_h5(path) as f:
         fill(f)
 

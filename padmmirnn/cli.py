@@ -220,7 +220,7 @@ def _scaling_parser(sub) -> None:
 
 
 def _model_tools_parsers(sub) -> None:
-    """``checkpoint inspect`` and ``evaluate``."""
+    """``checkpoint inspect``, ``evaluate``, ``predict``, ``generate`` and ``export``."""
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="checkpoint_command", required=True)
     inspect = cksub.add_parser("inspect", help="print what a checkpoint holds")
@@ -234,6 +234,27 @@ def _model_tools_parsers(sub) -> None:
                     "checkpoint's dataset, else the built-in default)")
     ev.add_argument("--split", choices=("test", "train"), default="test",
                     help="which split of a built-in dataset (default test)")
+
+    pr = sub.add_parser("predict", help="predict the classes of new inputs")
+    pr.add_argument("--weights", required=True, help="weights.h5 or a checkpoint")
+    pr.add_argument("--input", required=True, help="an HDF5 split, a CSV file with a "
+                    "text column, or a text file with one sequence per line")
+    pr.add_argument("--column", default="text", help="the CSV's text column (default text)")
+    pr.add_argument("--out", required=True, help="CSV: one row per sample, the predicted "
+                    "class name and every class's probability")
+
+    ge = sub.add_parser("generate", help="sample text from a language model")
+    ge.add_argument("--weights", required=True, help="weights.h5 or a checkpoint")
+    ge.add_argument("--prompt", default="", help="text to start from")
+    ge.add_argument("--length", type=int, default=200, help="tokens to sample (default 200)")
+    ge.add_argument("--temperature", type=float, default=1.0,
+                    help="softmax temperature; 0 is greedy decoding (default 1)")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    ex = sub.add_parser("export", help="export weights to ONNX or PyTorch (safetensors)")
+    ex.add_argument("--weights", required=True, help="weights.h5 or a checkpoint")
+    ex.add_argument("--format", required=True, choices=("onnx", "torch"))
+    ex.add_argument("--out", required=True, help="the file to write")
 
 
 FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "train.iterations",
@@ -259,7 +280,7 @@ def _config(args):
 
 
 def _train(args, comm, cfg) -> int:
-    from padmmirnn.train import run_training
+    from padmmirnn.training import run_training
 
     run_training(cfg, comm)
     return 0
@@ -343,6 +364,70 @@ def _evaluate(args, comm) -> int:
     return 0
 
 
+def _model(path: str):
+    """The model of ``--weights``; a bad file is one line (exit 2)."""
+    from padmmirnn.api import load
+
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise PadmmError(str(exc)) from None
+
+
+def _predict(args, comm) -> int:
+    from padmmirnn.api import read_inputs
+
+    model = _model(args.weights)
+    if model.many_to_many:
+        raise PadmmError(f"{args.weights}: predict writes one row per sequence; this model "
+                         f"predicts every step (use the Python API, or generate)")
+    try:
+        inputs = read_inputs(args.input, args.column)
+        prob = (model.predict_proba(inputs) if model.loss == "ce"
+                else model.logits(inputs))
+    except ValueError as exc:
+        raise PadmmError(f"{args.input}: {exc}") from None
+    if comm.rank == 0:
+        import csv
+        import io
+
+        from padmmirnn.atomic import atomic_write_text
+
+        names = model.class_names or [str(k) for k in range(model.classes)]
+        text = io.StringIO()
+        w = csv.writer(text)
+        w.writerow(["sample", "predicted", *[f"p_{n}" for n in names]])
+        for i, row in enumerate(prob):
+            w.writerow([i, names[int(row.argmax())], *[f"{v:.6g}" for v in row]])
+        atomic_write_text(args.out, text.getvalue())
+        print(f"wrote {args.out}: {len(prob)} predictions")
+    return 0
+
+
+def _generate(args, comm) -> int:
+    model = _model(args.weights)
+    try:
+        text = model.generate(args.prompt, args.length, args.temperature, args.seed)
+    except ValueError as exc:
+        raise PadmmError(f"{args.weights}: {exc}") from None
+    if comm.rank == 0:
+        print(text)
+    return 0
+
+
+def _export(args, comm) -> int:
+    from padmmirnn.export import export
+
+    model = _model(args.weights)
+    if comm.rank == 0:
+        try:
+            export(model, args.format, args.out)
+        except ValueError as exc:
+            raise PadmmError(str(exc)) from None
+        print(f"wrote {args.out} ({args.format})")
+    return 0
+
+
 def _config_tools(args, comm) -> int:
     from padmmirnn.config import describe_options
 
@@ -410,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, size = comm.rank, comm.size
         setup_logging(rank, size, getattr(args, "verbose", False))
         handler = {"data": _data, "checkpoint": _checkpoint, "evaluate": _evaluate,
+                   "predict": _predict, "generate": _generate, "export": _export,
                    "scaling": _scaling, "config": _config_tools}[args.command]
         return handler(args, comm)
     except PadmmError as exc:

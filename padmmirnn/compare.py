@@ -19,7 +19,7 @@ from pathlib import Path
 from padmmirnn.atomic import atomic_write_text
 from padmmirnn.config import Config, build_config
 from padmmirnn.logs import get_logger
-from padmmirnn.train import run_training
+from padmmirnn.training import run_training
 
 CURVE_KEYS = ("iteration", "wall_time_s", "train_loss", "train_accuracy", "test_loss",
               "test_accuracy", "syncs", "bytes")

@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet ".[mpich,test]"
+"$PY" -m pip install --quiet ".[mpich,test,export]"
 
 # -P: do not put the working directory on sys.path, so the tests import the
 # installed package (where kernels/ is padmmirnn.kernels), not the source tree.

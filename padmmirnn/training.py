@@ -17,9 +17,10 @@ import signal
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 
-from padmmirnn import asynchronous
+from padmmirnn import asynchronous, datafiles
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.checkpoint import (
@@ -107,12 +108,24 @@ def default_out_dir(algo: str) -> str:
 
 
 def weights_meta(cfg: Config, info: DatasetInfo) -> dict:
-    """The attributes of ``weights.h5``: what is needed to use the weights again."""
+    """The attributes of ``weights.h5``: what is needed to use the weights again (the
+    training file's ``prepared`` settings, such as the tokenisation level, included)."""
+    with h5py.File(info.path, "r") as f:
+        prepared = str(f.attrs.get("prepared", "{}"))
     return {
         "activation": cfg.model.activation, "loss": cfg.model.loss, "input_kind": info.kind,
         "input_dim": info.dim, "hidden": cfg.model.hidden, "classes": info.classes,
         "many_to_many": info.many_to_many, "config_toml": cfg.to_toml(),
+        "prepared": prepared,
     }
+
+
+def weights_strings(info: DatasetInfo) -> dict[str, list[str]]:
+    """The string tables of the training file that ``weights.h5`` carries along: the
+    vocabulary (to encode raw text) and the class names."""
+    tables = {name: datafiles.read_strings(info.path, name)
+              for name in ("vocabulary", "class_names")}
+    return {name: table for name, table in tables.items() if table is not None}
 
 
 def _fault(rank: int) -> tuple[int | None, bool]:
@@ -350,7 +363,8 @@ class TrainingRun:
         summary = self._summary(per_rank)
         if comm.rank == 0:
             save_weights(self.out.path("weights.h5"), trainer.params,
-                         weights_meta(self.cfg, self.train.info))
+                         weights_meta(self.cfg, self.train.info),
+                         weights_strings(self.train.info))
         self.out.summary(summary)
         self.log.info("done: %d iterations in %.1f s (%.3f s/iteration, %.1f%% "
                       "communication); train accuracy %.4f, test accuracy %s",
