@@ -7,6 +7,8 @@
                nn.RNN + Adam with --torch-python (issue 15)
     lengths    test accuracy of the faithful, full-batch and mini-batch configurations on
                the default digits cut into T = 1 ... 28 steps (issue 15)
+    network    time to 85% on 2 ranks over a simulated interconnect of latency alpha:
+               SP, AP (both staleness kinds), local steps, data-parallel Adam (issue 16)
 """
 
 import sys
@@ -22,7 +24,8 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("parallel", "kernels", "baselines", "lengths"):
+    names = ("parallel", "kernels", "baselines", "lengths", "network")
+    if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(__doc__)
         return 2
     name = sys.argv.pop(1)
@@ -32,6 +35,8 @@ def main() -> int:
         from benchmarks.baselines import main as run
     elif name == "lengths":
         from benchmarks.lengths import main as run
+    elif name == "network":
+        from benchmarks.network import main as run
     else:
         from benchmarks.kernels import main as run
     return run()

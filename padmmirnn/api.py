@@ -48,7 +48,7 @@ def train(config: str | Path | None = None, dataset: str | None = None, comm=Non
     mpi4py communicator to run on (every rank calls ``train``); serial without one.
     Without ``output.dir`` the run goes to ``runs/<algo>-<time>`` as on the command
     line."""
-    from padmmirnn.comm import MPIComm, SerialComm
+    from padmmirnn.comm import MPIComm, SerialComm, SimulatedNetwork
     from padmmirnn.config import load_config
     from padmmirnn.logs import LOGGER_NAME, setup_logging
     from padmmirnn.training import default_out_dir, run_training
@@ -57,7 +57,8 @@ def train(config: str | Path | None = None, dataset: str | None = None, comm=Non
     if dataset is not None:
         settings["data.dataset"] = dataset
     cfg = load_config(config, settings)
-    c = SerialComm() if comm is None else MPIComm(comm)
+    network = SimulatedNetwork(cfg.train.net_latency_us, cfg.train.net_bandwidth_gbs)
+    c = SerialComm() if comm is None else MPIComm(comm, network)
     try:
         import logging
 

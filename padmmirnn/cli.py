@@ -476,7 +476,13 @@ def _checkpoint(args, comm) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from padmmirnn.comm import abort_job, abort_on_exception, launcher_rank, make_comm
+    from padmmirnn.comm import (
+        SimulatedNetwork,
+        abort_job,
+        abort_on_exception,
+        launcher_rank,
+        make_comm,
+    )
     from padmmirnn.logs import setup_logging
 
     comm = None
@@ -487,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.iterations = 1_000_000  # the budget ends each run
             # the configuration (validated, no MPI yet) says how to run, --parallel included
             cfg = _config(args)
-            comm = make_comm(cfg.train.parallel)
+            comm = make_comm(cfg.train.parallel, SimulatedNetwork(cfg.train.net_latency_us,
+                                                                  cfg.train.net_bandwidth_gbs))
             rank, size = comm.rank, comm.size
             setup_logging(rank, size, getattr(args, "verbose", False))
             return {"train": _train, "compare": _compare}[args.command](args, comm, cfg)

@@ -70,6 +70,11 @@ class TrainConfig:
                               "publishes old (fast ranks run more iterations)",
                               choices=("iterations", "publishes"))
     straggler: str = opt("", "RANK:FACTOR slows that rank's compute by FACTOR (experiments)")
+    net_latency_us: float = opt(0.0, "simulated interconnect (studies): alpha in "
+                                "microseconds added to every collective and one-sided round "
+                                "trip; 0 with net_bandwidth_gbs = 0 is off", low=0.0)
+    net_bandwidth_gbs: float = opt(0.0, "simulated interconnect: beta in Gbit/s, adding "
+                                   "bytes / beta (0: infinite)", low=0.0)
     progress_thread: bool = opt(True, "async: the rank hosting the windows runs a thread "
                                 "that enters MPI every millisecond, so the others' one-sided "
                                 "operations complete while it computes (between nodes)")
@@ -236,7 +241,8 @@ class Config:
 # (parallel, staleness, staleness_kind, straggler) do change the iterates -- an async
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
-               "staleness_kind", "straggler", "progress_thread")
+               "staleness_kind", "straggler", "progress_thread",
+               "net_latency_us", "net_bandwidth_gbs")
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):

@@ -397,6 +397,8 @@ class TrainingRun:
             "t_compute_s": float(per_iter[0]),
             "t_comm_s": float(per_iter[1]),
             "t_imbalance_s": float(per_iter[0] + per_iter[2]),
+            **({"simulated_network": comm.network.describe()} if comm.network.active
+               else {}),
             "bytes_reduced_per_iteration": trainer.bytes_per_step,
             "syncs": int(per_iter[3]),
             "bytes": int(per_iter[4]),

@@ -247,3 +247,29 @@ def test_api_training_in_an_mpi4py_program_equals_the_cli_run(tmp_path):
     for name in ("api", "cli"):
         assert json.loads((tmp_path / name / "summary.json").read_text())["ranks"] == 2
     _same_weights(tmp_path / "api", tmp_path / "cli")
+
+
+def test_predict_on_a_csv_of_raw_texts_names_the_classes(tmp_path):
+    """A word-level classifier prepared from CSV: raw texts are tokenised, cut and padded
+    as the training texts were, and the rows name the predicted class."""
+    texts = ["good fun film", "bad dull film", "fun good plot", "dull bad plot"] * 10
+    labels = ["fresh", "rotten", "fresh", "rotten"] * 10
+    (tmp_path / "r.csv").write_text("text,label\n" + "".join(
+        f"{t},{lab}\n" for t, lab in zip(texts, labels, strict=True)))
+    assert main(["data", "prepare", "csv", "--source", str(tmp_path / "r.csv"),
+                 "--out", str(tmp_path / "r_train.h5"), "--steps", "5",
+                 "--test-fraction", "0"]) == 0
+    weights = _train(tmp_path / "run", "--dataset", str(tmp_path / "r_train.h5"),
+                     "--iterations", "3", "--set", "model.hidden=8")
+    model = padmmirnn.load(weights)
+    assert model.class_names and model.prepared["level"] == "word"
+    x, _ = _inputs(tmp_path / "r_train.h5")
+    prepared_rows = {tuple(row) for row in x}  # encoded as at prepare time (rows shuffled)
+    assert all(tuple(row) in prepared_rows for row in model.encode(texts[:4]))
+    (tmp_path / "new.csv").write_text("text\ngood fun film\nbad dull plot\n")
+    assert main(["predict", "--weights", str(weights), "--input", str(tmp_path / "new.csv"),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
+    names = [r.split(",")[1] for r in rows]
+    assert names == [model.class_names[k] for k in model.predict(["good fun film",
+                                                                  "bad dull plot"])]

@@ -282,3 +282,30 @@ def test_a_rank_killed_mid_async_run_ends_the_job_and_its_checkpoint_resumes(tmp
 def test_parallel_from_the_configuration_is_honoured(tmp_path):
     proc, _ = _run(["train", "--set", "train.parallel=none", "--out", str(tmp_path / "o")])
     assert proc.returncode == 2 and "--parallel none was asked for" in proc.stderr
+
+
+def test_simulated_network_waits_alpha_plus_bytes_over_beta():
+    from padmmirnn.comm import SimulatedNetwork
+
+    net = SimulatedNetwork(latency_us=100, bandwidth_gbs=8)  # 1 GB/s
+    t0 = time.perf_counter()
+    net.wait(1_000_000)
+    assert time.perf_counter() - t0 >= 1.1e-3 and net.seconds == pytest.approx(1.1e-3)
+    assert not SimulatedNetwork().active
+
+
+def test_a_run_on_a_simulated_network_reports_it_and_pays_for_it(tmp_path):
+    """Data-parallel Adam on 2 ranks with 3 ms per collective: the summary says the
+    network was simulated, and every training reduction (the ledger) cost it."""
+    write_random_split(tmp_path / "d_train.h5", n=200, seed=1)
+    proc, _ = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--algo", "adam",
+                    "--iterations", "2", "--set", "optim.batch_size=20",
+                    "--set", "train.net_latency_us=3000", "--out", str(tmp_path / "o")],
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = _summary(tmp_path / "o")
+    net = s["simulated_network"]
+    assert net["latency_us"] == 3000 and net["bandwidth_gbs"] == 0
+    syncs = _metrics(tmp_path / "o")[-1]["syncs"]
+    assert syncs >= 10 and net["simulated_seconds"] >= syncs * 3e-3
+    assert s["wall_time_s"] >= net["simulated_seconds"]

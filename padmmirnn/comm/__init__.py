@@ -59,6 +59,42 @@ class Ledger:
         return {"syncs": self.syncs, "bytes": self.bytes, "comm_s": self.seconds}
 
 
+class SimulatedNetwork:
+    """An alpha-beta interconnect for studies on one machine: every collective and every
+    one-sided round trip of this rank waits ``alpha + bytes / beta`` on top of its real
+    cost (``bytes``: what this rank sends in it, or fetches with a one-sided get).
+    ``latency_us`` is alpha in microseconds, ``bandwidth_gbs`` beta in Gbit/s (0:
+    infinite); both 0 is off. Waits under 2 ms spin (a sleep overshoots them), longer
+    ones sleep. ``seconds`` sums the simulated waits, which runs report as such (the
+    summary's ``simulated_network``, rank 0's)."""
+
+    def __init__(self, latency_us: float = 0.0, bandwidth_gbs: float = 0.0):
+        self.latency_us, self.bandwidth_gbs = latency_us, bandwidth_gbs
+        self.alpha = latency_us * 1e-6
+        self.bytes_per_s = bandwidth_gbs * 1e9 / 8
+        self.seconds = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.alpha > 0 or self.bytes_per_s > 0
+
+    def wait(self, nbytes: int) -> None:
+        if not self.active:
+            return
+        d = self.alpha + (nbytes / self.bytes_per_s if self.bytes_per_s else 0.0)
+        if d >= 2e-3:
+            time.sleep(d)
+        else:
+            end = time.perf_counter() + d
+            while time.perf_counter() < end:
+                pass
+        self.seconds += d
+
+    def describe(self) -> dict:
+        return {"latency_us": self.latency_us, "bandwidth_gbs": self.bandwidth_gbs,
+                "simulated_seconds": self.seconds}
+
+
 def sum_parts(comm, parts: list[np.ndarray], ordered: bool) -> np.ndarray:
     """Global sum of float64 vectors, one per local part (parts are in global order).
 
@@ -87,6 +123,7 @@ class SerialComm:
 
     def __init__(self):
         self.ledger = Ledger()
+        self.network = SimulatedNetwork()  # one process: nothing to simulate
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         return buf
@@ -121,9 +158,10 @@ class SerialComm:
 
 class MPIComm:
     """A private duplicate of an MPI communicator (default ``COMM_WORLD``). Every
-    collective is a thin call through :meth:`_timed`, which keeps the ledger."""
+    collective is a thin call through :meth:`_timed`, which keeps the ledger and adds
+    the ``network``'s simulated cost (off unless given)."""
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, network: SimulatedNetwork | None = None):
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -131,11 +169,13 @@ class MPIComm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.ledger = Ledger()
+        self.network = network or SimulatedNetwork()
 
     def _timed(self, nbytes: int, call: Callable[[], object]):
         """Run one collective, recording its time and the bytes this rank sends."""
         t0 = time.perf_counter()
         result = call()
+        self.network.wait(nbytes)
         self.ledger.record(time.perf_counter() - t0, nbytes)
         return result
 
@@ -213,12 +253,13 @@ class MPIComm:
         self.comm = None
 
 
-def make_comm(parallel: str):
+def make_comm(parallel: str, network: SimulatedNetwork | None = None):
     """The communicator for ``--parallel``: serial unless launched by MPI with >1 rank
-    (``auto``) or asked for (``sync``, ``async``)."""
+    (``auto``) or asked for (``sync``, ``async``); ``network`` a simulated interconnect
+    for its collectives and one-sided operations."""
     if parallel == "auto" and not launched_by_mpi():
         return SerialComm()
-    comm = MPIComm()
+    comm = MPIComm(network=network)
     if parallel == "none" and comm.size > 1:
         size = comm.size
         comm.free()

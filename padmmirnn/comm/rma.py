@@ -18,6 +18,9 @@ Why no ``MPI_Win_lock``: measured with the MPICH wheel, ``Win.Lock`` on a target
 busy computing waits until that target next enters MPI (1.9 s in a 2 s compute
 phase), while ``Lock_all`` + ``Flush`` operations complete in about 1 ms.
 
+Every completed round trip waits the communicator's simulated network, if any
+(:class:`~padmmirnn.comm.SimulatedNetwork`: alpha + bytes sent / beta).
+
 Origin buffers stay referenced until the ``Flush`` that completes their operation
 (the standard forbids touching an origin buffer before completion). Waits poll with
 exponential backoff (0.1 ms to 10 ms), not a spinning core. ``free()`` is
@@ -32,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from padmmirnn.comm import MPIComm
+from padmmirnn.comm import MPIComm, SimulatedNetwork
 
 
 def poll(ready: Callable[[], bool]) -> float:
@@ -50,8 +53,10 @@ class WindowMutex:
     """Mutual exclusion through the int64 word ``disp`` of ``win`` on ``host``: 0 is
     free, ``rank + 1`` is held by ``rank``. Use as ``with mutex: ...``."""
 
-    def __init__(self, win, host: int, disp: int, rank: int, mpi):
+    def __init__(self, win, host: int, disp: int, rank: int, mpi,
+                 network: SimulatedNetwork | None = None):
         self._win, self._host, self._disp = win, host, disp
+        self._net = network or SimulatedNetwork()
         self._mine = np.array([rank + 1], np.int64)
         self._free = np.zeros(1, np.int64)
         self._seen = np.empty(1, np.int64)
@@ -60,6 +65,7 @@ class WindowMutex:
     def _swap(self, new: np.ndarray, expected: np.ndarray) -> int:
         self._win.Compare_and_swap(new, expected, self._seen, self._host, self._disp)
         self._win.Flush(self._host)
+        self._net.wait(8)
         return int(self._seen[0])
 
     def acquire(self) -> None:
@@ -84,8 +90,10 @@ class Counters:
     (first word, number of words). Every access is element-atomic and completed
     (flushed) before the call returns."""
 
-    def __init__(self, win, host: int, layout: dict[str, tuple[int, int]], mpi):
+    def __init__(self, win, host: int, layout: dict[str, tuple[int, int]], mpi,
+                 network: SimulatedNetwork | None = None):
         self._win, self._host, self._mpi = win, host, mpi
+        self._net = network or SimulatedNetwork()
         self.layout = layout
         self._lo = min(first for first, _ in layout.values())
         self._hi = max(first + length for first, length in layout.values())
@@ -103,6 +111,7 @@ class Counters:
         self._win.Get_accumulate(self._noop, self._all, self._host, self._lo,
                                  op=self._mpi.NO_OP)
         self._win.Flush(self._host)
+        self._net.wait(8)
         return {name: self._all[first - self._lo:first - self._lo + length].copy()
                 for name, (first, length) in self.layout.items()}
 
@@ -111,6 +120,7 @@ class Counters:
         origin = np.array([value], np.int64)
         self._win.Accumulate(origin, self._host, self._disp(name, index), op=op)
         self._win.Flush(self._host)
+        self._net.wait(8)
 
     def fetch_add(self, name: str, value: int, index: int = 0) -> int:
         """Add ``value`` to the slot; return its value before."""
@@ -118,6 +128,7 @@ class Counters:
         self._win.Fetch_and_op(origin, result, self._host, self._disp(name, index),
                                op=self._mpi.SUM)
         self._win.Flush(self._host)
+        self._net.wait(8)
         return int(result[0])
 
 
@@ -230,8 +241,9 @@ class RmaStatsExchange:
             self.win_stats.Flush(host)
             self.win_count.Flush(host)
         comm.barrier()
-        self.mutex = WindowMutex(self.win_count, host, 0, self.rank, MPI)
-        self.counters = Counters(self.win_count, host, layout, MPI)
+        self.network = comm.network
+        self.mutex = WindowMutex(self.win_count, host, 0, self.rank, MPI, comm.network)
+        self.counters = Counters(self.win_count, host, layout, MPI, comm.network)
         self.previous = np.zeros(size)
         self.k = 0
         self.ledger = comm.ledger
@@ -273,6 +285,7 @@ class RmaStatsExchange:
         with self.mutex:
             self.win_stats.Get(out, self.host)
             self.win_stats.Flush(self.host)
+            self.network.wait(out.nbytes)
         return out
 
     # -- writes ----------------------------------------------------------------------
@@ -304,6 +317,7 @@ class RmaStatsExchange:
         """Accumulate ``delta`` and record the publish (the caller holds the mutex)."""
         self.win_stats.Accumulate(delta, self.host, op=self._MPI.SUM)
         self.win_stats.Flush(self.host)
+        self.network.wait(delta.nbytes)
         if self.kind == "publishes":
             version = self.counters.fetch_add("version", 1)
             self.counters.update("last_version", version + 1, self._MPI.REPLACE,
@@ -333,6 +347,7 @@ class RmaStatsExchange:
         def read(c: dict[str, np.ndarray]) -> None:
             self.win_stats.Get(out, self.host)
             self.win_stats.Flush(self.host)
+            self.network.wait(out.nbytes)
             published = c["published"] >= 1
             self.staleness = int((c["version"][0] - c["last_version"][published]).max())
 
