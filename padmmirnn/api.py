@@ -83,19 +83,26 @@ def load(path: str | Path) -> Model:
         params, meta = load_weights(path)
     except PadmmError as exc:
         raise ValueError(str(exc)) from None
-    if "input_kind" not in meta:  # a checkpoint: its configuration says the rest
+    if "input_kind" in meta:  # a weights file carries everything
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            tables = {name: [s.decode() if isinstance(s, bytes) else str(s)
+                             for s in f[name][()]]
+                      for name in ("vocabulary", "class_names") if name in f}
+    else:  # a checkpoint: its training data say what the model reads
+        from padmmirnn import datafiles
         from padmmirnn.config import load_config_text
+        from padmmirnn.training import weights_meta, weights_strings
 
         cfg = load_config_text(meta["config_toml"])
-        meta = {"activation": cfg.model.activation, "loss": cfg.model.loss,
-                "input_kind": meta.get("kind", "dense"), "input_dim": params.U.shape[1],
-                "classes": params.V.shape[0], "many_to_many": bool(meta.get("many_to_many",
-                                                                            False))}
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        tables = {name: [s.decode() if isinstance(s, bytes) else str(s) for s in f[name][()]]
-                  for name in ("vocabulary", "class_names") if name in f}
+        try:
+            info = datafiles.read_info(datafiles.resolve(cfg.data.dataset)[0])
+        except PadmmError as exc:
+            raise ValueError(f"{path}: a checkpoint's input kind and vocabulary come from "
+                             f"its training data, which cannot be read ({exc}); load the "
+                             f"run's weights.h5 instead") from None
+        meta, tables = weights_meta(cfg, info), weights_strings(info)
     return Model(params, meta["activation"], meta["loss"], str(meta["input_kind"]),
                  int(meta["input_dim"]), int(meta["classes"]), bool(meta["many_to_many"]),
                  tables.get("vocabulary"), tables.get("class_names"),

@@ -42,7 +42,7 @@ def models(tmp_path_factory):
         "tokens": _train(root / "tok", "--dataset", str(root / "tok_train.h5"),
                          "--iterations", "3", "--set", "model.hidden=9"),
         "lm": _train(root / "lm", "--dataset", str(root / "lm_train.h5"), "--iterations", "4",
-                     "--set", "model.hidden=16"),
+                     "--set", "model.hidden=16", "--checkpoint-every", "4"),
         "lm_data": root / "lm_train.h5", "tok_data": root / "tok_train.h5",
     }
 
@@ -113,6 +113,18 @@ def test_torch_layout_runs_pytorchs_documented_equations(models, name, tmp_path)
                           model.classes, model.many_to_many)
     src = _inputs(data)[0][:64]
     np.testing.assert_allclose(logits, f32.logits(src), atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_loads_as_the_same_model(models):
+    """A checkpoint has no model attributes of its own: its training data supply the
+    input kind, the layout and the vocabulary."""
+    from padmmirnn.checkpoint import find_latest
+
+    ckpt = padmmirnn.load(find_latest(models["lm"].parent / "checkpoints"))
+    final = padmmirnn.load(models["lm"])
+    assert ckpt.many_to_many and ckpt.input_kind == "tokens"
+    assert ckpt.vocabulary == final.vocabulary
+    np.testing.assert_array_equal(ckpt.predict_proba("to be"), final.predict_proba("to be"))
 
 
 def test_generate_is_seeded_and_uses_the_vocabulary(models):

@@ -29,6 +29,7 @@ idempotent and collective.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections.abc import Callable
@@ -163,6 +164,9 @@ class ProgressThread:
             self._thread = threading.Thread(target=self._run, name="mpi-progress",
                                             daemon=True)
             self._thread.start()
+            # stopped before mpi4py finalizes MPI at exit (atexit runs in reverse order),
+            # also when an error skipped the collective free
+            atexit.register(self.stop)
         return self
 
     def stop(self) -> None:
