@@ -67,7 +67,7 @@ class TrainConfig:
     staleness: int = opt(1, "async: tau, counted as staleness_kind says", low=0)
     staleness_kind: str = opt("iterations", "async: no worker more than tau iterations ahead "
                               "of the slowest, or no contribution read more than tau "
-                              "publishes old (fast ranks run more iterations)",
+                              "publishes old (fast ranks run more iterations; tau >= ranks - 1)",
                               choices=("iterations", "publishes"))
     straggler: str = opt("", "RANK:FACTOR slows that rank's compute by FACTOR (experiments)")
     net_latency_us: float = opt(0.0, "simulated interconnect (studies): alpha in "
