@@ -1,0 +1,221 @@
+"""Two Slurm nodes on one machine (``tests/slurm_cluster.py``): network namespaces
+joined by a bridge, one slurmd per namespace with its own hostname and address, ranks
+started by ``srun -N 2 --ntasks-per-node=1 --mpi=pmi2``, MPI between them over TCP.
+MPICH's UCX is held to TCP on the nodes' ``eth0`` (shared memory between the namespaces
+would otherwise be found). The two namespaces share this machine's 2 cores (one CPU
+per node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import write_random_split
+from slurm_cluster import Bridge, SlurmCluster, install_reason
+
+from padmmirnn.checkpoint import find_latest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+PROBE = REPO / "tests" / "rma_probe.py"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = install_reason() or Bridge.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    bridge = Bridge(2)
+    root = Path(tempfile.mkdtemp(prefix="padmm-2n-"))
+    root.chmod(0o755)
+    c = SlurmCluster(root, bridge.nodes(cpus=1), (socket.gethostname(), bridge.host_addr),
+                     Bridge.ENV)
+    c.bridge = bridge
+    try:
+        bridge.up()
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        bridge.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _srun(cluster, args: list[str], nodes: int = 2, timeout: float = 180):
+    cmd = ["timeout", str(int(timeout)), "srun", "-N", str(nodes), "--ntasks-per-node=1",
+           "--mpi=pmi2", "--kill-on-bad-exit=1", sys.executable, "-P", *args]
+    return cluster.run(cmd, timeout=timeout + 10)
+
+
+def _train(cluster, args: list[str], out: Path, nodes: int = 2):
+    proc = _srun(cluster, ["-m", "padmmirnn", "train", *args, "--out", str(out)], nodes)
+    assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
+    return json.loads((out / "summary.json").read_text())
+
+
+def _serial(cluster, args: list[str], out: Path):
+    proc = cluster.run([sys.executable, "-P", "-m", "padmmirnn", "train", *args,
+                        "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path) -> bytes:
+    with h5py.File(out / "weights.h5") as f:
+        return b"".join(f[k][()].tobytes() for k in ("U", "W", "b", "V", "c"))
+
+
+def test_the_ranks_are_on_two_hosts(cluster):
+    proc = _srun(cluster, ["-c", "from mpi4py import MPI; import socket; "
+                                 "print(MPI.COMM_WORLD.Get_rank(), socket.gethostname(), "
+                                 "MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size())"])
+    assert proc.returncode == 0, proc.stderr
+    rows = sorted(line.split() for line in proc.stdout.splitlines())
+    assert [r[1] for r in rows] == ["n1", "n2"] and [r[2] for r in rows] == ["1", "1"]
+
+
+def test_sp_across_two_nodes_equals_serial(cluster, tmp_path):
+    """SP over TCP equals the serial run to 1e-10; with deterministic reduction bitwise."""
+    common = ["--iterations", "3", "--set", "model.hidden=16"]
+    _serial(cluster, common, tmp_path / "serial")
+    s = _train(cluster, common, tmp_path / "sp")
+    assert s["ranks"] == 2 and s["parallel"] == "sync"
+    for a, b in zip(_metrics(tmp_path / "serial"), _metrics(tmp_path / "sp"), strict=True):
+        for key in ("batch_loss", "train_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-10), key
+    det = [*common, "--set", "train.reduction=deterministic", "--set", "train.chunk=32"]
+    _serial(cluster, det, tmp_path / "det1")
+    _train(cluster, det, tmp_path / "det2")
+    assert _weights(tmp_path / "det1") == _weights(tmp_path / "det2")
+
+
+def test_ap_across_two_nodes_matches_one_node(cluster, tmp_path):
+    """AP, staleness 2, the full-batch preset, 60 iterations on the default dataset:
+    within 1 point of the same job on one host; and rank 1's one-sided reads complete
+    while rank 0 (the window host) computes (its progress thread)."""
+    args = ["--config", "fullbatch", "--parallel", "async", "--staleness", "2",
+            "--iterations", "60"]
+    two = _train(cluster, args, tmp_path / "two")
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+    proc = cluster.run([mpiexec, "-n", "2", sys.executable, "-P", "-m", "padmmirnn", "train",
+                        *args, "--out", str(tmp_path / "one")], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert two["parallel"] == "async" and two["iterations"] == 60
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.01, (two, one)
+    probe = _srun(cluster, [str(PROBE), "host_computes"])
+    assert probe.returncode == 0, probe.stderr
+    reads = [r["seconds"] for r in json.loads(probe.stdout.splitlines()[-1]) if r["seconds"]]
+    assert len(reads[0]) == 5 and max(reads[0]) < 0.25, reads
+
+
+def test_checkpoints_move_between_two_nodes_and_one(cluster, tmp_path):
+    """A checkpoint of a 2-node job resumes on 1 node and one of a 1-node job on 2
+    nodes; with deterministic reduction both equal the uninterrupted run bit for bit."""
+    common = ["--set", "model.hidden=12", "--set", "train.reduction=deterministic",
+              "--set", "train.chunk=32",
+              "--checkpoint-every", "2"]
+    _serial(cluster, [*common, "--iterations", "6"], tmp_path / "whole")
+    _train(cluster, [*common, "--iterations", "4"], tmp_path / "a")
+    s = _serial(cluster, [*common, "--iterations", "6", "--resume", "latest"], tmp_path / "a")
+    assert s["iterations"] == 6 and s["ranks"] == 1 and s["resumed_from"]
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "whole")
+    _serial(cluster, [*common, "--iterations", "4"], tmp_path / "b")
+    s = _train(cluster, [*common, "--iterations", "6", "--resume", "latest"], tmp_path / "b")
+    assert s["iterations"] == 6 and s["ranks"] == 2 and s["resumed_from"]
+    assert _weights(tmp_path / "b") == _weights(tmp_path / "whole")
+
+
+@pytest.fixture
+def toy(tmp_path):
+    path = tmp_path / "toy_train.h5"
+    write_random_split(path, n=200, steps=10, dim=6, seed=1)
+    return ["--dataset", str(path), "--set", "model.hidden=8"]
+
+
+def _sbatch(cluster, args: list[str], timeout: float = 150):
+    return cluster.run(["timeout", str(int(timeout)), "sbatch", "-N", "2",
+                        "--ntasks-per-node=1", "--no-requeue", *args], timeout=timeout + 10)
+
+
+def _wait_iterating(cluster, job_id: str, out: Path, lines: int, log: Path) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+        state = cluster.job(job_id).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
+            (state, log.read_text() if log.exists() else "")
+        assert time.monotonic() < deadline, "the job did not start iterating"
+        time.sleep(0.2)
+
+
+def test_usr1_checkpoints_a_two_node_job_which_exits_zero(cluster, toy, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    proc = _sbatch(cluster, ["--parsable", f"--output={log}", "--time=5", str(TRAIN_SBATCH),
+                             *toy, "--iterations", "1000000", "--out", str(out)], timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    _wait_iterating(cluster, job_id, out, 3, log)
+    sent = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])  # sbatch --signal's path
+    assert sent.returncode == 0, sent.stderr
+    info = cluster.wait_ended(job_id, timeout=60)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "SIGUSR1" and summary["ranks"] == 2
+    with h5py.File(find_latest(out / "checkpoints")) as f:
+        assert f.attrs["iteration"] == summary["iterations"]
+
+
+def test_a_lost_node_ends_the_job_and_a_resubmission_resumes(cluster, toy, tmp_path):
+    """Node n2 is lost: its slurmd, the step daemon and the rank are killed at once
+    (SIGKILL). The job ends within 30 s on n1; the newest complete checkpoint verifies,
+    and the same command, resubmitted once n2 is back, resumes from it."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    cmd = [f"--output={log}", "--time=5", str(TRAIN_SBATCH), *toy, "--checkpoint-every", "2",
+           "--out", str(out)]
+    proc = _sbatch(cluster, ["--parsable", *cmd, "--iterations", "1000000"], timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    _wait_iterating(cluster, job_id, out, 5, log)
+    n1, n2 = cluster.nodes
+    t0 = time.monotonic()
+    for pid in cluster.bridge.pids(n2):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = t0 + 30
+    while cluster.job(job_id).get("JobState") in ("RUNNING", "CONFIGURING"):
+        assert time.monotonic() < deadline, "the job still runs 30 s after losing a node"
+        time.sleep(0.2)
+    while any(b"padmmirnn" in Path(f"/proc/{p}/cmdline").read_bytes()
+              for p in cluster.bridge.pids(n1) if Path(f"/proc/{p}").exists()):
+        assert time.monotonic() < deadline, "a rank still runs on n1 30 s after the loss"
+        time.sleep(0.2)
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None
+    with h5py.File(latest) as f:
+        done = int(f.attrs["iteration"])
+    cluster.start_slurmd(n2)
+    cluster.run(["scontrol", "update", f"nodename={n2.name}", "state=resume"])
+    cluster.wait_idle()
+    again = _sbatch(cluster, ["--wait", *cmd, "--iterations", str(done + 2)])
+    assert again.returncode == 0, again.stderr + log.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == done + 2 and summary["ranks"] == 2
+    assert Path(summary["resumed_from"]).name == latest.name
