@@ -83,15 +83,12 @@ def load(path: str | Path) -> Model:
         params, meta = load_weights(path)
     except PadmmError as exc:
         raise ValueError(str(exc)) from None
-    if "input_kind" in meta:  # a weights file carries everything
-        import h5py
+    from padmmirnn import datafiles
 
-        with h5py.File(path, "r") as f:
-            tables = {name: [s.decode() if isinstance(s, bytes) else str(s)
-                             for s in f[name][()]]
-                      for name in ("vocabulary", "class_names") if name in f}
+    if "input_kind" in meta:  # a weights file carries everything
+        tables = {name: datafiles.read_strings(str(path), name)
+                  for name in ("vocabulary", "class_names")}
     else:  # a checkpoint: its training data say what the model reads
-        from padmmirnn import datafiles
         from padmmirnn.config import load_config_text
         from padmmirnn.training import weights_meta, weights_strings
 
