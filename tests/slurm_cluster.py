@@ -147,11 +147,12 @@ class Bridge:
 
 class SlurmCluster:
     """A Slurm cluster of ``nodes`` whose state lives in ``root``; the controller runs
-    on this host at ``controller`` (hostname, address)."""
+    on this host at ``controller`` (hostname, address); ``extra_env`` is added to the
+    environment of every command and job."""
 
     def __init__(self, root: Path, nodes: list[Node],
                  controller: tuple[str, str] = ("localhost", "127.0.0.1"),
-                 env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None):
         self.root, self.nodes, self.controller = root, nodes, controller
         self.conf = root / "slurm.conf"
         self.pid_files = {"slurmctld": root / "slurmctld.pid",
@@ -161,7 +162,7 @@ class SlurmCluster:
                if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI_", "PMIX_"))}
         self.env = {**env, "SLURM_CONF": str(self.conf), "PATH": SEARCH_PATH,
                     "PADMMIRNN_PYTHON": sys.executable,
-                    "PADMMIRNN_NUMBA_CACHE": str(root / "numba"), **(env or {})}
+                    "PADMMIRNN_NUMBA_CACHE": str(root / "numba"), **(extra_env or {})}
 
     def start(self) -> None:
         munge = self.root / "munge"
@@ -187,6 +188,10 @@ class SlurmCluster:
             "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "ReturnToService=2",
             "KillWait=5", "InactiveLimit=0", "SlurmdTimeout=5", "MessageTimeout=5",
+            # job ids unique across the clusters the tests start: MPICH names its
+            # shared-memory segments after the job and step, and a killed job's segment
+            # left in /dev/shm made the next job with the same ids fail in MPI_Init
+            f"FirstJobId={int.from_bytes(os.urandom(3), 'big') + 1000}",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool-%n'}",
             f"SlurmctldPidFile={self.pid_files['slurmctld']}",
             f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
