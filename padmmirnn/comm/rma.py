@@ -267,11 +267,6 @@ class RmaStatsExchange:
     def consumed(self) -> np.ndarray:
         return self.counters.read()["consumed"]
 
-    def delays(self) -> np.ndarray:
-        """For every rank, how many publishes ago (by anyone) it last published."""
-        c = self.counters.read()
-        return c["version"][0] - c["last_version"]
-
     def agreed_stop(self) -> tuple[int | None, int]:
         """(last iteration to run, reason code), or (None, 0) when nobody asked to stop.
         A proposer writes the reason before the iteration, but one read of the pair is
