@@ -168,8 +168,10 @@ def _scaling_parser(sub) -> None:
                             "each rank count, the datasets the points need (weak: N = n * P "
                             "samples; taken from --dataset, repeated cyclically if it is "
                             "smaller) and DIR/manifest.json. See slurm/README.md.")
-    splan.add_argument("--kind", required=True, choices=("strong", "weak"))
-    splan.add_argument("--ranks", required=True, metavar="P1,P2,...", help="rank counts")
+    splan.add_argument("--kind", required=True, choices=("strong", "weak", "accuracy"),
+                       help="strong or weak scaling of an iteration; accuracy: runs to "
+                       "--target for the time-to-accuracy projection of the report")
+    splan.add_argument("--ranks", metavar="P1,P2,...", help="rank counts (strong, weak)")
     splan.add_argument("--nodes", metavar="M1,M2,...",
                        help="nodes of each point, or one value for all (default 1)")
     ssize = splan.add_mutually_exclusive_group()
@@ -199,6 +201,19 @@ def _scaling_parser(sub) -> None:
     splan.add_argument("--slurm-dir", metavar="DIR", help="folder with train.sbatch and "
                        "scaling-point.sbatch.in (default: slurm/ of the source tree)")
     splan.add_argument("--out", required=True, help="study folder")
+    sacc = splan.add_argument_group("--kind accuracy")
+    sacc.add_argument("--target", type=float, default=0.85, help="test accuracy to reach")
+    sacc.add_argument("--admm-batches", default="16,32,64", metavar="B1,...",
+                      help="ADMM global batches, one process each (the step cost against "
+                      "the per-rank batch)")
+    sacc.add_argument("--adam-batches", default="64,128,256,1024,0", metavar="B1,...",
+                      help="Adam global batches, one process each (0: the whole dataset)")
+    sacc.add_argument("--adam-lr-scaling", default="sqrt", choices=("none", "sqrt", "linear"),
+                      help="Adam's learning rate against its batch (default sqrt)")
+    sacc.add_argument("--validate-latency-us", default="0,5000", metavar="A1,...",
+                      help="2-rank check points over these simulated latencies")
+    sacc.add_argument("--max-units", type=int, default=200,
+                      help="passes or epochs at most per point")
     srun_ = ssub.add_parser("run", help="run a study's points here with mpiexec, one by one")
     srun_.add_argument("dir", help="study folder written by scaling plan")
     srun_.add_argument("--points", metavar="NAME,...", help="only these points")
@@ -216,6 +231,9 @@ def _scaling_parser(sub) -> None:
                       help="use this reduction latency per stage instead of the fitted one")
     srep.add_argument("--bandwidth-gbs", type=float,
                       help="use this reduction bandwidth (GB/s) instead of the fitted one")
+    srep.add_argument("--fabrics", default="2:100,50:10,5000:1", metavar="US:GBIT,...",
+                      help="accuracy points: project on these fabrics (latency in us : "
+                      "bandwidth in Gbit/s)")
 
 
 
@@ -442,13 +460,22 @@ def _scaling(args, comm) -> int:
     if comm.size > 1:
         raise PadmmError("padmmirnn scaling runs on one process (it starts the MPI jobs)")
     if args.scaling_command == "plan":
+        from padmmirnn.scaling.planning import parse_int_list
+
         lines = scaling.plan(scaling.PlanOptions.from_text(
             args.ranks, args.nodes, kind=args.kind, samples=args.samples,
             samples_per_rank=args.samples_per_rank, dataset=args.dataset, algo=args.algo,
             parallel=args.study_parallel, iterations=args.iterations, threads=args.threads,
             sets=tuple(args.set), time_limit=args.time, signal_seconds=args.signal_seconds,
             partition=args.partition, account=args.account, overcommit=args.overcommit,
-            launcher=args.launcher, slurm_dir=args.slurm_dir, out=args.out))
+            launcher=args.launcher, slurm_dir=args.slurm_dir, out=args.out,
+            target=args.target,
+            admm_batches=tuple(parse_int_list(args.admm_batches, "--admm-batches")),
+            adam_batches=tuple(parse_int_list(args.adam_batches, "--adam-batches", low=0)),
+            adam_lr_scaling=args.adam_lr_scaling,
+            validate_latency_us=tuple(_floats(args.validate_latency_us,
+                                              "--validate-latency-us")),
+            max_units=args.max_units))
     elif args.scaling_command == "run":
         lines = scaling.run_points(args.dir, args.points, args.mpiexec, args.timeout,
                                    say=lambda line: print(line, flush=True))
@@ -457,9 +484,17 @@ def _scaling(args, comm) -> int:
                                       args.ranks_per_node < 1):
             raise PadmmError("--project-nodes and --ranks-per-node must be positive")
         lines = scaling.report(args.dir, not args.no_plots, args.ranks_per_node,
-                               args.project_nodes, args.latency_us, args.bandwidth_gbs)
+                               args.project_nodes, args.latency_us, args.bandwidth_gbs,
+                               args.fabrics)
     print("\n".join(lines))
     return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PadmmError(f"{what} needs comma-separated numbers, got {text!r}") from None
 
 
 def _checkpoint(args, comm) -> int:

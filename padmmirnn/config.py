@@ -64,6 +64,10 @@ class TrainConfig:
                           "end)", low=0)
     budget_seconds: float = opt(0.0, "stop at the first iteration past this many seconds "
                                 "(0: no limit)", low=0.0)
+    target_accuracy: float = opt(0.0, "stop after the first evaluation whose test accuracy "
+                                 "(train accuracy without a test split) reaches this "
+                                 "(0: off; not for async runs, which evaluate at the end)",
+                                 low=0.0)
     staleness: int = opt(1, "async: tau, counted as staleness_kind says", low=0)
     staleness_kind: str = opt("iterations", "async: no worker more than tau iterations ahead "
                               "of the slowest, or no contribution read more than tau "
@@ -240,8 +244,8 @@ class Config:
 # train.* keys a resumed run may change: how long and how it runs. The async ones
 # (parallel, staleness, staleness_kind, straggler) do change the iterates -- an async
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
-RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "staleness",
-               "staleness_kind", "straggler", "progress_thread",
+RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "target_accuracy",
+               "staleness", "staleness_kind", "straggler", "progress_thread",
                "net_latency_us", "net_bandwidth_gbs")
 
 def _toml_value(value: Any) -> str:
@@ -318,6 +322,12 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and (cfg.admm.schedule != "fused" or t.reduction != "fast"):
         raise ConfigError("train.parallel = async needs admm.schedule = fused and "
                           "train.reduction = fast (one statistics exchange per iteration)")
+    if t.target_accuracy > 1:
+        raise ConfigError(f"train.target_accuracy is a fraction (0.85 for 85%), got "
+                          f"{t.target_accuracy}")
+    if t.target_accuracy and t.parallel == "async":
+        raise ConfigError("train.target_accuracy needs evaluations during the run: async runs "
+                          "evaluate at their end only (use train.parallel = sync or none)")
     if t.staleness_kind == "publishes" and (t.parallel != "async" or t.eval_every
                                              or cfg.checkpoint.every):
         raise ConfigError("train.staleness_kind = publishes is for train.parallel = async, "

@@ -215,6 +215,7 @@ class TrainingRun:
         self.metrics: dict = {}
         self.evaluated_at = -1  # the iteration the metrics belong to
         self.stopped: str | None = None
+        self.reached_target: int | None = None  # iteration that reached target_accuracy
 
     def _chunk(self) -> int | None:
         return self.cfg.train.chunk if self.cfg.train.reduction == "deterministic" else None
@@ -298,7 +299,7 @@ class TrainingRun:
                 self.log.warning("training loss is not finite at iteration %d: stopping", k)
                 break
             progress.update(k, _brief(self.metrics))
-            if decision.last:
+            if decision.last or self._reached_target():
                 break
         else:
             self.control.loop_completed()
@@ -339,6 +340,17 @@ class TrainingRun:
                           "t_imbalance_s": t_max[0] + t_max[2],
                           "syncs": int(t_max[3]), "bytes": int(t_max[4])})
         self.evaluated_at = k
+
+    def _reached_target(self) -> bool:
+        """Whether this evaluation reached ``train.target_accuracy`` (the metrics are
+        reduced, so every rank decides the same)."""
+        target = self.cfg.train.target_accuracy
+        accuracy = self.metrics.get("test_accuracy")
+        if accuracy is None:
+            accuracy = self.metrics.get("train_accuracy")
+        if target and accuracy is not None and accuracy >= target:
+            self.reached_target = self.trainer.iteration
+        return self.reached_target is not None
 
     def _finish(self) -> dict:
         """After the loop: final evaluation, stop checkpoint, weights and summary."""
@@ -404,6 +416,7 @@ class TrainingRun:
             "bytes": int(per_iter[4]),
             "config_hash": cfg.hash(),
             "stopped": self.stopped,
+            "target_reached_at": self.reached_target,
             "resumed_from": str(self.resumed) if self.resumed else None,
         }
 

@@ -83,13 +83,25 @@ class Node:
     cpus: int = 2
 
 
+# The MPICH wheel under ``srun --mpi=pmi2`` sends its UCX address (a fixed 4.5 kB buffer
+# whose tail is not initialised) through Slurm's PMI2 server in 9 segments; for some
+# buffer contents the server rejects a segment and the ranks wait in MPI_Init (the
+# watchdog, PADMMIRNN_MPI_INIT_TIMEOUT, ends them). It depends on leftover memory only,
+# so a job that failed this way is run again.
+PMI2_STARTUP_FAILURE = "mpi/pmi2: invalid client request"
+
+
 class Bridge:
     """``count`` network namespaces ``padmm-n1..`` joined by the bridge ``padmm-br0``
     (10.231.0.1 on this host; node i at 10.231.0.(i + 1) on its ``eth0``). :data:`ENV`
-    makes MPI (MPICH over UCX) use TCP on ``eth0`` between them, not shared memory:
-    the namespaces share this machine's memory, and UCX would otherwise find it."""
+    makes MPI (MPICH over UCX) use TCP between them, not shared memory: the namespaces
+    share this machine's memory, and UCX would otherwise find it. ``UCX_NET_DEVICES`` is
+    left unset on purpose: with it set (``eth0`` or ``all``), about one job in three
+    failed or hung in MPI_Init under ``srun --mpi=pmi2`` (Slurm's PMI2 server received a
+    corrupted segment of the address exchange; which jobs failed depended only on the
+    length of the command line), and none of 30 did without it."""
 
-    ENV = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "eth0"}
+    ENV = {"UCX_TLS": "tcp,self"}
 
     BRIDGE, SUBNET = "padmm-br0", "10.231.0"
 
@@ -162,7 +174,9 @@ class SlurmCluster:
                if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI_", "PMIX_"))}
         self.env = {**env, "SLURM_CONF": str(self.conf), "PATH": SEARCH_PATH,
                     "PADMMIRNN_PYTHON": sys.executable,
-                    "PADMMIRNN_NUMBA_CACHE": str(root / "numba"), **(extra_env or {})}
+                    "PADMMIRNN_NUMBA_CACHE": str(root / "numba"),
+                    "PADMMIRNN_MPI_INIT_TIMEOUT": "30", **(extra_env or {})}
+        self.startup_retries = 0  # jobs run again after PMI2_STARTUP_FAILURE
 
     def start(self) -> None:
         munge = self.root / "munge"
@@ -231,6 +245,20 @@ class SlurmCluster:
     def run(self, cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=self.env)
+
+    def run_job(self, cmd: list[str], timeout: float, logs=None,
+                attempts: int = 3) -> subprocess.CompletedProcess:
+        """Run a job command (``srun``, ``sbatch --wait``); run it again (up to
+        ``attempts`` times) only when it failed at MPI start-up with
+        :data:`PMI2_STARTUP_FAILURE` in its output or in ``logs()`` (the job's log files,
+        read after each attempt)."""
+        for attempt in range(1, attempts + 1):
+            proc = self.run(cmd, timeout)
+            text = proc.stdout + proc.stderr + (logs() if logs else "")
+            if proc.returncode == 0 or PMI2_STARTUP_FAILURE not in text or attempt == attempts:
+                return proc
+            self.startup_retries += 1
+        raise AssertionError("unreachable")
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, ExitCode, ...)."""

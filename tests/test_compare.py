@@ -105,3 +105,32 @@ def test_data_prepare_adding_writes_train_and_test(tmp_path):
     assert test.n == 16
     assert main(["train", "--algo", "adam", "--dataset", str(out), "--iterations", "1",
                  "--out", str(tmp_path / "run")]) == 0
+
+
+def test_target_accuracy_stops_after_the_first_evaluation_that_reaches_it(tmp_path):
+    """The run ends right after the first evaluation at or above the target, and equals
+    the same run without the target up to that iteration; a target never reached
+    changes nothing."""
+    common = ["train", "--dataset", _toy(tmp_path), "--set", "model.hidden=8"]
+    whole = tmp_path / "whole"
+    assert main([*common, "--iterations", "12", "--out", str(whole)]) == 0
+    rows = [json.loads(r) for r in (whole / "metrics.jsonl").read_text().splitlines()]
+    accs = [r["test_accuracy"] for r in rows]
+    target = sorted(set(accs))[-2]  # reached, but not only at the last iteration
+    first = next(r["iteration"] for r in rows if r["test_accuracy"] >= target)
+    out = tmp_path / "target"
+    assert main([*common, "--iterations", "12", "--set", f"train.target_accuracy={target}",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == first and summary["target_reached_at"] == first
+    stopped = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_loss"] for r in stopped] == [r["test_loss"] for r in rows[:first]]
+    never = tmp_path / "never"
+    assert max(accs[:3]) < 1
+    assert main([*common, "--iterations", "3", "--set", "train.target_accuracy=1",
+                 "--out", str(never)]) == 0
+    summary = json.loads((never / "summary.json").read_text())
+    assert summary["iterations"] == 3 and summary["target_reached_at"] is None
+    assert main([*common, "--set", "train.target_accuracy=85", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

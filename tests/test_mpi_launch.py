@@ -309,3 +309,26 @@ def test_a_run_on_a_simulated_network_reports_it_and_pays_for_it(tmp_path):
     syncs = _metrics(tmp_path / "o")[-1]["syncs"]
     assert syncs >= 10 and net["simulated_seconds"] >= syncs * 3e-3
     assert s["wall_time_s"] >= net["simulated_seconds"]
+
+
+def test_an_mpi_init_that_never_returns_ends_the_process(tmp_path):
+    """A launcher whose start-up exchange fails silently leaves MPI_Init waiting: the
+    watchdog ($PADMMIRNN_MPI_INIT_TIMEOUT) ends the process with exit 1 and the place
+    it waited, instead of a hang. MPI_Init is stood in for by an mpi4py whose import
+    blocks (a C-level wait holding the interpreter, as MPI_Init does)."""
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text("import select\nselect.select([], [], [], 60)\n")
+    write_random_split(tmp_path / "toy_train.h5", n=20, dim=3, seed=1)
+    env = {"PYTHONPATH": str(tmp_path / "fake"), "PADMMIRNN_MPI_INIT_TIMEOUT": "2"}
+    proc, seconds = _run(["train", "--parallel", "sync", "--dataset",
+                          str(tmp_path / "toy_train.h5"), "--out", str(tmp_path / "run")],
+                         ranks=0, env=env, timeout=50)
+    assert proc.returncode == 1 and seconds < 30, (proc.returncode, seconds, proc.stderr)
+    assert "Timeout" in proc.stderr and "import_mpi" in proc.stderr, proc.stderr
+    proc, _ = _run(["train", "--parallel", "sync", "--dataset", str(tmp_path / "toy_train.h5"),
+                    "--out", str(tmp_path / "bad")], ranks=0,
+                   env={**env, "PADMMIRNN_MPI_INIT_TIMEOUT": "soon"}, timeout=50)
+    assert proc.returncode == 2 and "PADMMIRNN_MPI_INIT_TIMEOUT" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

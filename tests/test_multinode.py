@@ -1,8 +1,8 @@
 """Two Slurm nodes on one machine (``tests/slurm_cluster.py``): network namespaces
 joined by a bridge, one slurmd per namespace with its own hostname and address, ranks
 started by ``srun -N 2 --ntasks-per-node=1 --mpi=pmi2``, MPI between them over TCP.
-MPICH's UCX is held to TCP on the nodes' ``eth0`` (shared memory between the namespaces
-would otherwise be found). The two namespaces share this machine's 2 cores (one CPU
+MPICH's UCX is held to TCP (shared memory between the namespaces would otherwise be
+found). The two namespaces share this machine's 2 cores (one CPU
 per node)."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import h5py
 import pytest
 from conftest import write_random_split
-from slurm_cluster import Bridge, SlurmCluster, install_reason
+from slurm_cluster import PMI2_STARTUP_FAILURE, Bridge, SlurmCluster, install_reason
 
 from padmmirnn.checkpoint import find_latest
 
@@ -46,6 +47,9 @@ def cluster():
         bridge.up()
         c.start()
         yield c
+        if c.startup_retries:
+            warnings.warn(f"{c.startup_retries} job(s) failed at MPI start-up "
+                          f"({PMI2_STARTUP_FAILURE!r}) and ran again", stacklevel=1)
     finally:
         c.stop()
         bridge.down()
@@ -55,7 +59,7 @@ def cluster():
 def _srun(cluster, args: list[str], nodes: int = 2, timeout: float = 180):
     cmd = ["timeout", str(int(timeout)), "srun", "-N", str(nodes), "--ntasks-per-node=1",
            "--mpi=pmi2", "--kill-on-bad-exit=1", sys.executable, "-P", *args]
-    return cluster.run(cmd, timeout=timeout + 10)
+    return cluster.run_job(cmd, timeout=timeout + 10)
 
 
 def _train(cluster, args: list[str], out: Path, nodes: int = 2):
@@ -150,29 +154,43 @@ def toy(tmp_path):
     return ["--dataset", str(path), "--set", "model.hidden=8"]
 
 
-def _sbatch(cluster, args: list[str], timeout: float = 150):
-    return cluster.run(["timeout", str(int(timeout)), "sbatch", "-N", "2",
-                        "--ntasks-per-node=1", "--no-requeue", *args], timeout=timeout + 10)
+def _sbatch(cluster, args: list[str], log: Path, timeout: float = 150):
+    """``sbatch --wait -N 2`` writing its output to ``log``."""
+    return cluster.run_job(["timeout", str(int(timeout)), "sbatch", "-N", "2",
+                            "--ntasks-per-node=1", "--no-requeue", "--wait",
+                            f"--output={log}", *args], timeout=timeout + 10,
+                           logs=lambda: log.read_text() if log.exists() else "")
 
 
-def _wait_iterating(cluster, job_id: str, out: Path, lines: int, log: Path) -> None:
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
-        state = cluster.job(job_id).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
-            (state, log.read_text() if log.exists() else "")
-        assert time.monotonic() < deadline, "the job did not start iterating"
-        time.sleep(0.2)
+def _submit_iterating(cluster, args: list[str], out: Path, lines: int, log: Path) -> str:
+    """Submit a 2-node job and wait until it has evaluated ``lines`` iterations; a job
+    that failed at MPI start-up (see ``slurm_cluster.PMI2_STARTUP_FAILURE``) is
+    submitted again. Returns the job id."""
+    for _ in range(3):
+        proc = cluster.run(["sbatch", "-N", "2", "--ntasks-per-node=1", "--no-requeue",
+                            "--parsable", f"--output={log}", *args])
+        assert proc.returncode == 0, proc.stderr
+        job_id = proc.stdout.strip().split(";")[0]
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+            state = cluster.job(job_id).get("JobState")
+            if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+                text = log.read_text() if log.exists() else ""
+                assert PMI2_STARTUP_FAILURE in text, (state, text)
+                cluster.startup_retries += 1
+                break
+            assert time.monotonic() < deadline, "the job did not start iterating"
+            time.sleep(0.2)
+        else:
+            return job_id
+    raise AssertionError(f"3 submissions failed at MPI start-up: {log.read_text()}")
 
 
 def test_usr1_checkpoints_a_two_node_job_which_exits_zero(cluster, toy, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
-    proc = _sbatch(cluster, ["--parsable", f"--output={log}", "--time=5", str(TRAIN_SBATCH),
-                             *toy, "--iterations", "1000000", "--out", str(out)], timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    job_id = proc.stdout.strip().split(";")[0]
-    _wait_iterating(cluster, job_id, out, 3, log)
+    job_id = _submit_iterating(cluster, ["--time=5", str(TRAIN_SBATCH), *toy, "--iterations",
+                                         "1000000", "--out", str(out)], out, 3, log)
     sent = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])  # sbatch --signal's path
     assert sent.returncode == 0, sent.stderr
     info = cluster.wait_ended(job_id, timeout=60)
@@ -188,12 +206,8 @@ def test_a_lost_node_ends_the_job_and_a_resubmission_resumes(cluster, toy, tmp_p
     (SIGKILL). The job ends within 30 s on n1; the newest complete checkpoint verifies,
     and the same command, resubmitted once n2 is back, resumes from it."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    cmd = [f"--output={log}", "--time=5", str(TRAIN_SBATCH), *toy, "--checkpoint-every", "2",
-           "--out", str(out)]
-    proc = _sbatch(cluster, ["--parsable", *cmd, "--iterations", "1000000"], timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    job_id = proc.stdout.strip().split(";")[0]
-    _wait_iterating(cluster, job_id, out, 5, log)
+    cmd = ["--time=5", str(TRAIN_SBATCH), *toy, "--checkpoint-every", "2", "--out", str(out)]
+    job_id = _submit_iterating(cluster, [*cmd, "--iterations", "1000000"], out, 5, log)
     n1, n2 = cluster.nodes
     t0 = time.monotonic()
     for pid in cluster.bridge.pids(n2):
@@ -216,9 +230,39 @@ def test_a_lost_node_ends_the_job_and_a_resubmission_resumes(cluster, toy, tmp_p
     cluster.start_slurmd(n2)
     cluster.run(["scontrol", "update", f"nodename={n2.name}", "state=resume"])
     cluster.wait_idle()
-    again = _sbatch(cluster, ["--wait", *cmd, "--iterations", str(done + 2)])
+    again = _sbatch(cluster, [*cmd, "--iterations", str(done + 2)], log)
     assert again.returncode == 0, again.stderr + log.read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == done + 2 and summary["ranks"] == 2
     assert Path(summary["resumed_from"]).name == latest.name
 
+
+def test_a_scaling_study_runs_on_one_node_and_on_two(cluster, toy, tmp_path):
+    """``padmmirnn scaling plan --nodes 1,2``: the 1-node and the 2-node point run as
+    batch jobs (srun --mpi=pmi2 across n1 and n2), SP on 2 nodes equals the 1-node run
+    (strong scaling: same data) to 1e-10, and the report lists both as measured."""
+    study = tmp_path / "study"
+    plan = cluster.run([sys.executable, "-P", "-m", "padmmirnn", "scaling", "plan", "--kind",
+                        "strong", "--ranks", "1,2", "--nodes", "1,2", "--dataset", toy[1],
+                        "--iterations", "4", "--set", "model.hidden=8", "--time", "5",
+                        "--slurm-dir", str(TRAIN_SBATCH.parent), "--out", str(study)],
+                       timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    for name in ("strong-1r-1n", "strong-2r-2n"):
+        def logs(name=name):
+            return "".join(p.read_text() for p in (study / "logs").glob(f"{name}-*.out"))
+
+        proc = cluster.run_job(["timeout", "150", "sbatch", "--wait",
+                                str(study / f"{name}.sbatch")], timeout=160, logs=logs)
+        assert proc.returncode == 0, proc.stderr + logs()
+    launch = (study / "runs" / "strong-2r-2n" / "launch.env").read_text()
+    assert "nodes=2" in launch and "node_list=n[1-2]" in launch, launch
+    one, two = (_metrics(study / "runs" / n) for n in ("strong-1r-1n", "strong-2r-2n"))
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-10)
+    report = cluster.run([sys.executable, "-P", "-m", "padmmirnn", "scaling", "report",
+                          str(study), "--no-plots"], timeout=120)
+    assert report.returncode == 0, report.stderr
+    rows = (study / "scaling.csv").read_text().splitlines()
+    assert any(r.startswith("measured,strong,strong-2r-2n,sync,") for r in rows), rows

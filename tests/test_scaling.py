@@ -213,3 +213,74 @@ def test_run_and_report_a_small_study(tmp_path, capsys):
     if not plots:
         assert (study / "scaling-strong.png").stat().st_size > 0
         assert (study / "scaling-weak.png").stat().st_size > 0
+
+
+def test_busiest_share_of_a_random_batch():
+    """E[max over ranks of a batch's samples on a rank]: exact in the limits, and for
+    N = 4, P = 2, batch 2 it is 1 + 2/6 (both samples on one rank in 2 of 6 pairs)."""
+    from padmmirnn.scaling.accuracy import busiest_share
+
+    assert busiest_share(64, 1, 4000) == 64
+    assert busiest_share(4000, 8, 4000) == 500
+    assert busiest_share(2, 2, 4, draws=4000) == pytest.approx(4 / 3, abs=0.03)
+    shares = [busiest_share(64, p, 4000) for p in (2, 4, 8, 64)]
+    assert 32 < shares[0] < 40 and shares == sorted(shares, reverse=True)
+    assert shares[-1] >= 3  # 64 samples over 64 ranks: some rank gets several
+
+
+def test_units_interpolate_in_log_log_and_the_fabric_cost():
+    from padmmirnn.scaling.accuracy import Method, parse_fabrics
+
+    m = Method("adam", c=1e-4, d=1e-3, bytes_per_step=1e6,
+               units_by_batch={64: 8, 256: 32, 4000: 100}, samples=4000)
+    assert m.units(64) == 8 and m.units(128) == pytest.approx(16)  # slope 1 in log-log
+    assert m.units(32) is None and m.units(8000) == pytest.approx(100)
+    fabric = parse_fabrics("50:10")[0]
+    assert fabric.alpha_s == pytest.approx(50e-6) and fabric.bytes_per_s == 10e9 / 8
+    assert fabric.allreduce(1, 1e6) == 0
+    assert fabric.allreduce(2, 1e6) == pytest.approx(50e-6 + 1e6 / 1.25e9)
+    assert fabric.allreduce(8, 1e6) == pytest.approx(3 * 50e-6 + 2 * 7 / 8 * 1e6 / 1.25e9)
+    units, seconds = m.time(128, 2, fabric)
+    steps = math.ceil(4000 / 128)
+    share = m.step(128, 2) - m.d
+    assert seconds == pytest.approx(units * steps * (share + m.d + fabric.allreduce(2, 1e6)))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "85"], "--target"),
+    (["--adam-batches", "64,-1"], "--adam-batches"),
+    (["--validate-latency-us", "fast"], "--validate-latency-us"),
+])
+def test_accuracy_plan_rejects_bad_requests(tmp_path, capsys, args, message):
+    assert _plan(tmp_path / "study", "--kind", "accuracy", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
+def test_accuracy_study_projects_time_to_target(tmp_path, capsys):
+    """A small accuracy study run here: the 2-rank points need as many passes (ADMM,
+    SP = serial) and epochs (Adam at global batch 128 = data parallel) as the one-process
+    runs the projection takes them from; the report projects every fabric and checks
+    each measured point."""
+    study = tmp_path / "study"
+    assert _plan(study, "--kind", "accuracy", "--target", "0.6", "--set", "model.hidden=16",
+                 "--admm-batches", "32,64", "--adam-batches", "64,128",
+                 "--validate-latency-us", "1000", "--max-units", "30") == 0
+    assert main(["scaling", "run", str(study), "--mpiexec", MPIEXEC]) == 0
+    capsys.readouterr()
+    assert main(["scaling", "report", str(study), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    model = json.loads((study / "accuracy_model.json").read_text())
+    checks = {c["point"]: c for c in model["checks"]}
+    for name in ("accuracy-admm-b64-2r-a1000us", "accuracy-adam-b128-2r-a1000us"):
+        c = checks[name]
+        assert c["measured_units"] is not None and c["measured_units"] == c["projected_units"]
+        assert c["error"] is not None
+    with open(study / "time_to_accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["fabric"] for r in rows} == {"2 us / 100 Gb/s", "50 us / 10 Gb/s",
+                                           "5000 us / 1 Gb/s"}
+    assert set(model["crossovers"]) == {r["fabric"] for r in rows}
+    assert "crossover" in text

@@ -13,6 +13,7 @@ and the seconds spent, so runs can report what they communicated.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -25,6 +26,37 @@ from padmmirnn.errors import PadmmError
 
 _MPI_ENV = ("PMI_SIZE", "PMI_RANK", "PMI_FD", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
             "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+INIT_TIMEOUT_ENV = "PADMMIRNN_MPI_INIT_TIMEOUT"
+INIT_TIMEOUT_S = 300.0
+
+
+def import_mpi():
+    """``mpi4py.MPI``, with MPI initialised under a watchdog: if MPI_Init has not
+    returned after ``$PADMMIRNN_MPI_INIT_TIMEOUT`` seconds (default 300; 0: wait for
+    ever), the process prints "Timeout" and where it waited, and exits 1. A launcher's
+    start-up exchange that fails without an error (seen with the MPICH wheel under
+    ``srun --mpi=pmi2`` across nodes: Slurm's PMI2 server rejects one segment of the
+    address exchange and the ranks wait) then ends the job instead of holding the
+    allocation until its walltime. A C-level timer: it fires while MPI_Init holds the
+    interpreter."""
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"]
+    text = os.environ.get(INIT_TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else INIT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise PadmmError(f"{INIT_TIMEOUT_ENV} must be a number of seconds (0: no limit), "
+                         f"got {text!r}")
+    if seconds:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        from mpi4py import MPI
+    finally:
+        if seconds:
+            faulthandler.cancel_dump_traceback_later()
+    return MPI
 
 
 def launched_by_mpi() -> bool:
@@ -162,8 +194,7 @@ class MPIComm:
     the ``network``'s simulated cost (off unless given)."""
 
     def __init__(self, comm=None, network: SimulatedNetwork | None = None):
-        from mpi4py import MPI
-
+        MPI = import_mpi()
         self._MPI = MPI
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
         self.rank = self.comm.Get_rank()

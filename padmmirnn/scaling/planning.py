@@ -32,18 +32,19 @@ from padmmirnn._version import __version__
 from padmmirnn.errors import PadmmError
 
 MANIFEST = "manifest.json"
-KINDS = ("strong", "weak")
+KINDS = ("strong", "weak")  # scaling kinds; "accuracy" points train to a target instead
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]``; every entry a positive integer."""
+def parse_int_list(text: str, what: str, low: int = 1) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; every entry an integer of at least ``low``."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise PadmmError(f"{what} needs comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise PadmmError(f"{what} needs positive integers, got {text!r}")
+    if not values or min(values) < low:
+        kind = "positive" if low == 1 else f">= {low}"
+        raise PadmmError(f"{what} needs {kind} integers, got {text!r}")
     return values
 
 
@@ -86,10 +87,21 @@ class PlanOptions:
     launcher: str
     slurm_dir: str | None
     out: str
+    # --kind accuracy (padmmirnn.scaling.accuracy)
+    target: float = 0.85
+    admm_batches: tuple[int, ...] = (16, 32, 64)
+    adam_batches: tuple[int, ...] = (64, 128, 256, 1024, 0)
+    adam_lr_scaling: str = "sqrt"
+    validate_latency_us: tuple[float, ...] = (0.0, 5000.0)
+    max_units: int = 200
 
     @classmethod
-    def from_text(cls, ranks: str, nodes: str | None, **kwargs) -> PlanOptions:
+    def from_text(cls, ranks: str | None, nodes: str | None, **kwargs) -> PlanOptions:
         """Options with ``--ranks``/``--nodes`` given as comma-separated text."""
+        if kwargs.get("kind") == "accuracy":  # its points fix their own rank counts
+            return cls(ranks=(1,), nodes=(1,), **kwargs).validate()
+        if not ranks:
+            raise PadmmError("--ranks is needed for strong and weak scaling")
         rank_list = parse_int_list(ranks, "--ranks")
         node_list = parse_int_list(nodes, "--nodes") if nodes else [1]
         if len(node_list) == 1:
@@ -100,8 +112,19 @@ class PlanOptions:
         return cls(ranks=tuple(rank_list), nodes=tuple(node_list), **kwargs).validate()
 
     def validate(self) -> PlanOptions:
-        if self.kind not in KINDS:
-            raise PadmmError(f"--kind must be strong or weak, got {self.kind!r}")
+        if self.kind not in (*KINDS, "accuracy"):
+            raise PadmmError(f"--kind must be strong, weak or accuracy, got {self.kind!r}")
+        if self.kind == "accuracy":
+            if not 0 < self.target <= 1:
+                raise PadmmError(f"--target is a test accuracy in (0, 1], got {self.target}")
+            if self.adam_lr_scaling not in ("none", "sqrt", "linear"):
+                raise PadmmError("--adam-lr-scaling must be none, sqrt or linear, got "
+                                 f"{self.adam_lr_scaling!r}")
+            if (min(self.admm_batches, default=0) < 1 or min(self.adam_batches, default=-1) < 0
+                    or min(self.validate_latency_us, default=0) < 0 or self.max_units < 1):
+                raise PadmmError("--admm-batches must be positive, --adam-batches not negative "
+                                 "(0: the whole dataset), --validate-latency-us not negative "
+                                 "and --max-units positive")
         if self.kind == "weak" and not self.samples_per_rank:
             raise PadmmError("weak scaling keeps the samples per rank fixed: pass "
                              "--samples-per-rank n")
@@ -243,10 +266,13 @@ def plan(opts: PlanOptions) -> list[str]:
     overrides = dict(parse_override(s) for s in opts.sets)
     overrides.update({"train.algo": opts.algo, "train.iterations": opts.iterations})
     # a bad --set fails here, before any file is written
-    cfg = load_config("fullbatch" if opts.algo == "admm" else None, overrides)
+    full = opts.algo == "admm" and opts.kind != "accuracy"  # accuracy: mini-batch ADMM
+    cfg = load_config("fullbatch" if full else None, overrides)
     source = datafiles.resolve(opts.dataset)[0]
     info = datafiles.read_info(source)
     train_script, template = _slurm_files(opts.slurm_dir)
+    if opts.kind == "accuracy":
+        return _plan_accuracy(opts, cfg, source, info, train_script, template)
     sizes = [opts.samples_per_rank * ranks if opts.kind == "weak" else (opts.samples or info.n)
              for ranks in opts.ranks]
     for ranks, samples in zip(opts.ranks, sizes, strict=True):
@@ -283,12 +309,50 @@ def plan(opts: PlanOptions) -> list[str]:
         (root / point.script).write_text(_sbatch_script(point_template, opts, point, root))
         new.append(point)
         lines.append(f"wrote {root / point.script}")
+    return lines + _write_manifest(root, manifest, new, opts.kind)
+
+
+def _write_manifest(root: Path, manifest: dict, new: list[Point], kind: str,
+                    extra: dict | None = None) -> list[str]:
+    """Merge ``new`` into the study's manifest (points of the same name replaced)."""
     names = {p.name for p in new}
     kept = [p for p in _points(manifest) if p.name not in names]
-    manifest = {"format": 1, "padmmirnn_version": __version__, "updated": time.strftime(
-        "%Y-%m-%dT%H:%M:%S%z"), "points": [asdict(p) for p in kept + new]}
+    manifest = {**manifest, **(extra or {}), "format": 1, "padmmirnn_version": __version__,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "points": [asdict(p) for p in kept + new]}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    lines.append(f"wrote {root / MANIFEST} ({len(kept) + len(new)} points). Submit: for f in "
-                 f"{root}/{opts.kind}-*.sbatch; do sbatch \"$f\"; done   or run here: "
-                 f"padmmirnn scaling run {root}")
-    return lines
+    return [f"wrote {root / MANIFEST} ({len(kept) + len(new)} points). Submit: for f in "
+            f"{root}/{kind}-*.sbatch; do sbatch \"$f\"; done   or run here: "
+            f"padmmirnn scaling run {root}"]
+
+
+def _plan_accuracy(opts: PlanOptions, cfg, source: str, info, train_script: Path,
+                   template: Path) -> list[str]:
+    """The points of ``--kind accuracy`` (:mod:`padmmirnn.scaling.accuracy`): on the
+    source dataset itself (its test split decides when the target is reached)."""
+    from padmmirnn.scaling.accuracy import accuracy_runs
+
+    root = Path(opts.out).resolve()
+    for sub in ("logs", "runs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(root) if (root / MANIFEST).exists() else {"points": []}
+    shutil.copyfile(train_script, root / "train.sbatch")
+    point_template, revision, lines, new = template.read_text(), git_revision(), [], []
+    for name, ranks, args in accuracy_runs(opts, cfg, info.n):
+        parallel = "none" if ranks == 1 else "sync"
+        train_args = ["--dataset", str(Path(source).resolve()), "--parallel", parallel, *args]
+        for s in opts.sets:
+            train_args += ["--set", s]
+        train_args += ["--resume", "none", "--out", f"runs/{name}"]
+        point = Point(name=name, kind="accuracy", ranks=ranks, nodes=1, threads=opts.threads,
+                      samples=info.n, steps=info.steps, hidden=cfg.model.hidden,
+                      parallel=parallel, dataset=str(Path(source).resolve()),
+                      out=f"runs/{name}", script=f"{name}.sbatch",
+                      train_args=tuple(train_args), git_revision=revision)
+        (root / point.script).write_text(_sbatch_script(point_template, opts, point, root))
+        new.append(point)
+        lines.append(f"wrote {root / point.script}")
+    settings = {"accuracy": {"target": opts.target, "admm_batch": cfg.admm.batch_size,
+                             "adam_batch": cfg.optim.batch_size,
+                             "adam_lr_scaling": opts.adam_lr_scaling}}
+    return lines + _write_manifest(root, manifest, new, "accuracy", settings)

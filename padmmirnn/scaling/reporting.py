@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from padmmirnn.errors import PadmmError
+from padmmirnn.scaling.accuracy import FABRICS, parse_fabrics, report_accuracy
 from padmmirnn.scaling.measure import Measured, measure
 from padmmirnn.scaling.model import fit_model, projection
 from padmmirnn.scaling.planning import KINDS, _points, _read_manifest
@@ -49,16 +50,33 @@ def _scale(rows: list[dict], kind: str, base_ranks: int, base_time: float,
 
 def report(directory: str, plots: bool = True, ranks_per_node: int | None = None,
            project_nodes: int = 64, latency_us: float | None = None,
-           bandwidth_gbs: float | None = None) -> list[str]:
+           bandwidth_gbs: float | None = None, fabrics: str = FABRICS) -> list[str]:
     """Collect the measured points into ``scaling.csv`` next to the model's projection,
-    write ``model.json`` and (with matplotlib) ``scaling-{kind}.png``; returns a
-    Markdown summary."""
+    write ``model.json`` and (with matplotlib) ``scaling-{kind}.png``; with accuracy
+    points also the time to the target against rank count on each of ``fabrics``
+    (:mod:`padmmirnn.scaling.accuracy`). Returns a Markdown summary."""
+    fabric_list = parse_fabrics(fabrics)
+    root = Path(directory).resolve()
+    manifest = _read_manifest(root)
+    points = [p for p in _points(manifest) if p.kind in KINDS]
+    accuracy = [p for p in _points(manifest) if p.kind == "accuracy"]
+    lines = []
+    if points:
+        lines = _report_scaling(root, points, plots, ranks_per_node, project_nodes,
+                                latency_us, bandwidth_gbs)
+    if accuracy:
+        lines += report_accuracy(root, accuracy, manifest.get("accuracy", {}), fabric_list,
+                                 (ranks_per_node or 1) * project_nodes)
+    return lines
+
+
+def _report_scaling(root: Path, points: list, plots: bool, ranks_per_node: int | None,
+                    project_nodes: int, latency_us: float | None,
+                    bandwidth_gbs: float | None) -> list[str]:
     if plots:
         from padmmirnn.plots import require_matplotlib
 
         require_matplotlib()
-    root = Path(directory).resolve()
-    points = _points(_read_manifest(root))
     measured = [m for m in (measure(root, p) for p in points) if m is not None]
     missing = sorted({p.name for p in points} - {m.point.name for m in measured})
     if not measured:
