@@ -58,7 +58,8 @@ def train(config: str | Path | None = None, dataset: str | None = None, comm=Non
         settings["data.dataset"] = dataset
     cfg = load_config(config, settings)
     network = SimulatedNetwork(cfg.train.net_latency_us, cfg.train.net_bandwidth_gbs)
-    c = SerialComm() if comm is None else MPIComm(comm, network)
+    c = SerialComm() if comm is None else MPIComm(comm, network,
+                                                  cfg.train.collective_timeout_s)
     try:
         import logging
 

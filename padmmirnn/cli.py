@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             # the configuration (validated, no MPI yet) says how to run, --parallel included
             cfg = _config(args)
             comm = make_comm(cfg.train.parallel, SimulatedNetwork(cfg.train.net_latency_us,
-                                                                  cfg.train.net_bandwidth_gbs))
+                                                                  cfg.train.net_bandwidth_gbs),
+                             cfg.train.collective_timeout_s)
             rank, size = comm.rank, comm.size
             setup_logging(rank, size, getattr(args, "verbose", False))
             return {"train": _train, "compare": _compare}[args.command](args, comm, cfg)

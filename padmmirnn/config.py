@@ -79,6 +79,9 @@ class TrainConfig:
                                 "trip; 0 with net_bandwidth_gbs = 0 is off", low=0.0)
     net_bandwidth_gbs: float = opt(0.0, "simulated interconnect: beta in Gbit/s, adding "
                                    "bytes / beta (0: infinite)", low=0.0)
+    collective_timeout_s: float = opt(600.0, "end the job when a rank has waited this long in "
+                                      "one collective: MPI over TCP does not report a lost "
+                                      "node (0: wait for ever)", low=0.0)
     progress_thread: bool = opt(True, "async: the rank hosting the windows runs a thread "
                                 "that enters MPI every millisecond, so the others' one-sided "
                                 "operations complete while it computes (between nodes)")
@@ -246,6 +249,7 @@ class Config:
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "target_accuracy",
                "staleness", "staleness_kind", "straggler", "progress_thread",
+               "collective_timeout_s",
                "net_latency_us", "net_bandwidth_gbs")
 
 def _toml_value(value: Any) -> str:

@@ -47,7 +47,9 @@ from padmmirnn.trainer import Decision, Schedule, Trainer
 
 # Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration;
 # "RANK:ITERATION:kill" kills the process there with SIGKILL (a lost node: no Python
-# exception, no MPI_Abort).
+# exception, no MPI_Abort); "RANK:ITERATION:hang" stops it there for good without
+# exiting (a node that stopped answering: its process never ends, so the launcher does
+# not notice).
 FAULT_ENV = "PADMMIRNN_FAULT_INJECT"
 
 
@@ -128,13 +130,14 @@ def weights_strings(info: DatasetInfo) -> dict[str, list[str]]:
     return {name: table for name, table in tables.items() if table is not None}
 
 
-def _fault(rank: int) -> tuple[int | None, bool]:
-    """The iteration of an injected fault on this rank, and whether it is a kill."""
+def _fault(rank: int) -> tuple[int | None, str]:
+    """The iteration of an injected fault on this rank, and its kind: ``raise``,
+    ``kill`` or ``hang``."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return None, False
+        return None, "raise"
     fault_rank, iteration, *kind = spec.split(":")
-    return (int(iteration) if int(fault_rank) == rank else None), kind == ["kill"]
+    return (int(iteration) if int(fault_rank) == rank else None), (kind or ["raise"])[0]
 
 
 def _choose_resume(cfg: Config, comm, ckpt_dir: Path) -> Path | None:
@@ -273,11 +276,13 @@ class TrainingRun:
 
     def _loop(self) -> None:
         total = self.cfg.train.iterations
-        fault_at, kill = _fault(self.comm.rank)
+        fault_at, fault = _fault(self.comm.rank)
         progress = Progress(total, self.comm.rank, self.cfg.output.log_every)
         for k in range(self.trainer.iteration + 1, total + 1):
-            if k == fault_at and kill:
+            if k == fault_at and fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            while k == fault_at and fault == "hang":
+                time.sleep(60)
             if k == fault_at:
                 raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {k}")
             decision = self.control.decide(k, self._elapsed(),

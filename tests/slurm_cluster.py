@@ -164,8 +164,9 @@ class SlurmCluster:
 
     def __init__(self, root: Path, nodes: list[Node],
                  controller: tuple[str, str] = ("localhost", "127.0.0.1"),
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, slurmd_timeout: int = 5):
         self.root, self.nodes, self.controller = root, nodes, controller
+        self.slurmd_timeout = slurmd_timeout  # seconds before a silent node is DOWN
         self.conf = root / "slurm.conf"
         self.pid_files = {"slurmctld": root / "slurmctld.pid",
                           "munged": root / "munge" / "munged.pid",
@@ -201,7 +202,8 @@ class SlurmCluster:
             "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "ReturnToService=2",
-            "KillWait=5", "InactiveLimit=0", "SlurmdTimeout=5", "MessageTimeout=5",
+            "KillWait=5", "InactiveLimit=0", f"SlurmdTimeout={self.slurmd_timeout}",
+            "MessageTimeout=5",
             # job ids unique across the clusters the tests start: MPICH names its
             # shared-memory segments after the job and step, and a killed job's segment
             # left in /dev/shm made the next job with the same ids fail in MPI_Init

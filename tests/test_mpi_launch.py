@@ -332,3 +332,23 @@ def test_an_mpi_init_that_never_returns_ends_the_process(tmp_path):
                    env={**env, "PADMMIRNN_MPI_INIT_TIMEOUT": "soon"}, timeout=50)
     assert proc.returncode == 2 and "PADMMIRNN_MPI_INIT_TIMEOUT" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(tmp_path):
+    """Rank 1 stops at iteration 3 without exiting (a node that stopped answering: its
+    process lives on, so the launcher notices nothing). Rank 0 waits in the next
+    collective; after train.collective_timeout_s it prints one line naming itself and
+    the collective, and the job ends non-zero; the checkpoint of iteration 2 verifies."""
+    write_random_split(tmp_path / "d_train.h5", n=50, seed=1)
+    proc, seconds = _run(["train", "--dataset", str(tmp_path / "d_train.h5"), "--set",
+                          "model.hidden=6", "--iterations", "50", "--set",
+                          "checkpoint.every=2", "--set", "train.collective_timeout_s=3",
+                          "--out", str(tmp_path / "o")],
+                         env={"PADMMIRNN_FAULT_INJECT": "1:3:hang"}, timeout=60)
+    assert proc.returncode != 0 and seconds < 30, (proc.returncode, seconds, proc.stderr)
+    assert "[rank 0/2] padmmirnn: waited 3 s in allreduce_max" in proc.stderr, proc.stderr
+    from padmmirnn.checkpoint import find_latest, verify_checkpoint
+
+    latest = find_latest(tmp_path / "o" / "checkpoints")
+    assert latest is not None and latest.name.endswith("00002.h5"), latest
+    assert verify_checkpoint(latest) is None

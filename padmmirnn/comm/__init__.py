@@ -16,6 +16,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -188,12 +189,59 @@ class SerialComm:
         pass
 
 
+class CollectiveWatchdog:
+    """Ends the job when this rank has waited ``timeout_s`` in one collective. MPI over
+    TCP does not report a peer whose node died (the collective waits for ever) and a
+    stalled peer looks the same; then this rank prints one line (rank, collective,
+    seconds) and aborts the job, which the launcher ends on every node. A daemon thread
+    checks ten times per timeout (at most once a second); :meth:`enter` and
+    :meth:`leave` bracket each blocking call (``timeout_s`` 0: off, no thread)."""
+
+    def __init__(self, timeout_s: float, rank: int, size: int,
+                 abort: Callable[[], None]):
+        self.timeout_s, self.rank, self.size, self._abort = timeout_s, rank, size, abort
+        self._inside: tuple[str, float] | None = None  # (collective, monotonic entry)
+        self._stop = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._run, name="padmmirnn-watchdog",
+                                            daemon=True)
+            self._thread.start()
+
+    def enter(self, what: str) -> None:
+        self._inside = (what, time.monotonic())
+
+    def leave(self) -> None:
+        self._inside = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 10)):
+            inside = self._inside
+            if inside is not None and time.monotonic() - inside[1] >= self.timeout_s:
+                sys.stderr.write(
+                    f"[rank {self.rank}/{self.size}] padmmirnn: waited {self.timeout_s:g} s "
+                    f"in {inside[0]}: another rank is lost or stalled "
+                    "(train.collective_timeout_s); ending the job\n")
+                sys.stderr.flush()
+                self._abort()
+                return
+
+    def free(self) -> None:
+        """Stop the thread (idempotent)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+
 class MPIComm:
     """A private duplicate of an MPI communicator (default ``COMM_WORLD``). Every
-    collective is a thin call through :meth:`_timed`, which keeps the ledger and adds
-    the ``network``'s simulated cost (off unless given)."""
+    collective is a thin call through :meth:`_timed`, which keeps the ledger, adds
+    the ``network``'s simulated cost (off unless given) and is watched by a
+    :class:`CollectiveWatchdog` (``collective_timeout_s``; 0: not watched)."""
 
-    def __init__(self, comm=None, network: SimulatedNetwork | None = None):
+    def __init__(self, comm=None, network: SimulatedNetwork | None = None,
+                 collective_timeout_s: float = 0.0):
         MPI = import_mpi()
         self._MPI = MPI
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
@@ -201,25 +249,33 @@ class MPIComm:
         self.size = self.comm.Get_size()
         self.ledger = Ledger()
         self.network = network or SimulatedNetwork()
+        self.watchdog = CollectiveWatchdog(collective_timeout_s if self.size > 1 else 0.0,
+                                           self.rank, self.size,
+                                           lambda: MPI.COMM_WORLD.Abort(1))
 
-    def _timed(self, nbytes: int, call: Callable[[], object]):
-        """Run one collective, recording its time and the bytes this rank sends."""
+    def _timed(self, what: str, nbytes: int, call: Callable[[], object]):
+        """Run one collective (``what``: its name), recording its time and the bytes
+        this rank sends."""
         t0 = time.perf_counter()
-        result = call()
+        self.watchdog.enter(what)
+        try:
+            result = call()
+        finally:
+            self.watchdog.leave()
         self.network.wait(nbytes)
         self.ledger.record(time.perf_counter() - t0, nbytes)
         return result
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` (contiguous float64) over ranks, in place."""
-        self._timed(buf.nbytes, lambda: self.comm.Allreduce(self._MPI.IN_PLACE, buf,
-                                                            op=self._MPI.SUM))
+        self._timed("allreduce_sum", buf.nbytes,
+                    lambda: self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM))
         return buf
 
     def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
         """Elementwise maximum of ``buf`` (contiguous float64) over ranks, in place."""
-        self._timed(buf.nbytes, lambda: self.comm.Allreduce(self._MPI.IN_PLACE, buf,
-                                                            op=self._MPI.MAX))
+        self._timed("allreduce_max", buf.nbytes,
+                    lambda: self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX))
         return buf
 
     def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -234,7 +290,7 @@ class MPIComm:
             self.comm.Allgatherv(rows, [out, counts, displs, self._MPI.DOUBLE])
             return out
 
-        return self._timed(rows.nbytes, call)
+        return self._timed("allgather_rows", rows.nbytes, call)
 
     def gather_samples(self, block: np.ndarray, n_global: int) -> np.ndarray | None:
         """Concatenate every rank's sample-major block ``[n_r, ...]`` on rank 0, in
@@ -252,22 +308,22 @@ class MPIComm:
             self.comm.Gatherv(block, recv, root=0)
             return out
 
-        return self._timed(block.nbytes, call)
+        return self._timed("gather_samples", block.nbytes, call)
 
     def bcast_array(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         """Broadcast a contiguous array from ``root``, in place."""
         sent = buf.nbytes if self.rank == root else 0
-        self._timed(sent, lambda: self.comm.Bcast(buf, root=root))
+        self._timed("bcast_array", sent, lambda: self.comm.Bcast(buf, root=root))
         return buf
 
     def bcast(self, obj, root: int = 0):
-        return self._timed(0, lambda: self.comm.bcast(obj, root=root))
+        return self._timed("bcast", 0, lambda: self.comm.bcast(obj, root=root))
 
     def allgather(self, obj) -> list:
-        return self._timed(0, lambda: self.comm.allgather(obj))
+        return self._timed("allgather", 0, lambda: self.comm.allgather(obj))
 
     def barrier(self) -> None:
-        self._timed(0, self.comm.Barrier)
+        self._timed("barrier", 0, self.comm.Barrier)
 
     def ranks_on_node(self) -> int:
         """How many ranks of this communicator share this rank's node (its memory)."""
@@ -279,18 +335,21 @@ class MPIComm:
 
     def free(self) -> None:
         """Free the duplicate (idempotent; nothing to do once MPI is finalized)."""
+        self.watchdog.free()
         if self.comm is not None and not self._MPI.Is_finalized():
             self.comm.Free()
         self.comm = None
 
 
-def make_comm(parallel: str, network: SimulatedNetwork | None = None):
+def make_comm(parallel: str, network: SimulatedNetwork | None = None,
+              collective_timeout_s: float = 0.0):
     """The communicator for ``--parallel``: serial unless launched by MPI with >1 rank
     (``auto``) or asked for (``sync``, ``async``); ``network`` a simulated interconnect
-    for its collectives and one-sided operations."""
+    for its collectives and one-sided operations; ``collective_timeout_s`` the
+    :class:`CollectiveWatchdog`'s limit (0: none)."""
     if parallel == "auto" and not launched_by_mpi():
         return SerialComm()
-    comm = MPIComm(network=network)
+    comm = MPIComm(network=network, collective_timeout_s=collective_timeout_s)
     if parallel == "none" and comm.size > 1:
         size = comm.size
         comm.free()

@@ -31,10 +31,11 @@ measured times (the training steps' compute and communication seconds, summed).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -296,13 +297,13 @@ def report_accuracy(root: Path, points: list[Point], settings: dict, fabrics: li
     admm_batch, adam_batch = settings["admm_batch"], settings["adam_batch"]
     rows = project(admm, adam, admm_batch, adam_batch, fabrics, max_ranks)
     checks = check(reached, methods)
-    with open(root / "time_to_accuracy.csv", "w") as f:
-        f.write("fabric,ranks,method,global_batch,units,seconds\n")
-        f.writelines(f"{r['fabric']},{r['ranks']},{r['method']},{r['global_batch']},"
-                     f"{_fmt(r['units'], '.4g')},{_fmt(r['seconds'], '.4g')}\n" for r in rows)
+    with open(root / "time_to_accuracy.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: _fmt(v, ".4g") if isinstance(v, float) else v
+                          for k, v in r.items()} for r in rows)
     cross = crossovers(rows)
-    model = {"admm": vars(admm) | {"units_by_batch": admm.units_by_batch},
-             "adam": vars(adam) | {"units_by_batch": adam.units_by_batch},
+    model = {"admm": asdict(admm), "adam": asdict(adam),
              "admm_batch": admm_batch, "adam_batch_per_rank": adam_batch,
              "crossovers": cross, "checks": checks}
     (root / "accuracy_model.json").write_text(json.dumps(model, indent=2, default=str) + "\n")
@@ -335,7 +336,6 @@ def report_accuracy(root: Path, points: list[Point], settings: dict, fabrics: li
               f"{_fmt(c['projected_s'])} | {_fmt(c['error'], '+.0%')} |" for c in checks]
     lines.append(f"\nwrote {root / 'time_to_accuracy.csv'}, {root / 'accuracy_model.json'}")
     return lines
-
 
 
 def lr_for(base: float, batch: int, reference: int, scaling: str) -> float:
