@@ -1,6 +1,7 @@
 """Two Slurm nodes on one machine (``tests/slurm_cluster.py``): network namespaces
 joined by a bridge, one slurmd per namespace with its own hostname and address, ranks
-started by ``srun -N 2 --ntasks-per-node=1 --mpi=pmi2``, MPI between them over TCP.
+started by ``srun -N 2 --ntasks-per-node=1 --mpi=pmi2`` (or Hydra's mpiexec inside the
+allocation), MPI between them over TCP.
 MPICH's UCX is held to TCP (shared memory between the namespaces would otherwise be
 found). The two namespaces share this machine's 2 cores (one CPU
 per node)."""
@@ -241,6 +242,38 @@ def test_a_lost_node_ends_the_job_and_a_resubmission_resumes(cluster, toy, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == done + 2 and summary["ranks"] == 2
     assert Path(summary["resumed_from"]).name == latest.name
+
+
+def test_mpiexec_starts_the_ranks_across_the_two_nodes(cluster, tmp_path):
+    """Hydra's mpiexec inside a 2-node allocation (it starts its proxies with srun):
+    one rank on each host, and train.sbatch with PADMMIRNN_LAUNCHER=mpiexec trains
+    bitwise equal to the serial run (deterministic reduction). HYDRA_IFACE=eth0 makes
+    the proxies reach mpiexec by address: the node names do not resolve here."""
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+    env = ["env", "HYDRA_IFACE=eth0", "PADMMIRNN_LAUNCHER=mpiexec",
+           f"PADMMIRNN_MPIEXEC={mpiexec}"]
+    hosts = tmp_path / "hosts.out"
+    probe = (f"{mpiexec} -n 2 {sys.executable} -c 'from mpi4py import MPI; import socket; "
+             "c = MPI.COMM_WORLD; rows = c.gather((c.Get_rank(), socket.gethostname(), "
+             "c.Split_type(MPI.COMM_TYPE_SHARED).Get_size())); "
+             "[print(*r) for r in rows or []]'")
+    proc = cluster.run([*env, "timeout", "90", "sbatch", "--wait", "-N", "2",
+                        "--ntasks-per-node=1", f"--output={hosts}", "--wrap", probe],
+                       timeout=100)
+    assert proc.returncode == 0, proc.stderr + (hosts.read_text() if hosts.exists() else "")
+    rows = sorted(line.split() for line in hosts.read_text().splitlines() if line.strip())
+    assert [r[1:] for r in rows] == [["n1", "1"], ["n2", "1"]], rows
+    common = ["--iterations", "3", "--set", "model.hidden=12", "--set",
+              "train.reduction=deterministic", "--set", "train.chunk=32"]
+    _serial(cluster, common, tmp_path / "serial")
+    log = tmp_path / "job.out"
+    proc = cluster.run([*env, "timeout", "120", "sbatch", "--wait", "-N", "2",
+                        "--ntasks-per-node=1", f"--output={log}", str(TRAIN_SBATCH),
+                        *common, "--out", str(tmp_path / "hydra")], timeout=130)
+    assert proc.returncode == 0, proc.stderr + log.read_text()
+    assert "launcher=mpiexec" in (tmp_path / "hydra" / "launch.env").read_text()
+    assert json.loads((tmp_path / "hydra" / "summary.json").read_text())["ranks"] == 2
+    assert _weights(tmp_path / "hydra") == _weights(tmp_path / "serial")
 
 
 def test_a_scaling_study_runs_on_one_node_and_on_two(cluster, toy, tmp_path):
