@@ -99,7 +99,8 @@ class Bridge:
     left unset on purpose: with it set (``eth0`` or ``all``), about one job in three
     failed or hung in MPI_Init under ``srun --mpi=pmi2`` (Slurm's PMI2 server received a
     corrupted segment of the address exchange; which jobs failed depended only on the
-    length of the command line), and none of 30 did without it."""
+    length of the command line); without it, 1 job in about 70 did
+    (:data:`PMI2_STARTUP_FAILURE`: such jobs are run again)."""
 
     ENV = {"UCX_TLS": "tcp,self"}
 
