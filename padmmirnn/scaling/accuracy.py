@@ -32,6 +32,7 @@ measured times (the training steps' compute and communication seconds, summed).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import tomllib
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from padmmirnn.errors import PadmmError
+from padmmirnn.scaling.measure import _jsonl
 from padmmirnn.scaling.model import _nonnegative_fit
 from padmmirnn.scaling.planning import Point
 
@@ -118,10 +120,6 @@ class Reached:
         return unit / self.steps_per_unit
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def measure_point(root: Path, point: Point) -> Reached | None:
     """The point's units and seconds to its target, or None if it has not run."""
     out = root / point.out
@@ -150,11 +148,14 @@ def measure_point(root: Path, point: Point) -> Reached | None:
                    summary["bytes_reduced_per_iteration"] / math.ceil(point.samples / batch))
 
 
+@functools.cache
 def busiest_share(batch: int, ranks: int, samples: int, draws: int = 256) -> float:
     """E[max over ranks of the samples of one random batch a rank holds], each rank
     holding a contiguous block of ``samples / ranks`` (seeded Monte Carlo)."""
-    if ranks == 1 or batch >= samples:
-        return float(math.ceil(batch / ranks)) if batch >= samples else float(batch)
+    if batch >= samples:
+        return float(math.ceil(samples / ranks))
+    if ranks == 1:
+        return float(batch)
     rng = np.random.default_rng(0)
     owner = np.arange(samples) * ranks // samples
     return float(np.mean([np.bincount(owner[rng.choice(samples, batch, replace=False)],
