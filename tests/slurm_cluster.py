@@ -83,26 +83,26 @@ class Node:
     cpus: int = 2
 
 
-# The MPICH wheel under ``srun --mpi=pmi2`` sends its UCX address (a fixed 4.5 kB buffer
-# whose tail is not initialised) through Slurm's PMI2 server in 9 segments; for some
-# buffer contents the server rejects a segment and the ranks wait in MPI_Init (the
-# watchdog, PADMMIRNN_MPI_INIT_TIMEOUT, ends them). It depends on leftover memory only,
-# so a job that failed this way is run again.
+# The MPICH wheel under ``srun --mpi=pmi2`` with its default UCX network module sends its
+# address (a fixed 4.5 kB buffer whose tail is not initialised) through Slurm's PMI2
+# server in 9 segments; for some buffer contents the server rejects a segment and the
+# ranks wait in MPI_Init (the watchdog, PADMMIRNN_MPI_INIT_TIMEOUT, ends them). The
+# fixtures avoid UCX (Bridge.ENV); a job that still fails this way is run again.
 PMI2_STARTUP_FAILURE = "mpi/pmi2: invalid client request"
 
 
 class Bridge:
     """``count`` network namespaces ``padmm-n1..`` joined by the bridge ``padmm-br0``
     (10.231.0.1 on this host; node i at 10.231.0.(i + 1) on its ``eth0``). :data:`ENV`
-    makes MPI (MPICH over UCX) use TCP between them, not shared memory: the namespaces
-    share this machine's memory, and UCX would otherwise find it. ``UCX_NET_DEVICES`` is
-    left unset on purpose: with it set (``eth0`` or ``all``), about one job in three
-    failed or hung in MPI_Init under ``srun --mpi=pmi2`` (Slurm's PMI2 server received a
-    corrupted segment of the address exchange; which jobs failed depended only on the
-    length of the command line); without it, 1 job in about 70 did
-    (:data:`PMI2_STARTUP_FAILURE`: such jobs are run again)."""
+    makes MPICH use its OFI network module with libfabric's TCP provider between them.
+    The default, UCX, has two problems here. It finds the shared memory of the
+    namespaces (which share this machine's memory) unless held to ``UCX_TLS=tcp,self``.
+    Its address exchange is a fixed 4.5 kB buffer sent in 9 PMI segments, and under
+    ``srun --mpi=pmi2`` about 1 job in 3 failed or hung in MPI_Init with
+    ``UCX_NET_DEVICES`` set, 1 in about 70 without it (:data:`PMI2_STARTUP_FAILURE`).
+    OFI's address is one short value."""
 
-    ENV = {"UCX_TLS": "tcp,self"}
+    ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}
 
     BRIDGE, SUBNET = "padmm-br0", "10.231.0"
 
@@ -165,9 +165,8 @@ class SlurmCluster:
 
     def __init__(self, root: Path, nodes: list[Node],
                  controller: tuple[str, str] = ("localhost", "127.0.0.1"),
-                 extra_env: dict[str, str] | None = None, slurmd_timeout: int = 5):
+                 extra_env: dict[str, str] | None = None):
         self.root, self.nodes, self.controller = root, nodes, controller
-        self.slurmd_timeout = slurmd_timeout  # seconds before a silent node is DOWN
         self.conf = root / "slurm.conf"
         self.pid_files = {"slurmctld": root / "slurmctld.pid",
                           "munged": root / "munge" / "munged.pid",
@@ -203,8 +202,7 @@ class SlurmCluster:
             "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "ReturnToService=2",
-            "KillWait=5", "InactiveLimit=0", f"SlurmdTimeout={self.slurmd_timeout}",
-            "MessageTimeout=5",
+            "KillWait=5", "InactiveLimit=0", "SlurmdTimeout=5", "MessageTimeout=5",
             # job ids unique across the clusters the tests start: MPICH names its
             # shared-memory segments after the job and step, and a killed job's segment
             # left in /dev/shm made the next job with the same ids fail in MPI_Init
