@@ -251,7 +251,7 @@ class MPIComm:
         self.network = network or SimulatedNetwork()
         self.watchdog = CollectiveWatchdog(collective_timeout_s if self.size > 1 else 0.0,
                                            self.rank, self.size,
-                                           lambda: MPI.COMM_WORLD.Abort(1))
+                                           lambda: abort_job(self.size, 1))
 
     def _timed(self, what: str, nbytes: int, call: Callable[[], object]):
         """Run one collective (``what``: its name), recording its time and the bytes
