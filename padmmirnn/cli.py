@@ -460,7 +460,7 @@ def _scaling(args, comm) -> int:
     if comm.size > 1:
         raise PadmmError("padmmirnn scaling runs on one process (it starts the MPI jobs)")
     if args.scaling_command == "plan":
-        from padmmirnn.scaling.planning import parse_int_list
+        from padmmirnn.scaling.planning import parse_float_list, parse_int_list
 
         lines = scaling.plan(scaling.PlanOptions.from_text(
             args.ranks, args.nodes, kind=args.kind, samples=args.samples,
@@ -473,8 +473,8 @@ def _scaling(args, comm) -> int:
             admm_batches=tuple(parse_int_list(args.admm_batches, "--admm-batches")),
             adam_batches=tuple(parse_int_list(args.adam_batches, "--adam-batches", low=0)),
             adam_lr_scaling=args.adam_lr_scaling,
-            validate_latency_us=tuple(_floats(args.validate_latency_us,
-                                              "--validate-latency-us")),
+            validate_latency_us=tuple(parse_float_list(args.validate_latency_us,
+                                                       "--validate-latency-us")),
             max_units=args.max_units))
     elif args.scaling_command == "run":
         lines = scaling.run_points(args.dir, args.points, args.mpiexec, args.timeout,
@@ -488,13 +488,6 @@ def _scaling(args, comm) -> int:
                                args.fabrics)
     print("\n".join(lines))
     return 0
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise PadmmError(f"{what} needs comma-separated numbers, got {text!r}") from None
 
 
 def _checkpoint(args, comm) -> int:

@@ -43,7 +43,7 @@ import numpy as np
 
 from padmmirnn.errors import PadmmError
 from padmmirnn.scaling.measure import _jsonl
-from padmmirnn.scaling.model import _nonnegative_fit
+from padmmirnn.scaling.model import _nonnegative_fit, allreduce_seconds
 from padmmirnn.scaling.planning import Point
 
 FABRICS = "2:100,50:10,5000:1"  # alpha in us : bandwidth in Gbit/s (the three)
@@ -63,10 +63,7 @@ class Fabric:
         return f"{self.alpha_s * 1e6:g} us / {bw}"
 
     def allreduce(self, ranks: int, nbytes: float) -> float:
-        if ranks == 1:
-            return 0.0
-        return (self.alpha_s * math.ceil(math.log2(ranks))
-                + 2 * (ranks - 1) / ranks * nbytes / self.bytes_per_s)
+        return allreduce_seconds(ranks, nbytes, self.alpha_s, 1.0 / self.bytes_per_s)
 
 
 def parse_fabrics(text: str) -> list[Fabric]:

@@ -23,6 +23,16 @@ import numpy as np
 from padmmirnn.scaling.measure import Measured
 
 
+def allreduce_seconds(ranks: int, nbytes: float, latency_s: float,
+                      seconds_per_byte: float) -> float:
+    """An Allreduce of ``nbytes`` over ``ranks``: ``alpha * ceil(log2 P) + beta * 2 (P - 1)
+    / P * bytes`` (latency per stage, bandwidth-optimal volume); 0 on one rank."""
+    if ranks == 1:
+        return 0.0
+    return (latency_s * math.ceil(math.log2(ranks))
+            + seconds_per_byte * 2 * (ranks - 1) / ranks * nbytes)
+
+
 @dataclass(frozen=True)
 class Model:
     """Seconds per iteration as compute + reduction (see the module docstring)."""
@@ -37,10 +47,8 @@ class Model:
         return self.compute_per_sample_step_s * samples / ranks * steps + self.compute_fixed_s
 
     def comm(self, ranks: int) -> float:
-        if ranks == 1:
-            return 0.0
-        return (self.latency_s * math.ceil(math.log2(ranks))
-                + self.seconds_per_byte * 2 * (ranks - 1) / ranks * self.bytes_per_iteration)
+        return allreduce_seconds(ranks, self.bytes_per_iteration, self.latency_s,
+                                 self.seconds_per_byte)
 
     def time(self, ranks: int, samples: int, steps: int) -> float:
         return self.compute(ranks, samples, steps) + self.comm(ranks)

@@ -36,12 +36,21 @@ KINDS = ("strong", "weak")  # scaling kinds; "accuracy" points train to a target
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _split(text: str, what: str, convert: type, noun: str) -> list:
+    try:
+        return [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PadmmError(f"{what} needs comma-separated {noun}, got {text!r}") from None
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    """``"0,50.5"`` -> ``[0.0, 50.5]``."""
+    return _split(text, what, float, "numbers")
+
+
 def parse_int_list(text: str, what: str, low: int = 1) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]``; every entry an integer of at least ``low``."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise PadmmError(f"{what} needs comma-separated integers, got {text!r}") from None
+    values = _split(text, what, int, "integers")
     if not values or min(values) < low:
         kind = "positive" if low == 1 else f">= {low}"
         raise PadmmError(f"{what} needs {kind} integers, got {text!r}")
