@@ -253,13 +253,14 @@ class SlurmCluster:
         ``attempts`` times) only when it failed at MPI start-up with
         :data:`PMI2_STARTUP_FAILURE` in its output or in ``logs()`` (the job's log files,
         read after each attempt)."""
-        for attempt in range(1, attempts + 1):
-            proc = self.run(cmd, timeout)
+        proc = self.run(cmd, timeout)
+        for _ in range(attempts - 1):
             text = proc.stdout + proc.stderr + (logs() if logs else "")
-            if proc.returncode == 0 or PMI2_STARTUP_FAILURE not in text or attempt == attempts:
-                return proc
+            if proc.returncode == 0 or PMI2_STARTUP_FAILURE not in text:
+                break
             self.startup_retries += 1
-        raise AssertionError("unreachable")
+            proc = self.run(cmd, timeout)
+        return proc
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, ExitCode, ...)."""
