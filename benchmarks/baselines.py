@@ -58,10 +58,10 @@ def _median_pass(trainer, repeats: int) -> float:
 
 
 def project_pass(local, n: int, algo: str, dtype: str, repeats: int) -> float:
+    from padmmirnn.admm.minibatch import MinibatchAdmm
     from padmmirnn.comm import SerialComm
     from padmmirnn.config import build_config
-    from padmmirnn.data_parallel import GradientTrainer
-    from padmmirnn.minibatch import MinibatchAdmm
+    from padmmirnn.gradient.trainer import GradientTrainer
 
     cfg = build_config(overrides={"train.algo": algo, "train.dtype": dtype})
     data = local if dtype == "float64" else type(local)(

@@ -215,8 +215,8 @@ def time_blocks(local, n_global: int, hidden: int, repeats: int) -> dict:
 def adam_epoch(local, n_global: int, hidden: int, repeats: int) -> float:
     from padmmirnn.comm import SerialComm
     from padmmirnn.config import build_config
-    from padmmirnn.data_parallel import GradientTrainer
-    from padmmirnn.model import init_params
+    from padmmirnn.gradient.trainer import GradientTrainer
+    from padmmirnn.nn import init_params
 
     cfg = build_config(overrides={"model.hidden": hidden, "train.algo": "adam"})
     p = init_params(local.info.dim, hidden, local.info.classes, 0, "orthogonal", 1.0)

@@ -7,7 +7,7 @@
     model.predict_proba(x); model.evaluate(x, y); model.generate("ROMEO:", 200)
 
 :func:`train` runs the code path of ``padmmirnn train``; :class:`Model` runs the
-forward pass of :mod:`padmmirnn.model` (docs/design.md, section 2) on NumPy arrays
+forward pass of :mod:`padmmirnn.nn` (docs/design.md, section 2) on NumPy arrays
 ``[N, T, d]``, token ids ``[N, T]`` or, for token models, raw strings encoded with
 the vocabulary saved when the data were prepared. Bad input raises ``ValueError``
 with one sentence.
@@ -23,7 +23,7 @@ import numpy as np
 
 from padmmirnn.checkpoint import load_weights
 from padmmirnn.errors import PadmmError
-from padmmirnn.model import Params, forward, loss_sums, outputs
+from padmmirnn.nn import Network, Params, outputs
 from padmmirnn.samples import DatasetInfo, LocalData
 
 PAD, UNK = "<pad>", "<unk>"
@@ -108,15 +108,17 @@ def load(path: str | Path) -> Model:
 
 
 class Model:
-    """A trained RNN: ``a_t = U x_t + W s_{t-1} + b``, ``s_t = f(a_t)``, ``o_t = V s_t +
-    c``, with a softmax over ``o_t`` for cross-entropy models. Many-to-one models
-    answer per sequence (``[N, K]``), many-to-many ones per step (``[N, T, K]``)."""
+    """A trained network (:class:`~padmmirnn.nn.Network`: layers of an Elman, GRU or LSTM
+    cell, then ``o_t = V s_t + c``), with a softmax over ``o_t`` for cross-entropy
+    models. Many-to-one models answer per sequence (``[N, K]``), many-to-many ones per
+    step (``[N, T, K]``)."""
 
     def __init__(self, params: Params, activation: str, loss: str, input_kind: str,
                  input_dim: int, classes: int, many_to_many: bool,
                  vocabulary: list[str] | None = None, class_names: list[str] | None = None,
                  prepared: dict | None = None, source: str = ""):
         self.params, self.activation, self.loss = params, activation, loss
+        self.net = Network.of(params, activation)
         self.input_kind, self.input_dim, self.classes = input_kind, input_dim, classes
         self.many_to_many = many_to_many
         self.vocabulary, self.class_names = vocabulary, class_names
@@ -128,7 +130,10 @@ class Model:
         inputs = (f"tokens (vocabulary {self.input_dim})" if self.input_kind == "tokens"
                   else f"dense inputs of size {self.input_dim}")
         layout = "many-to-many" if self.many_to_many else "many-to-one"
-        return (f"Model({self.activation} RNN, h = {self.params.W.shape[0]}, {inputs}, "
+        net = self.net
+        kind = {"rnn": f"{self.activation} RNN", "gru": "GRU", "lstm": "LSTM"}[net.cell.name]
+        layers = f"{net.layers} layers, " if net.layers > 1 else ""
+        return (f"Model({kind}, {layers}h = {self.params.hidden}, {inputs}, "
                 f"{self.classes} classes, {layout})")
 
     # -- inputs --------------------------------------------------------------------------
@@ -193,8 +198,8 @@ class Model:
     def logits(self, inputs, dtype: np.dtype = np.float64) -> np.ndarray:
         """``o_t = V s_t + c``: ``[N, K]`` (many-to-one) or ``[N, T, K]``."""
         data = self._data(inputs)
-        states, _ = forward(self.params, data, self.activation, np.dtype(dtype))
-        o = outputs(self.params, states, self.many_to_many)  # [|O|, N, K]
+        p = self.params.astype(np.dtype(dtype))
+        o = outputs(p, self.net.forward(p, data).states, self.many_to_many)  # [|O|, N, K]
         return o.transpose(1, 0, 2) if self.many_to_many else o[0]
 
     def predict_proba(self, inputs, dtype: np.dtype = np.float64) -> np.ndarray:
@@ -219,7 +224,7 @@ class Model:
         if y.size and (y.min() < 0 or y.max() >= self.classes):
             raise ValueError(f"targets must lie in [0, {self.classes})")
         data.targets[...] = y.T if self.many_to_many else y[None, :]
-        total, correct, rows = loss_sums(self.params, data, self.activation, self.loss)
+        total, correct, rows = self.net.loss_sums(self.params, data, self.loss)
         return {"loss": float(total / rows), "accuracy": float(correct / rows),
                 "samples": data.info.n}
 
@@ -237,15 +242,16 @@ class Model:
             raise ValueError("length and temperature must be >= 0")
         ids = [int(i) for i in self.encode(prompt, steps=None)[0] if i] if prompt else []
         p = self.params
-        s = np.zeros(p.W.shape[0])
-        f = np.tanh if self.activation == "tanh" else (lambda a: np.maximum(a, 0.0))
-        for token in ids:
-            s = f(p.U[:, token] + p.W @ s + p.b)
+        state = None  # every layer's state after the tokens read so far (None: zero)
+        if ids:
+            state = self._advance(np.array(ids), None)
         banned = [self._index[t] for t in (PAD, UNK) if t in self._index]
         rng = np.random.default_rng(seed)
         out = []
         for _ in range(length):
-            o = p.V @ s + p.c  # the next token's logits (s = 0 without a prompt)
+            # the next token's logits (s = 0 without a prompt)
+            s = np.zeros(p.hidden) if state is None else state[-1][0][:, 0]
+            o = p.V @ s + p.c
             o[banned] = -np.inf
             if temperature == 0:
                 token = int(np.argmax(o))
@@ -253,10 +259,18 @@ class Model:
                 prob = softmax(o / temperature)
                 token = int(rng.choice(len(prob), p=prob))
             out.append(token)
-            s = f(p.U[:, token] + p.W @ s + p.b)
+            state = self._advance(np.array([token]), state)
         sep = "" if self.prepared.get("level", "char") == "char" else " "
         return prompt + (sep if prompt and sep else "") + sep.join(
             self.vocabulary[t] for t in out)
+
+    def _advance(self, ids: np.ndarray, state):
+        """Every layer's state after reading the token ids ``ids`` from ``state``."""
+        x = np.ascontiguousarray(ids[:, None], np.int32)
+        info = DatasetInfo(self.source, 1, len(ids), self.input_dim, self.classes,
+                           self.input_kind, True)
+        data = LocalData(info, x, np.zeros((len(ids), 1), np.int32), 0, 1)
+        return self.net.forward(self.params, data, start=state).final()
 
 
 def read_inputs(path: str | Path, column: str = "text"):

@@ -1,7 +1,9 @@
 """HDF5 files of model state: the only module that writes weights and checkpoints.
 
-Weights files hold ``U, W, b, V, c`` and, as attributes, what is needed to use
-them again. Checkpoints (docs/design.md, section 8) add everything needed to resume:
+Weights files hold the arrays of :class:`~padmmirnn.nn.Params` (``U, W, b, V, c`` for a
+one-layer Elman RNN; their names in the attribute ``weight_names``) and, as attributes,
+what is needed to use them again. Checkpoints (docs/design.md, section 8) add
+everything needed to resume:
 
 * ``weights/*``, ``state/*`` (per-sample ADMM arrays ``A, S, O, L1, L2, L3``,
   sample-major ``[N, ...]`` in **global sample order**, so a restart may use any
@@ -29,9 +31,12 @@ from padmmirnn._version import __version__
 from padmmirnn.atomic import atomic_h5
 from padmmirnn.errors import PadmmError
 from padmmirnn.logs import get_logger
-from padmmirnn.model import Params
+from padmmirnn.nn import Params
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
+
+
+ELMAN_NAMES = ("U", "W", "b", "V", "c")  # files written before ``weight_names``
 
 
 def save_weights(path: str | Path, params: Params, meta: dict,
@@ -41,6 +46,7 @@ def save_weights(path: str | Path, params: Params, meta: dict,
     def fill(f):
         for name, value in params.arrays().items():
             f.create_dataset(name, data=value)
+        f.attrs["weight_names"] = ",".join(params.names())
         f.attrs["padmmirnn_version"] = __version__
         for key, value in meta.items():
             f.attrs[key] = value
@@ -66,11 +72,17 @@ def load_weights(path: str | Path) -> tuple[Params, dict]:
     try:
         with h5py.File(p, "r") as f:
             group = f["weights"] if "weights" in f else f
-            arrays = [np.asarray(group[name][()], dtype=np.float64) for name in Params.NAMES]
+            params = _read_params(group)
             meta = _attrs(f)
     except (OSError, KeyError) as exc:
         raise PadmmError(f"{path}: not a padmmirnn weights file or checkpoint ({exc})") from None
-    return Params(*arrays), meta
+    return params, meta
+
+
+def _read_params(group) -> Params:
+    """The weight arrays of ``group``, in the order of its ``weight_names``."""
+    names = str(group.attrs.get("weight_names", ",".join(ELMAN_NAMES))).split(",")
+    return Params({k: np.asarray(group[k][()], np.float64) for k in names})
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -113,6 +125,7 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
         w = f.create_group("weights")
         for name, value in params.arrays().items():
             w.create_dataset(name, data=value, fletcher32=True, chunks=True)
+        w.attrs["weight_names"] = ",".join(params.names())
         opt = f.create_group("optimizer")
         for name, value in arrays.items():
             if np.ndim(value):
@@ -193,7 +206,7 @@ def read_checkpoint(path: Path, start: int, stop: int) -> tuple[Params, dict, di
     """Weights, attributes, optimizer arrays and this rank's slice ``[start, stop)``
     of every per-sample array (sample-major)."""
     with h5py.File(path, "r") as f:
-        params = Params(*(np.asarray(f["weights"][k][()], np.float64) for k in Params.NAMES))
+        params = _read_params(f["weights"])
         attrs = _attrs(f)
         opt = {**_attrs(f["optimizer"]), **{k: ds[()] for k, ds in f["optimizer"].items()}}
         state = {k: ds[start:stop] for k, ds in f["state"].items()}

@@ -31,8 +31,13 @@ def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: int = opt(64, "hidden units h", low=1)
-    activation: str = opt("tanh", "f in s_t = f(a_t)", choices=("tanh", "relu"))
+    cell: str = opt("rnn", "the recurrent cell: Elman (nn.RNN), GRU (nn.GRU) or LSTM "
+                    "(nn.LSTM), in PyTorch's gate order", choices=("rnn", "gru", "lstm"))
+    layers: int = opt(1, "stacked recurrent layers (layer l reads layer l-1's states)",
+                      low=1)
+    hidden: int = opt(64, "hidden units h (every layer)", low=1)
+    activation: str = opt("tanh", "f in s_t = f(a_t) of the Elman cell (gated cells: tanh)",
+                          choices=("tanh", "relu"))
     loss: str = opt("ce", "softmax cross-entropy or squared error", choices=("ce", "mse"))
     w_init: str = opt("orthogonal", "initial recurrent weights W",
                       choices=("orthogonal", "gaussian"))
@@ -172,7 +177,7 @@ class OptimConfig:
     """Gradient baselines (``train.algo`` other than admm); one iteration is one epoch."""
 
     lr: float = opt(0.0, "learning rate (0: the algorithm's default, "
-                    "padmmirnn.data_parallel.DEFAULT_LR)", low=0.0)
+                    "padmmirnn.gradient.trainer.DEFAULT_LR)", low=0.0)
     batch_size: int = opt(64, "samples per (global) mini-batch", low=1)
     momentum: float = opt(0.9, "heavy-ball mu of the momentum method", low=0.0)
     schedule: str = opt("constant", "learning-rate schedule",
@@ -321,6 +326,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key '{key}' must be one of {', '.join(allowed)}; got {d[section][name]!r}"
             )
+    m = cfg.model
+    if m.cell != "rnn" and m.activation != "tanh":
+        raise ConfigError(f"model.activation = {m.activation!r} is for model.cell = 'rnn'; "
+                          f"a {m.cell.upper()} uses sigmoid gates and tanh (PyTorch's cell)")
+    if (m.cell != "rnn" or m.layers > 1) and cfg.train.algo == "admm" \
+            and not cfg.admm.batch_size:
+        raise ConfigError(f"model.cell = {m.cell!r} with model.layers = {m.layers} needs "
+                          "mini-batch ADMM (admm.batch_size > 0): the full-batch presets "
+                          "(fullbatch, faithful) keep per-sample auxiliaries of a one-layer "
+                          "Elman RNN")
     straggler_rank_factor(cfg.train.straggler)
     t = cfg.train
     if t.parallel == "async" and (cfg.admm.schedule != "fused" or t.reduction != "fast"):

@@ -13,7 +13,7 @@ import numpy as np
 
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import Config
-from padmmirnn.model import Params, loss_sums
+from padmmirnn.nn import Params, loss_sums
 from padmmirnn.samples import LocalData
 from padmmirnn.splits import Split
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from padmmirnn.config import Config
 from padmmirnn.errors import PadmmError
-from padmmirnn.model import eval_block
+from padmmirnn.nn import Network
 from padmmirnn.samples import DatasetInfo
 
 GIB = 1024 ** 3
@@ -30,13 +30,15 @@ def admm_state_bytes(info: DatasetInfo, cfg: Config, n_local: int) -> int:
     return per_sample * n_local * _itemsize(cfg)
 
 
+def _network(cfg: Config) -> Network:
+    m = cfg.model
+    return Network.build(m.cell, m.activation, m.layers)
+
+
 def batch_bytes(info: DatasetInfo, cfg: Config, samples: int) -> int:
     """Bytes of the forward pass and adjoint of ``samples`` samples at once (a
     mini-batch or an evaluation block)."""
-    h, steps, k = cfg.model.hidden, info.steps, info.classes
-    dz = 0 if info.kind == "tokens" else info.dim
-    outs = steps if info.many_to_many else 1
-    return ((steps + 1) * (dz + 1 + h) + steps * h + outs * k) * samples * _itemsize(cfg)
+    return _network(cfg).bytes_per_sample(info, cfg.model.hidden, _itemsize(cfg)) * samples
 
 
 def _itemsize(cfg: Config) -> int:
@@ -73,7 +75,8 @@ def check_fits(info: DatasetInfo, cfg: Config, n_local: int, ranks_on_node: int)
     of the node's available memory."""
     if cfg.train.algo != "admm":
         return
-    evaluation = batch_bytes(info, cfg, eval_block(info, cfg.model.hidden, _itemsize(cfg)))
+    evaluation = batch_bytes(info, cfg, _network(cfg).eval_block(info, cfg.model.hidden,
+                                                                 _itemsize(cfg)))
     if cfg.admm.batch_size:
         need = batch_bytes(info, cfg, min(cfg.admm.batch_size, n_local)) + evaluation
         what = "the mini-batch ADMM workspace"

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from padmmirnn.config import Config
-from padmmirnn.model import Params
+from padmmirnn.nn import Params
 
 TrainerState = dict  # {"iteration": int, "arrays": {name: array}, "per_sample": {name: array}}
 

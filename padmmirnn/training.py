@@ -4,7 +4,7 @@ checkpoint, write the outputs under ``--out``.
 The loop knows a training algorithm only through the
 :class:`~padmmirnn.trainer.Trainer` interface, and ranks agree on when to stop
 through a run control: :class:`SyncControl` (one max-reduction per iteration) or,
-in asynchronous runs, :class:`~padmmirnn.asynchronous.AsyncControl` (the RMA
+in asynchronous runs, :class:`~padmmirnn.admm.asynchronous.AsyncControl` (the RMA
 window). A :class:`~padmmirnn.trainer.Schedule` says when to evaluate and
 checkpoint.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from padmmirnn import asynchronous, datafiles
+from padmmirnn import datafiles
 from padmmirnn._version import __version__
-from padmmirnn.admm import AdmmEngine
+from padmmirnn.admm import AdmmEngine, asynchronous
+from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.checkpoint import (
     find_latest,
     read_checkpoint,
@@ -32,13 +33,12 @@ from padmmirnn.checkpoint import (
 )
 from padmmirnn.comm import agree
 from padmmirnn.config import Config, check_for_ranks, straggler_rank_factor
-from padmmirnn.data_parallel import GradientTrainer
 from padmmirnn.errors import PadmmError
 from padmmirnn.evaluation import evaluate_run
+from padmmirnn.gradient.trainer import GradientTrainer
 from padmmirnn.logs import Progress, get_logger
 from padmmirnn.memory import check_fits
-from padmmirnn.minibatch import MinibatchAdmm
-from padmmirnn.model import Params
+from padmmirnn.nn import Params
 from padmmirnn.outputs import TIMING_WARMUP, RunOutput
 from padmmirnn.samples import DatasetInfo
 from padmmirnn.signals import Stop, StopSignals, stop_reason
@@ -115,6 +115,7 @@ def weights_meta(cfg: Config, info: DatasetInfo) -> dict:
     with h5py.File(info.path, "r") as f:
         prepared = str(f.attrs.get("prepared", "{}"))
     return {
+        "cell": cfg.model.cell, "layers": cfg.model.layers,
         "activation": cfg.model.activation, "loss": cfg.model.loss, "input_kind": info.kind,
         "input_dim": info.dim, "hidden": cfg.model.hidden, "classes": info.classes,
         "many_to_many": info.many_to_many, "config_toml": cfg.to_toml(),

@@ -17,7 +17,7 @@ from conftest import FAITHFUL, FULLBATCH, make_local
 from padmmirnn.admm import AdmmEngine
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config
-from padmmirnn.model import loss_sums
+from padmmirnn.nn import loss_sums
 
 CASES = list(itertools.product(("tanh", "relu"), ("dense", "tokens"), (False, True)))
 
@@ -166,7 +166,7 @@ def test_fused_and_paper_statistics_match_explicit_sums():
 def test_statistics_of_a_forward_pass_need_no_a_hat(kind):
     """At a forward pass (``synced``) the engine takes the statistics with a from the
     weights (linear algebra on small sums); they equal the explicit sums."""
-    from padmmirnn import admm_updates as up
+    from padmmirnn.admm import blocks as up
 
     eng = _engine("tanh", kind, True, multipliers="all")
     assert eng.synced

@@ -23,12 +23,13 @@ import pytest
 from conftest import FAITHFUL, FULLBATCH, make_local
 
 from padmmirnn.admm import AdmmEngine
-from padmmirnn.baselines import gradients
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config, load_config
 from padmmirnn.errors import ConfigError
-from padmmirnn.model import Params, loss_sums
+from padmmirnn.nn import gradients, loss_sums
 from padmmirnn.samples import LocalData
+
+ELMAN = ("U", "W", "b", "V", "c")
 
 RECOMMENDED = {
     "multipliers": "all", "multiplier_update": "kkt", "warmup": 0, "resync_every": 1,
@@ -110,7 +111,7 @@ def test_kkt_multipliers_are_minus_the_bptt_adjoint(act):
     eng.block_kkt_multipliers()  # the initial state is a forward pass: feasible
     st, p = eng.parts[0].state, eng.params
     dU, dW, db, dV, dc = (getattr(gradients(p, data, act, "ce").grads, k)
-                          for k in Params.NAMES)
+                          for k in ELMAN)
     n = data.n
     # feature-major state: L1, S [T(+1), h, n]; L3 rows [1, n, K]
     np.testing.assert_allclose(-np.einsum("tin,tjn->ij", st.L1[1:], st.S[1:-1]) / n, dW,

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from conftest import FAITHFUL, FULLBATCH, make_local
 
-from padmmirnn import asynchronous
-from padmmirnn.admm import AdmmEngine
+from padmmirnn.admm import AdmmEngine, asynchronous
+from padmmirnn.admm.packed import input_layout, output_layout
 from padmmirnn.comm import abort_job
 from padmmirnn.comm.rma import RmaStatsExchange
 from padmmirnn.config import build_config
-from padmmirnn.model import Params, loss_sums
+from padmmirnn.nn import Params, loss_sums
 from padmmirnn.samples import LocalData, partition
-from padmmirnn.stats import input_layout, output_layout
 
 pytestmark = pytest.mark.mpi
 

@@ -1,17 +1,19 @@
 """BPTT gradients (the model's forward pass and adjoint recursion) and the gradient
-baselines (padmmirnn/baselines.py, padmmirnn/data_parallel.py)."""
+baselines (padmmirnn/gradient/)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from padmmirnn import baselines as bl
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config
-from padmmirnn.data_parallel import GradientTrainer
-from padmmirnn.model import Params, forward, init_params, loss_sums
+from padmmirnn.gradient import optimizers as bl
+from padmmirnn.gradient.trainer import GradientTrainer
+from padmmirnn.nn import Gradients, Params, forward, gradients, init_params, loss_sums
 from padmmirnn.samples import DatasetInfo, LocalData
+
+ELMAN = ("U", "W", "b", "V", "c")
 
 CASES = [
     ("dense", False, "tanh", "ce"),
@@ -43,7 +45,7 @@ def make_params(d: int, h: int, k: int, seed: int = 1, scale: float = 1.0) -> Pa
 
 
 def mean_loss(p: Params, data: LocalData, act: str, loss: str) -> float:
-    return bl.gradients(p, data, act, loss).loss
+    return gradients(p, data, act, loss).loss
 
 
 @pytest.mark.parametrize("kind,many,act,loss", CASES)
@@ -52,10 +54,10 @@ def test_gradients_match_central_differences(kind, many, act, loss):
     data = make_data(7, 6, d, k, kind, many, seed=2)
     p = make_params(d, h, k)
     if act == "relu":  # no pre-activation within reach of the kink
-        _, pre = forward(p, data, act)
+        pre = forward(p, data, act).traces[0].pre
         assert np.abs(pre).min() > 1e-3
-    res = bl.gradients(p, data, act, loss)
-    for name in Params.NAMES:
+    res = gradients(p, data, act, loss)
+    for name in ELMAN:
         w = getattr(p, name)
         fd = np.zeros_like(w)
         for i in np.ndindex(w.shape):
@@ -77,7 +79,7 @@ def test_loss_equals_model_mean_loss(kind, many, act, loss):
     data = make_data(9, 5, 6, 4, kind, many, seed=3)
     p = make_params(6, 7, 4, seed=4)
     total, _, count = loss_sums(p, data, act, loss)
-    res = bl.gradients(p, data, act, loss)
+    res = gradients(p, data, act, loss)
     assert res.rows == count == 9 * (5 if many else 1)
     assert res.loss == pytest.approx(total / count, rel=1e-13)
 
@@ -85,10 +87,10 @@ def test_loss_equals_model_mean_loss(kind, many, act, loss):
 def test_float32_gradients_close_to_float64():
     data = make_data(16, 6, 4, 3, "dense", False)
     p = make_params(4, 5, 3)
-    g64 = bl.gradients(p, data, "tanh", "ce")
-    g32 = bl.gradients(p, data, "tanh", "ce", dtype=np.float32)
+    g64 = gradients(p, data, "tanh", "ce")
+    g32 = gradients(p, data, "tanh", "ce", dtype=np.float32)
     assert g32.loss == pytest.approx(g64.loss, rel=1e-5)
-    for name in Params.NAMES:
+    for name in ELMAN:
         a, b = getattr(g32.grads, name), getattr(g64.grads, name)
         assert a.dtype == np.float64
         assert np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)
@@ -97,30 +99,30 @@ def test_float32_gradients_close_to_float64():
 def test_step_norms_mean_over_samples_and_time_profile():
     data = make_data(6, 1, 3, 3, "dense", False)
     p = make_params(3, 4, 3)
-    one = bl.gradients(p, LocalData(data.info, data.inputs[:, :1], data.targets[:, :1], 0, 1),
+    one = gradients(p, LocalData(data.info, data.inputs[:, :1], data.targets[:, :1], 0, 1),
                        "tanh", "ce")
     assert one.step_norms[0] == pytest.approx(np.linalg.norm(one.grads.b), rel=1e-14)
     # duplicating every sample changes neither the mean loss, its gradient, nor the norms
     data = make_data(6, 8, 3, 3, "dense", True)
     twice = LocalData(data.info, np.concatenate([data.inputs] * 2, axis=1),
                       np.concatenate([data.targets] * 2, axis=1), 0, 2 * data.n)
-    a, b = bl.gradients(p, data, "tanh", "ce"), bl.gradients(p, twice, "tanh", "ce")
+    a, b = gradients(p, data, "tanh", "ce"), gradients(p, twice, "tanh", "ce")
     assert b.loss == pytest.approx(a.loss, rel=1e-14)
     np.testing.assert_allclose(b.step_norms, a.step_norms, rtol=1e-13)
     np.testing.assert_allclose(b.grads.W, a.grads.W, rtol=1e-12, atol=1e-15)
     # many-to-one: contracting W -> vanishing towards t = 1, expanding -> exploding
     data = make_data(16, 30, 3, 3, "dense", False)
-    small = bl.gradients(make_params(3, 8, 3, scale=0.2), data, "tanh", "ce").step_norms
+    small = gradients(make_params(3, 8, 3, scale=0.2), data, "tanh", "ce").step_norms
     assert small[0] < 1e-6 * small[-1]
     big = init_params(3, 16, 3, 1, "orthogonal", 3.0)
     data = make_data(16, 30, 3, 3, "dense", False, scale=1e-7)
-    assert bl.gradients(big, data, "relu", "ce").step_norms[0] > 1e3 * small[-1]
+    assert gradients(big, data, "relu", "ce").step_norms[0] > 1e3 * small[-1]
 
 
 def test_targets_shape_checked():
     data = make_data(5, 4, 3, 3, "dense", True)
     with pytest.raises(ValueError, match="targets shape"):
-        bl.gradients(make_params(3, 4, 3), LocalData(data.info, data.inputs, data.targets[:2],
+        gradients(make_params(3, 4, 3), LocalData(data.info, data.inputs, data.targets[:2],
                                                      0, data.n), "tanh", "ce")
 
 
@@ -136,9 +138,9 @@ def learnable_problem(seed: int = 0) -> LocalData:
 
 
 def train_step(p: Params, data: LocalData, opt: bl.Optimizer, act: str, loss: str,
-               clip_norm: float | None = None) -> bl.Gradients:
+               clip_norm: float | None = None) -> Gradients:
     """Gradients, optional clipping by global norm, one optimizer step."""
-    res = bl.gradients(p, data, act, loss)
+    res = gradients(p, data, act, loss)
     if clip_norm is not None:
         bl.clip_by_norm(res.grads, clip_norm)
     opt.step(p, res.grads)
@@ -179,10 +181,10 @@ def test_optimizer_state_dict_round_trip(name):
     q = p.copy()
     fresh = OPTIMIZERS[name]()
     fresh.load_state_dict(state)
-    grads = bl.gradients(p, data, "tanh", "ce").grads
+    grads = gradients(p, data, "tanh", "ce").grads
     opt.step(p, grads)
     fresh.step(q, grads)
-    for k in Params.NAMES:
+    for k in ELMAN:
         np.testing.assert_array_equal(getattr(p, k), getattr(q, k))
 
 
@@ -190,19 +192,19 @@ def test_adam_first_steps_closed_form():
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
     rng = np.random.default_rng(5)
     p0 = make_params(3, 4, 2)
-    g1 = Params(*(rng.uniform(0.1, 2.0, a.shape) * rng.choice([-1.0, 1.0], a.shape)
+    g1 = Params.elman(*(rng.uniform(0.1, 2.0, a.shape) * rng.choice([-1.0, 1.0], a.shape)
                   for a in bl._arrays(p0)))
-    g2 = Params(*(rng.standard_normal(a.shape) for a in bl._arrays(p0)))
+    g2 = Params.elman(*(rng.standard_normal(a.shape) for a in bl._arrays(p0)))
     p = p0.copy()
     opt = bl.Adam(lr, b1, b2, eps)
     opt.step(p, g1)
-    for k in Params.NAMES:
+    for k in ELMAN:
         g, x0, x1 = getattr(g1, k), getattr(p0, k), getattr(p, k)
         np.testing.assert_allclose(x1, x0 - lr * g / (np.abs(g) + eps), rtol=0, atol=1e-15)
         np.testing.assert_allclose(x1 - x0, -lr * np.sign(g), rtol=0, atol=lr * 1e-7)
     x1 = p.copy()
     opt.step(p, g2)
-    for k in Params.NAMES:
+    for k in ELMAN:
         a, b = getattr(g1, k), getattr(g2, k)
         m = (1 - b1) * (b1 * a + b)
         v = (1 - b2) * (b2 * a * a + b * b)
@@ -220,8 +222,8 @@ def test_schedules():
     with pytest.raises(ValueError, match="unknown schedule"):
         bl.make_schedule("linear", 1.0)
     # the optimizer reads lr(t) with t = steps taken so far
-    p = Params(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), np.zeros((1, 1)), np.zeros(1))
-    g = Params(*(np.ones_like(a) for a in bl._arrays(p)))
+    p = Params.elman(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), np.zeros((1, 1)), np.zeros(1))
+    g = Params.elman(*(np.ones_like(a) for a in bl._arrays(p)))
     opt = bl.SGD(step)
     for _ in range(4):
         opt.step(p, g)
@@ -233,17 +235,17 @@ def test_schedules():
 
 def test_clip_by_norm():
     rng = np.random.default_rng(6)
-    g = Params(*(rng.standard_normal(s) for s in [(3, 2), (3, 3), (3,), (2, 3), (2,)]))
+    g = Params.elman(*(rng.standard_normal(s) for s in [(3, 2), (3, 3), (3,), (2, 3), (2,)]))
     norm = math.sqrt(sum(float((a * a).sum()) for a in bl._arrays(g)))
     assert bl.global_norm(g) == pytest.approx(norm, rel=1e-14)
     kept = g.copy()
     assert bl.clip_by_norm(kept, 2 * norm) == pytest.approx(norm)
-    for k in Params.NAMES:
+    for k in ELMAN:
         np.testing.assert_array_equal(getattr(kept, k), getattr(g, k))
     clipped = g.copy()
     assert bl.clip_by_norm(clipped, 0.5) == pytest.approx(norm)
     assert bl.global_norm(clipped) == pytest.approx(0.5, rel=1e-14)
-    for k in Params.NAMES:
+    for k in ELMAN:
         np.testing.assert_allclose(getattr(clipped, k), getattr(g, k) * 0.5 / norm, rtol=1e-14)
     assert bl.clipped_step_size(0.1, 1.0, 5.0) == 0.1
     assert bl.clipped_step_size(0.1, 1.0, 50.0) == pytest.approx(0.02)
@@ -282,14 +284,14 @@ def test_celgc_period_one_is_clipped_sgd():
     opt = bl.CELGC(eta, gamma, period=1)
     clipped = []
     for _ in range(12):
-        g = bl.gradients(q, data, "tanh", "ce").grads
+        g = gradients(q, data, "tanh", "ce").grads
         norm = bl.global_norm(g)
         clipped.append(gamma / norm < eta)
         step = min(eta, gamma / norm)
         for x, gx in zip(bl._arrays(q), bl._arrays(g), strict=True):
             x -= step * gx
         train_step(p, data, opt, "tanh", "ce")
-        for k in Params.NAMES:
+        for k in ELMAN:
             np.testing.assert_array_equal(getattr(p, k), getattr(q, k))
     assert any(clipped) and not all(clipped)  # both branches of min(eta, gamma/||g||) ran
 
@@ -299,11 +301,11 @@ def test_celgc_averages_every_period_in_place():
 
     def average(p: Params) -> Params:
         calls.append(opt.t)
-        return Params(*(np.full_like(a, 7.0) for a in bl._arrays(p)))
+        return Params.elman(*(np.full_like(a, 7.0) for a in bl._arrays(p)))
 
     p = make_params(2, 3, 2)
     arrays = bl._arrays(p)
-    g = Params(*(np.ones_like(a) for a in arrays))
+    g = Params.elman(*(np.ones_like(a) for a in arrays))
     opt = bl.CELGC(0.1, 1e9, period=3, average=average)
     for _ in range(7):
         opt.step(p, g)
@@ -334,7 +336,7 @@ def test_epoch_is_the_shuffled_minibatch_loop():
         assert sizes == [15, 15, 15, 15, 4]
         for lo in range(0, data.n, 15):
             train_step(q, data.take(order[lo:lo + 15]), opt, "tanh", "ce", clip_norm=5.0)
-        for k in Params.NAMES:
+        for k in ELMAN:
             np.testing.assert_allclose(getattr(trainer.params, k), getattr(q, k), rtol=1e-12,
                                        atol=1e-14)
     assert trainer.iteration == 3 and opt.t == 15

@@ -11,8 +11,8 @@ from conftest import make_local
 from padmmirnn.cli import main
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config
-from padmmirnn.data_parallel import GradientTrainer
-from padmmirnn.model import init_params, loss_sums
+from padmmirnn.gradient.trainer import GradientTrainer
+from padmmirnn.nn import init_params, loss_sums
 
 
 def _trainer(algo, data, comm, n_global=None, **optim):

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_local
 
 from padmmirnn import kernels
-from padmmirnn.model import Params, forward, init_params, loss_sums, outputs
+from padmmirnn.nn import Params, forward, init_params, loss_sums, outputs
 
 EMPTY = np.zeros((0, 0))
 
@@ -193,7 +193,8 @@ def test_forward_matches_per_sample_loop(kind, m2m, act):
     p = init_params(5, 9, 4, seed=3, w_init="gaussian", scale=1.2)
     p.b = np.random.default_rng(9).standard_normal(9)
     p.c = np.random.default_rng(10).standard_normal(4)
-    states, pre = forward(p, data, act)  # feature-major [T(+1), h, n]
+    fwd = forward(p, data, act)  # feature-major [T(+1), h, n]
+    states, pre = fwd.states, fwd.traces[0].pre
     out = outputs(p, states, m2m)  # rows [|O|, n, K]
     f = np.tanh if act == "tanh" else (lambda x: np.maximum(x, 0))
     for i in range(data.n):
@@ -212,7 +213,7 @@ def test_forward_matches_per_sample_loop(kind, m2m, act):
 
 def test_loss_sums_perplexity_inputs():
     data = make_local("tokens", True, n=5, steps=4, dim=6, classes=6, seed=11)
-    p = Params(np.zeros((3, 6)), np.zeros((3, 3)), np.zeros(3), np.zeros((6, 3)), np.zeros(6))
+    p = Params.elman(np.zeros((3, 6)), np.zeros((3, 3)), np.zeros(3), np.zeros((6, 3)), np.zeros(6))
     total, correct, count = loss_sums(p, data, "tanh", "ce")
     # all-zero weights give uniform predictions: loss log K per output row, perplexity K
     assert count == 20

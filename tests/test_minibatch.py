@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from conftest import make_local
 
-from padmmirnn.baselines import gradients
+from padmmirnn.admm.minibatch import MinibatchAdmm, RunningGram
 from padmmirnn.cli import main
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config
-from padmmirnn.minibatch import MinibatchAdmm, RunningGram
-from padmmirnn.model import forward, loss_sums
+from padmmirnn.nn import forward, gradients, loss_sums
 
 
 def _trainer(data, n=None, **admm):
@@ -36,7 +35,7 @@ def test_step_with_the_batch_gram_is_the_exact_block_minimiser(kind, m2m):
                   trust_radius=0.0, rho1=2.0, rho3=4.0)
     p = tr.params.copy()
     g = gradients(p, data, "tanh", "ce").grads
-    states, _ = forward(p, data, "tanh")
+    states = forward(p, data, "tanh").states
     steps, n = 4, 10
     s_prev = states[:-1]  # s_{t-1}, [T, h, n]
     if kind == "dense":
@@ -112,14 +111,16 @@ def test_resume_continues_bit_for_bit(tmp_path):
 def test_evaluation_in_blocks_equals_one_forward_pass(monkeypatch):
     """Long sequences are evaluated in blocks of samples (a bounded memory): the sums
     equal those of one forward pass over all samples."""
-    from padmmirnn import model
+    from padmmirnn import nn
+    from padmmirnn.nn import network
 
     data = make_local("tokens", True, n=50, steps=6, dim=5, classes=3, seed=9)
-    p = model.init_params(5, 7, 3, 0, "orthogonal", 1.0)
-    whole = model.loss_sums(p, data, "tanh", "ce")
-    per_sample = (7 * (0 + 1 + 7) + 6 * 7) * 8
-    monkeypatch.setattr(model, "EVAL_BYTES", 8 * per_sample)
-    assert model.eval_block(data.info, 7, 8) == 8
-    blocks = model.loss_sums(p, data, "tanh", "ce")
+    p = nn.init_params(5, 7, 3, 0, "orthogonal", 1.0)
+    net = nn.Network.of(p, "tanh")
+    whole = net.loss_sums(p, data, "ce")
+    per_sample = net.bytes_per_sample(data.info, 7, 8)
+    monkeypatch.setattr(network, "EVAL_BYTES", 8 * per_sample)
+    assert net.eval_block(data.info, 7, 8) == 8
+    blocks = net.loss_sums(p, data, "ce")
     np.testing.assert_allclose(blocks, whole, rtol=1e-13)
     assert blocks[2] == whole[2] == 50 * 6

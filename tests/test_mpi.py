@@ -99,8 +99,8 @@ def test_agree_raises_on_every_rank(comm):
 
 @pytest.mark.parametrize("algo", ["adam", "momentum"])
 def test_sync_gradient_training_matches_serial(comm, algo):
-    from padmmirnn.data_parallel import GradientTrainer
-    from padmmirnn.model import init_params
+    from padmmirnn.gradient.trainer import GradientTrainer
+    from padmmirnn.nn import init_params
 
     full = make_local("dense", True, n=31, steps=4, dim=5, classes=3, seed=4)
     cfg = build_config(overrides={"train.algo": algo, "model.hidden": 6,
@@ -122,8 +122,8 @@ def test_sync_gradient_training_matches_serial(comm, algo):
 
 
 def test_celgc_ranks_end_each_epoch_with_the_same_weights(comm):
-    from padmmirnn.data_parallel import GradientTrainer
-    from padmmirnn.model import init_params
+    from padmmirnn.gradient.trainer import GradientTrainer
+    from padmmirnn.nn import init_params
 
     full = make_local("dense", False, n=41, steps=4, dim=5, classes=3, seed=5)
     cfg = build_config(overrides={"train.algo": "celgc", "model.hidden": 6,
@@ -142,7 +142,7 @@ def test_celgc_ranks_end_each_epoch_with_the_same_weights(comm):
 def test_minibatch_sp_matches_serial(comm, kind, m2m):
     """Mini-batch ADMM: the same global batches, one reduction each: 2 ranks equal the
     serial run (fast reduction, to rounding)."""
-    from padmmirnn.minibatch import MinibatchAdmm
+    from padmmirnn.admm.minibatch import MinibatchAdmm
 
     full = make_local(kind, m2m, n=45, steps=5, dim=6, classes=4, seed=21)
     cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10})
@@ -161,7 +161,7 @@ def test_minibatch_sp_matches_serial(comm, kind, m2m):
 def test_minibatch_deterministic_reduction_is_bitwise_for_any_rank_count(comm):
     """With train.reduction = deterministic a mini-batch is a group of whole chunks, each
     processed by its owner and added in global chunk order: 2 ranks equal 1 bitwise."""
-    from padmmirnn.minibatch import MinibatchAdmm
+    from padmmirnn.admm.minibatch import MinibatchAdmm
 
     full = make_local("dense", False, n=47, steps=5, dim=6, classes=4, seed=22)
     cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10,
@@ -181,8 +181,8 @@ def test_minibatch_local_steps_average_once_per_period(comm):
     """admm.sync_every = I > 1: local steps on each rank's samples, one reduction every I
     steps and at the end of a pass; every rank then holds the same weights, the ledger
     counts those reductions only, and the passes reduce the global training loss."""
-    from padmmirnn.minibatch import MinibatchAdmm
-    from padmmirnn.model import loss_sums
+    from padmmirnn.admm.minibatch import MinibatchAdmm
+    from padmmirnn.nn import loss_sums
 
     full = make_local("dense", False, n=80, steps=5, dim=6, classes=3, seed=23)
     full.targets[0] = np.argmax(full.inputs.sum(0)[:, :3], axis=1)  # learnable

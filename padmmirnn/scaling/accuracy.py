@@ -349,7 +349,7 @@ def accuracy_runs(opts, cfg, samples: int) -> list[tuple[str, int, list[str]]]:
     ``opts.adam_batches`` (0: the whole dataset), one process each; then for each
     ``opts.validate_latency_us`` ADMM at its default batch and Adam at twice its default
     batch on 2 ranks over that simulated latency."""
-    from padmmirnn.data_parallel import DEFAULT_LR
+    from padmmirnn.gradient.trainer import DEFAULT_LR
 
     base_lr = cfg.optim.lr or DEFAULT_LR["adam"]
     ref_admm, ref_adam = cfg.admm.batch_size, cfg.optim.batch_size

@@ -27,22 +27,45 @@ from enum import IntEnum
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.model import (
-    ACTIVATIONS,
-    LOSSES,
-    Params,
-    activate,
-    adjoint_into,
-    forward_into,
-    input_projection,
-    outputs,
-    stacked_weights,
-    states_of,
-)
+from padmmirnn.admm.packed import colsum, gram, gram_steps, sum_steps
+from padmmirnn.nn import LOSSES, Params, head_seeds, input_rows, outputs, states_of
+from padmmirnn.nn.cells.base import stacked_weights
+from padmmirnn.nn.cells.elman import activate, elman_adjoint, elman_forward
 from padmmirnn.samples import LocalData
-from padmmirnn.stats import colsum, gram, gram_steps, sum_steps
 
 EMPTY = np.zeros((0, 0))
+ACTIVATIONS = {"tanh": kernels.ACT_TANH, "relu": kernels.ACT_RELU}
+
+
+def forward_into(p: Params, data: LocalData, activation: str, pre: np.ndarray,
+                 Z: np.ndarray) -> None:
+    """The one-layer Elman forward pass in place (the full-batch ADMM state is Elman
+    only): ``pre[t] = a_t`` and the states into ``Z`` (:func:`elman_forward`)."""
+    tokens = data.inputs if data.info.kind == "tokens" else None
+    elman_forward(p.layer(0), Z, input_rows(data.info), tokens, activation, pre)
+
+
+def adjoint_into(p: Params, states: np.ndarray, delta: np.ndarray, many_to_many: bool,
+                 activation: str, out: np.ndarray, carry: np.ndarray | None = None,
+                 pre: np.ndarray | None = None) -> None:
+    """The Elman adjoint recursion seeded at the outputs, ``V^T delta_t``
+    (:func:`elman_adjoint`)."""
+    elman_adjoint(p.W, states, head_seeds(p.V, delta), many_to_many, activation, out,
+                  carry, pre)
+
+
+def input_projection(p: Params, data: LocalData, Z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[t] = U x_t + b`` for all t (``[T, h, n]``); token inputs gather U columns."""
+    steps = out.shape[0]
+    if data.info.kind == "tokens":
+        out[...] = p.b[:, None]
+        for t in range(steps):
+            kernels.add_columns(p.U, data.inputs[t], out[t])
+    else:
+        dz = data.info.dim
+        np.matmul(p.U, Z[:steps, :dz], out=out)
+        out += p.b[:, None]
+    return out
 
 
 @dataclass
@@ -50,7 +73,7 @@ class AdmmState:
     """Per-sample auxiliaries and multipliers of one rank, time-major and feature-major.
 
     ``A`` ``[T, h, n]``; ``Z`` ``[T + 1, dz + 1 + h (+ h), n]``, the stacked ``[x_t; 1;
-    s_{t-1} (; lambda1_t)]`` of :func:`padmmirnn.model.stacked_state`, which holds the
+    s_{t-1} (; lambda1_t)]`` of :func:`padmmirnn.nn.stacked_state`, which holds the
     states ``S`` ``[T + 1, h, n]`` (a view, ``S[0] = 0``) and, with multipliers 'all',
     ``L1`` ``[T, h, n]`` (a view; empty otherwise), so that the statistics are ONE
     product of Z with its own rows per step; ``O`` ``[|O|, n, K]`` (rows: the loss
@@ -304,7 +327,7 @@ def _preactivation(p: Params, state: AdmmState, data: LocalData, out: np.ndarray
         input_projection(p, data, state.Z, out)
         out[1:] += np.matmul(p.W, state.S[1:-1])
     else:
-        np.matmul(stacked_weights(p, False), state.Z[:-1, :state.dz + 1 + p.W.shape[0]],
+        np.matmul(stacked_weights(p.layer(0), False), state.Z[:-1, :state.dz + 1 + p.W.shape[0]],
                   out=out)
     return out
 
@@ -430,7 +453,7 @@ def kkt_multipliers(p: Params, state: AdmmState, data: LocalData, act: str, loss
         lambda2_t = W^T lambda1_{t+1} [t < T] + V^T lambda3_t [t in O]
         lambda1_t = f'(a_t) * lambda2_t
 
-    that is, the model's adjoint recursion (:func:`~padmmirnn.model.adjoint_into`)
+    that is, the model's adjoint recursion (:func:`adjoint_into`)
     seeded with -dl/do. At a feasible point (auxiliaries from a forward pass)
     lambda1_t = -dl/da_t, minus the BPTT adjoint; the weight blocks then fit
     a_hat = a - delta/rho1: a step of length 1/rho1 along the gradient,

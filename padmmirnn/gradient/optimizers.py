@@ -1,5 +1,6 @@
-"""Gradient baselines (docs/design.md, section 6): BPTT gradients, optimizers,
-learning-rate schedules, clipping and CELGC.
+"""Gradient baselines (docs/design.md, section 6): optimizers, learning-rate
+schedules, clipping and CELGC. The BPTT gradients are the network's
+(:meth:`padmmirnn.nn.Network.gradients`).
 
 No MPI here. Data-parallel training averages gradients through an ``average``
 callable ``Params -> Params`` passed in by the caller (serial default: identity)
@@ -7,7 +8,7 @@ and clips the averaged gradient; CELGC (Liu et al., NeurIPS 2022) takes local
 clipped steps ``x <- x - min(eta, gamma / ||g||) g`` and averages the weights
 through the same kind of callable every I steps.
 
-Optimizers update :class:`~padmmirnn.model.Params` in place. Their state
+Optimizers update :class:`~padmmirnn.nn.Params` in place. Their state
 (``state_dict``) is a flat ``{name: ndarray | int | float}`` dict, moment buffers
 named ``"<buffer>.<param>"`` (e.g. ``"m.W"``), ready for a checkpoint.
 """
@@ -17,23 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
-from padmmirnn import kernels
-from padmmirnn.model import (
-    LOSSES,
-    Params,
-    adjoint_into,
-    forward_into,
-    input_rows,
-    outputs,
-    stacked_state,
-    states_of,
-)
-from padmmirnn.samples import LocalData
-from padmmirnn.stats import colsum, gram_steps
+from padmmirnn.nn import Params
 
 Average = Callable[[Params], Params]
 Schedule = Callable[[int], float]
@@ -45,63 +33,8 @@ def identity(params: Params) -> Params:
     return params
 
 
-class Gradients(NamedTuple):
-    """Mean loss L over the ``rows`` output rows of a batch, its gradient (float64
-    :class:`Params`) and ``step_norms[t - 1]`` = mean over samples of ``||dL_i/da_t||``."""
-
-    loss: float
-    grads: Params
-    step_norms: np.ndarray
-    rows: int
-
-
-def gradients(params: Params, batch: LocalData, activation: str, loss: str,
-              dtype: np.dtype = np.float64) -> Gradients:
-    """Mean loss of ``batch`` and its BPTT gradient with respect to every weight.
-
-    L = 1/R sum over the R = n |O| output rows of l(o_t, y_t), computed in ``dtype``
-    with the model's one forward pass and one adjoint recursion
-    (:func:`~padmmirnn.model.adjoint_into` seeded with ``delta = dL/do``, giving
-    ``e_t = dL/da_t``); the weight gradients are the sums over steps and samples
-
-        [dU db dW] = sum_t e_t [x_t; 1; s_{t-1}]^T,   [dV dc] = sum_{t in O} delta_t [s_t; 1]^T
-
-    (token inputs: dU is a segment sum of e_t per token). Returned in float64.
-    ``step_norms`` shows vanishing (decay towards t = 1) or exploding gradients.
-    """
-    info = batch.info
-    steps, n = batch.inputs.shape[:2]
-    outs = batch.targets.shape[0]
-    if outs not in (1, steps) or batch.targets.shape[1] != n:
-        raise ValueError(f"targets shape {batch.targets.shape} does not fit inputs "
-                         f"{batch.inputs.shape}")
-    dtype = np.dtype(dtype)
-    p = params.astype(dtype)
-    h = p.W.shape[0]
-    dz = input_rows(info)
-    many = outs == steps and steps > 1
-    Z = stacked_state(batch, h, dtype)
-    work = np.empty((steps, h, n), dtype)  # pre-activations, then the adjoints e_t
-    forward_into(p, batch, activation, work, Z)
-    states = states_of(Z, dz, h)
-    delta = outputs(p, states, many)
-    rows = delta.shape[0] * delta.shape[1]
-    total = kernels.output_delta(delta.reshape(rows, -1), batch.targets.reshape(-1),
-                                 LOSSES[loss], 1.0 / rows)
-    adjoint_into(p, states, delta, many, activation, work)
-    G = gram_steps(work, Z[:steps, :dz + 1 + h])  # [h, dz + 1 + h]
-    dU = (kernels.segment_sum_columns(batch.inputs, work, info.dim).T if dz == 0
-          else G[:, :dz])
-    s_out = states[1:] if many else states[-1:]
-    dV = gram_steps(delta.transpose(0, 2, 1), s_out)
-    dc = colsum(delta.reshape(rows, -1))
-    norms = np.sqrt(np.einsum("thn,thn->tn", work, work)).sum(axis=1)
-    grads = Params(np.ascontiguousarray(dU), G[:, dz + 1:].copy(), G[:, dz].copy(), dV, dc)
-    return Gradients(total / rows, grads, norms, rows)
-
-
 def _arrays(p: Params) -> list[np.ndarray]:
-    return [getattr(p, k) for k in Params.NAMES]
+    return list(p.arrays().values())
 
 
 def global_norm(grads: Params) -> float:
@@ -194,10 +127,10 @@ class Optimizer:
     def step(self, params: Params, grads: Params) -> None:
         for buf in self.buffers:
             if buf not in self.state:
-                self.state[buf] = Params(*(np.zeros(a.shape) for a in _arrays(params)))
+                self.state[buf] = params.zeros_like()
         lr = self.lr(self.t)
         self.t += 1
-        for name in Params.NAMES:
+        for name in params.names():
             self._update(name, getattr(params, name), getattr(grads, name), lr)
 
     def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
@@ -206,17 +139,18 @@ class Optimizer:
     def state_dict(self) -> State:
         out: State = {"t": self.t}
         for buf, p in self.state.items():
-            for k in Params.NAMES:
-                out[f"{buf}.{k}"] = getattr(p, k).copy()
+            for k, v in p.arrays().items():
+                out[f"{buf}.{k}"] = v.copy()
         return out
 
     def load_state_dict(self, state: State) -> None:
         self.t = int(state["t"])
         self.state = {}
         for buf in self.buffers:
-            if f"{buf}.U" in state:
-                self.state[buf] = Params(*(np.array(state[f"{buf}.{k}"], np.float64)
-                                           for k in Params.NAMES))
+            names = [k[len(buf) + 1:] for k in state if k.startswith(f"{buf}.")]
+            if names:
+                self.state[buf] = Params({k: np.array(state[f"{buf}.{k}"], np.float64)
+                                          for k in names})
 
 
 class SGD(Optimizer):
@@ -322,7 +256,7 @@ class CELGC(Optimizer):
             x -= eta * g
         if self.t % self.period == 0:
             mean = self.average(params)
-            for k in Params.NAMES:
+            for k in params.names():
                 getattr(params, k)[...] = getattr(mean, k)
 
 

@@ -26,7 +26,7 @@ bitwise the same for any rank count).
 The engine is a :class:`~padmmirnn.trainer.Trainer`. It is given, when it is built,
 the communicator of its collectives, the *reducer* of its one statistics reduction
 per iteration (the communicator itself, or in asynchronous runs the RMA exchange of
-:mod:`padmmirnn.asynchronous`), and the communicator its step control sums trial
+:mod:`padmmirnn.admm.asynchronous`), and the communicator its step control sums trial
 losses over (every rank, or in asynchronous runs this rank alone).
 """
 
@@ -36,14 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from padmmirnn import admm_updates as up
 from padmmirnn import kernels
+from padmmirnn.admm import blocks as up
+from padmmirnn.admm.blocks import forward_into
+from padmmirnn.admm.packed import Layout, constant_layout, input_layout, output_layout
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
-from padmmirnn.model import (
+from padmmirnn.nn import (
     LOSSES,
     Params,
-    forward_into,
     init_params,
     input_rows,
     outputs,
@@ -51,7 +52,6 @@ from padmmirnn.model import (
     states_of,
 )
 from padmmirnn.samples import LocalData
-from padmmirnn.stats import Layout, constant_layout, input_layout, output_layout
 from padmmirnn.trainer import TrainerState
 
 
@@ -279,14 +279,14 @@ class AdmmEngine:
         alpha = min(1.0, 2.0 * self.alpha) if grow else self.alpha
         mu = self.acfg.momentum if self._prev is not None else 0.0
         for trial in range(self.acfg.backtrack_max + 1):
-            arrays = []
-            for k in Params.NAMES:
+            arrays = {}
+            for k in old.names():
                 o = getattr(old, k)
                 x = o + alpha * (getattr(new, k) - o)
                 if mu:
                     x += mu * (o - getattr(self._prev, k))
-                arrays.append(x)
-            self.params = Params(*arrays)
+                arrays[k] = x
+            self.params = Params(arrays)
             self.resync()
             loss = self.forward_loss(over)
             if loss <= self._loss or trial == self.acfg.backtrack_max:
@@ -351,7 +351,7 @@ class AdmmEngine:
         return out
 
     def residuals(self, pen: up.Penalty, update: tuple[bool, bool, bool]) -> list[np.ndarray]:
-        """Per-part :class:`~padmmirnn.admm_updates.Residual` sums (multipliers before),
+        """Per-part :class:`~padmmirnn.admm.blocks.Residual` sums (multipliers before),
         then the multiplier step."""
         cp = self.compute_params()
         m = self.cfg.model
@@ -491,8 +491,8 @@ class AdmmEngine:
         loss = float(arrays.get("loss", np.nan))
         self._loss = None if np.isnan(loss) else loss
         if "prev.U" in arrays:
-            self._prev = Params(*(np.asarray(arrays[f"prev.{k}"], np.float64)
-                                  for k in Params.NAMES))
+            self._prev = Params({k: np.asarray(arrays[f"prev.{k}"], np.float64)
+                                 for k in self.params.names()})
         lo = 0
         for part in self.parts:
             n = part.data.n

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from padmmirnn.baselines import (
+from padmmirnn.config import Config
+from padmmirnn.gradient.optimizers import (
     CELGC,
     OPTIMIZERS,
     Optimizer,
     clip_by_norm,
     global_norm,
-    gradients,
     make_schedule,
 )
-from padmmirnn.config import Config
-from padmmirnn.model import Params, init_params
+from padmmirnn.nn import Network, Params
 from padmmirnn.samples import LocalData
 from padmmirnn.trainer import TrainerState
 
@@ -57,9 +56,11 @@ class GradientTrainer:
                  params: Params | None = None):
         self.cfg, self.o = cfg, cfg.optim
         info = data.info
+        m = cfg.model
+        self.net = Network.build(m.cell, m.activation, m.layers)
         if params is None:
-            params = init_params(info.dim, cfg.model.hidden, info.classes, cfg.train.seed,
-                                 cfg.model.w_init, cfg.model.init_scale)
+            params = self.net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
+                                          m.w_init, m.init_scale)
         self.data, self.n_global, self.comm, self.params = data, n_global, comm, params
         self.algo = cfg.train.algo
         self.dtype = np.dtype(cfg.train.dtype)
@@ -79,7 +80,7 @@ class GradientTrainer:
             self.optimizer = OPTIMIZERS[self.algo](schedule, **kwargs)
         self.iteration = 0  # epochs done
         self.last: dict = {}
-        n_params = sum(getattr(params, k).size for k in Params.NAMES)
+        n_params = params.size
         if self.algo == "celgc":  # a weight average every `period` local steps, + the last
             self.bytes_per_step = 8 * n_params * _ceil_div(batches, self.o.celgc_period)
         else:  # per batch: the gradient sums, the loss, rows, step norms, samples
@@ -96,13 +97,12 @@ class GradientTrainer:
     def _sync_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
         steps = self.data.info.steps
         if batch.targets.shape[1]:
-            res = gradients(self.params, batch, self.cfg.model.activation, self.cfg.model.loss,
-                            self.dtype)
+            res = self.net.gradients(self.params, batch, self.cfg.model.loss, self.dtype)
             n = batch.targets.shape[1]
             buf = _pack(res.grads, res.rows, [res.loss * res.rows, res.rows,
                                               *(res.step_norms * n), n])
         else:
-            zero = Params(*(np.zeros_like(getattr(self.params, k)) for k in Params.NAMES))
+            zero = self.params.zeros_like()
             buf = _pack(zero, 0.0, [0.0] * (steps + 3))
         self.comm.allreduce_sum(buf)
         rows, samples = buf[-steps - 2], buf[-1]
@@ -113,8 +113,7 @@ class GradientTrainer:
         return buf[-steps - 3] / rows, norm, buf[-steps - 1:-1] / samples
 
     def _celgc_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
-        res = gradients(self.params, batch, self.cfg.model.activation, self.cfg.model.loss,
-                        self.dtype)
+        res = self.net.gradients(self.params, batch, self.cfg.model.loss, self.dtype)
         norm = global_norm(res.grads)
         self.optimizer.step(self.params, res.grads)
         return res.loss, norm, res.step_norms
@@ -167,5 +166,5 @@ class GradientTrainer:
     def _sync_weights(self) -> None:
         """End an epoch with identical weights on every rank (CELGC's last average)."""
         mean = self._average_params(self.params)
-        for k in Params.NAMES:
+        for k in self.params.names():
             getattr(self.params, k)[...] = getattr(mean, k)

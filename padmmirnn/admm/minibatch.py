@@ -47,27 +47,18 @@ from __future__ import annotations
 import numpy as np
 
 from padmmirnn import kernels
+from padmmirnn.admm.packed import Field, Layout
 from padmmirnn.config import Config
-from padmmirnn.model import (
-    LOSSES,
-    Params,
-    adjoint_into,
-    forward_into,
-    init_params,
-    input_rows,
-    outputs,
-    stacked_state,
-    states_of,
-)
+from padmmirnn.nn import LOSSES, Network, Params, outputs
+from padmmirnn.nn.cells.base import side_by_side
 from padmmirnn.samples import LocalData
-from padmmirnn.stats import Field, Layout, colsum, sum_steps
 from padmmirnn.trainer import TrainerState
 
 
 class RunningGram:
     """The running Gram estimate ``C`` of one weight block (a dense SPD matrix, or for
     token inputs the diagonal of counts, the cross block and the rest) and the solve
-    ``X (C + damping I) = R``."""
+    ``X (C + damping I) = R``, also against a principal sub-block of ``C``."""
 
     def __init__(self, width: int, vocab: int = 0):
         self.vocab = vocab
@@ -87,16 +78,20 @@ class RunningGram:
             self.cross *= decay
             self.cross += w * stats["cross"]
 
-    def solve(self, R: np.ndarray, damping: float) -> np.ndarray:
-        """X with X (C + damping I) = R (``R`` ``[m, width]``, columns in C's order)."""
-        rest = self.rest + damping * np.eye(self.rest.shape[0])
-        if not self.vocab:
+    def solve(self, R: np.ndarray, damping: float, lo: int = 0, hi: int | None = None,
+              vocab: bool = True) -> np.ndarray:
+        """X with X (C' + damping I) = R, ``C'`` the principal sub-block of ``C`` on the
+        dense columns ``[lo, hi)`` (and the token columns unless ``vocab`` is False);
+        ``R`` ``[m, width']`` with its columns in that order."""
+        rest = self.rest[lo:hi, lo:hi] + damping * np.eye(self.rest[lo:hi, lo:hi].shape[0])
+        if not (self.vocab and vocab):
             return _spd_solve_right(rest, R)
         d = self.diag + damping
+        cross = self.cross[:, lo:hi]
         Rx, Rr = R[:, :self.vocab], R[:, self.vocab:]
-        scaled = self.cross / d[:, None]  # D^-1 B
-        Xr = _spd_solve_right(rest - self.cross.T @ scaled, Rr - Rx @ scaled)
-        Xx = (Rx - Xr @ self.cross.T) / d
+        scaled = cross / d[:, None]  # D^-1 B
+        Xr = _spd_solve_right(rest - cross.T @ scaled, Rr - Rx @ scaled)
+        Xx = (Rx - Xr @ cross.T) / d
         return np.concatenate([Xx, Xr], axis=1)
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:
@@ -122,71 +117,74 @@ def _spd_solve_right(G: np.ndarray, R: np.ndarray) -> np.ndarray:
     return np.linalg.solve(G, R.T).T
 
 
-def _side_by_side(a: np.ndarray) -> np.ndarray:
-    """``[T, q, n]`` blocks side by side as one ``[q, T n]`` matrix (a view when the steps
-    of a row are adjacent in memory, as in :func:`batch_statistics`), so that a sum over
-    steps of products is one large product instead of T small ones."""
-    steps, q, n = a.shape
-    return a.transpose(1, 0, 2).reshape(q, steps * n)
-
-
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a b^T`` in float64 (float32 operands: their product, in float64)."""
     return (a @ b.T).astype(np.float64, copy=False)
 
 
-def batch_layout(dz: int, vocab: int, h: int, classes: int) -> Layout:
-    """The packed statistics of one mini-batch (one reduction): the input block's Gram
-    blocks and ``D``, the output block's, the loss sum and the two row counts."""
-    width = dz + 1 + h
-    fields = [Field("in.rest", (width, width), symmetric=True), Field("in.D", (h, width))]
-    if vocab:
-        fields += [Field("in.diag", (vocab,)), Field("in.cross", (vocab, 1 + h)),
-                   Field("in.Dx", (h, vocab))]
+def batch_layout(net: Network, dz: int, vocab: int, h: int, classes: int) -> Layout:
+    """The packed statistics of one mini-batch (one reduction): per layer ``l`` the Gram
+    blocks of its regressors ``z_t = [x_t; 1; s_{t-1}]`` and ``D = sum delta z^T`` (the
+    first layer's token blocks; a GRU's candidate bias sum), the output block's, the
+    loss sum and the two row counts."""
+    G = net.cell.gates
+    fields = []
+    for l in range(net.layers):
+        dx = dz if l == 0 else h
+        width = dx + 1 + h
+        fields += [Field(f"l{l}.rest", (width, width), symmetric=True),
+                   Field(f"l{l}.D", (G * h, width))]
+        if l == 0 and vocab:
+            fields += [Field("l0.diag", (vocab,)), Field("l0.cross", (vocab, 1 + h)),
+                       Field("l0.Dx", (G * h, vocab))]
+        if net.cell.extra_bias:
+            fields.append(Field(f"l{l}.bh", (h,)))
     fields += [Field("out.rest", (h + 1, h + 1), symmetric=True),
                Field("out.D", (classes, h + 1)), Field("counts", (3,))]
     return Layout(fields)
 
 
-def batch_statistics(p: Params, batch: LocalData, activation: str, loss: str,
+def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
                      dtype: np.dtype) -> dict[str, np.ndarray]:
     """Forward pass, KKT multipliers and the Gram statistics of one (local) batch, as
     the fields of :func:`batch_layout` (``counts`` = [loss sum, input rows, output
     rows]); ``p`` in ``dtype``."""
     info = batch.info
     steps, n = batch.inputs.shape[:2]
-    h = p.W.shape[0]
-    dz = input_rows(info)
+    h = p.hidden
     m2m = info.many_to_many
     # steps side by side in memory ([rows, T, n]): the sums over steps and samples
     # below are single products of [rows, T n] views
-    Z = stacked_state(batch, h, dtype, rows_outer=True)
-    work = np.empty((h, steps, n), dtype).transpose(1, 0, 2)  # pre-activations, lambda1
-    forward_into(p, batch, activation, work, Z)
-    S = states_of(Z, dz, h)
+    fwd = net.forward(p, batch, side_by_side_layout=True, dtype=dtype)
+    S = fwd.states
     lam3 = outputs(p, S, m2m)  # o, then lambda3 = -dl/do, rows [|O|, n, K]
     rows = lam3.shape[0] * lam3.shape[1]
     total = kernels.output_delta(lam3.reshape(rows, -1), batch.targets.reshape(-1),
                                  LOSSES[loss], -1.0)
-    adjoint_into(p, S, lam3, m2m, activation, work)
-    zs = Z[:steps, :dz + 1 + h]
-    zc = _side_by_side(zs)
-    out = {"in.rest": _gram(zc, zc), "in.D": _gram(_side_by_side(work), zc)}
-    if not dz:
-        vocab = info.dim
-        out["in.diag"] = kernels.token_counts(batch.inputs.reshape(-1), vocab)
-        out["in.cross"] = kernels.segment_sum_columns(batch.inputs, zs, vocab)
-        out["in.Dx"] = kernels.segment_sum_columns(batch.inputs, work, vocab).T
+    net.adjoint(p, fwd, lam3, m2m)  # seeds -dl/do: the multipliers lambda1 = -dl/dP
+    out = {}
+    for l in range(net.layers):
+        zs = fwd.regressors(l)
+        zc = side_by_side(zs)
+        out[f"l{l}.rest"] = _gram(zc, zc)
+        sums = net.layer_sums(fwd, l, info.dim)
+        out[f"l{l}.D"] = sums["D"]
+        if "bh" in sums:
+            out[f"l{l}.bh"] = sums["bh"]
+        if l == 0 and fwd.tokens is not None:
+            out["l0.diag"] = kernels.token_counts(batch.inputs.reshape(-1), info.dim)
+            out["l0.cross"] = kernels.segment_sum_columns(batch.inputs, zs, info.dim)
+            out["l0.Dx"] = sums["Dx"]
     s_out = S[1:] if m2m else S[-1:]
-    sc = _side_by_side(s_out)
+    sc = side_by_side(s_out)
     ss = _gram(sc, sc)
-    s_sum = sum_steps(s_out)
+    s_sum = sc.sum(axis=1, dtype=np.float64)
     G_out = np.empty((h + 1, h + 1))
     G_out[:h, :h], G_out[:h, h], G_out[h, :h], G_out[h, h] = ss, s_sum, s_sum, rows
     lam_rows = lam3.reshape(rows, -1)
     D_out = np.empty((lam3.shape[-1], h + 1))
-    D_out[:, :h] = _gram(lam_rows.T, sc)
-    D_out[:, h] = colsum(lam_rows)
+    D_out[:, :h] = _gram(side_by_side(lam3.transpose(0, 2, 1)), sc)
+    D_out[:, h] = lam_rows.sum(axis=0, dtype=np.float64)
     out.update({"out.rest": G_out, "out.D": D_out,
                 "counts": np.array([total, float(steps * n), float(rows)])})
     return out
@@ -207,15 +205,18 @@ class MinibatchAdmm:
         self.parts = parts or [data]  # chunks in global order (deterministic reduction)
         info = data.info
         h = cfg.model.hidden
-        self.params = params if params is not None else init_params(
-            info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
+        m = cfg.model
+        self.net = Network.build(m.cell, m.activation, m.layers)
+        self.params = params if params is not None else self.net.init_params(
+            info.dim, h, info.classes, cfg.train.seed, m.w_init, m.init_scale)
         self.dtype = np.dtype(cfg.train.dtype)
-        self.dz = input_rows(info)
+        self.dz = 0 if info.kind == "tokens" else info.dim
         self.out_scale = float(np.sqrt(info.steps if info.many_to_many else 1))
         self.vocab = info.dim if info.kind == "tokens" else 0
-        self.layout = batch_layout(self.dz, self.vocab, h, info.classes)
-        self.gram_in = RunningGram(self.vocab + 1 + h if self.vocab else self.dz + 1 + h,
-                                   self.vocab)
+        self.layout = batch_layout(self.net, self.dz, self.vocab, h, info.classes)
+        # one running Gram per layer (its z_t = [x_t; 1; s_{t-1}]) and the output block's
+        self.grams = [RunningGram((self.vocab or self.dz) + 1 + h, self.vocab) if l == 0
+                      else RunningGram(2 * h + 1) for l in range(m.layers)]
         self.gram_out = RunningGram(h + 1)
         self.iteration = 0  # passes done
         self.steps = 0  # weight updates done
@@ -233,46 +234,77 @@ class MinibatchAdmm:
 
     # ------------------------------------------------------------------ the weights
 
-    def _theta_in(self) -> np.ndarray:
-        """``[U b W]``: columns in the order of ``z_t = [x_t; 1; s_{t-1}]``."""
-        p = self.params
-        return np.concatenate([p.U, p.b[:, None], p.W], axis=1)
+    def _layer_step(self, l: int, st: dict[str, np.ndarray], out_rows: float) -> None:
+        """Layer ``l``'s block ``[U b W]`` (columns in the order of ``z_t = [x_t; 1;
+        s_{t-1}]``) from the batch's global statistics; a GRU's candidate rows solve their
+        input part ``[U_n b_n]`` against the ``[x; 1]`` sub-block of the running Gram and
+        their recurrent part ``[b_h W_n]`` against the ``[1; s]`` one."""
+        a, p = self.a, self.params
+        w = p.layer(l)
+        gram = self.grams[l]
+        gram.update({"rest": st[f"l{l}.rest"], "diag": st.get("l0.diag"),
+                     "cross": st.get("l0.cross")}, st["counts"][1], a.cov_decay)
+        D = st[f"l{l}.D"]
+        tokens = l == 0 and self.vocab
+        if tokens:  # columns of the running Gram: [x (vocab); 1; s]
+            D = np.concatenate([st["l0.Dx"], D], axis=1)
+        X = w.U.shape[1]  # columns of x
+        grad = D / out_rows
+        grad[:, :X] -= a.nu * w.U
+        grad[:, X + 1:] -= a.nu * w.W
+        step = np.empty_like(grad)
+        split = self.net.cell.split(p.hidden)
+        keep = np.ones(grad.shape[0], bool)
+        if split is not None:
+            keep[split] = False
+        step[keep] = gram.solve(grad[keep], a.damping)
+        parts = [step]
+        if split is not None:
+            dx = 0 if tokens else X  # where the constant column sits in the dense block
+            step[split, :X + 1] = gram.solve(grad[split, :X + 1], a.damping, 0, dx + 1)
+            R_h = np.concatenate([st[f"l{l}.bh"][:, None] / out_rows, grad[split, X + 1:]],
+                                 axis=1)
+            hidden = gram.solve(R_h, a.damping, dx, None, vocab=False)
+            step[split, X + 1:] = hidden[:, 1:]
+            parts.append(hidden[:, :1])
+        scale = self._capped(parts, a.rho1)
+        w.U = w.U + scale * step[:, :X]
+        w.b = w.b + scale * step[:, X]
+        w.W = w.W + scale * step[:, X + 1:]
+        if split is not None:
+            w.bh = w.bh + scale * parts[1][:, 0]
+        p.set_layer(l, w)
 
     def _update(self, st: dict[str, np.ndarray]) -> None:
-        """Both weight blocks from one mini-batch's global statistics."""
+        """Every weight block from one mini-batch's global statistics."""
         a, p = self.a, self.params
-        h = p.W.shape[0]
-        loss_sum, in_rows, out_rows = st["counts"]
-        d = p.U.shape[1]
-        self.gram_in.update({"rest": st["in.rest"], "diag": st.get("in.diag"),
-                             "cross": st.get("in.cross")}, in_rows, a.cov_decay)
-        D_in = st["in.D"]
-        if self.vocab:  # columns of the running Gram: [x (vocab); 1; s]
-            D_in = np.concatenate([st["in.Dx"], D_in], axis=1)
-        theta = self._theta_in()
-        grad = D_in / out_rows
-        grad[:, :d] -= a.nu * p.U
-        grad[:, d + 1:] -= a.nu * p.W
-        step = self._capped(self.gram_in.solve(grad, a.damping) / a.rho1) / self._scale
-        theta += step
-        p.U, p.b, p.W = theta[:, :d].copy(), theta[:, d].copy(), theta[:, d + 1:].copy()
+        h = p.hidden
+        loss_sum, _, out_rows = st["counts"]
+        for l in range(self.net.layers):
+            self._layer_step(l, st, out_rows)
         self.gram_out.update({"rest": st["out.rest"]}, out_rows, a.cov_decay)
         grad = st["out.D"] / out_rows
         grad[:, :h] -= a.nu * p.V
-        step = self._capped(self.gram_out.solve(grad, a.damping) / a.rho3) / self._scale
-        p.V = p.V + step[:, :h]
-        p.c = p.c + step[:, h]
+        step = self.gram_out.solve(grad, a.damping)
+        scale = self._capped([step], a.rho3)
+        p.V = p.V + scale * step[:, :h]
+        p.c = p.c + scale * step[:, h]
         self.steps += 1
         self._losses.append(loss_sum / out_rows)
 
-    def _capped(self, step: np.ndarray) -> np.ndarray:
-        """The step scaled down to the trust radius, ``trust_radius sqrt(|O|)``: a sample
-        with a label per step carries |O| targets, and its batch's step direction is
-        correspondingly less noisy (measured: 0.25 fits one label per sequence, about
-        2.5 a character model with 100 labels per sequence)."""
-        norm = float(np.linalg.norm(step))
+    def _capped(self, steps: list[np.ndarray], rho: float) -> float:
+        """The factor of a block's solved direction: ``1 / (rho scale)`` (``scale`` the
+        penalty schedule's), lowered so that the change stays within the trust radius,
+        ``trust_radius sqrt(|O|) / scale``: a sample with a label per step carries |O|
+        targets, and its batch's step direction is correspondingly less noisy
+        (measured: 0.25 fits one label per sequence, about 2.5 a character model with
+        100 labels per sequence)."""
+        factor = 1.0 / rho
+        norm = factor * float(np.sqrt(sum(np.vdot(s, s) for s in steps)))
         radius = self.a.trust_radius * self.out_scale
-        return step * (radius / norm) if radius and norm > radius else step
+        if radius and norm > radius:
+            factor *= radius / norm
+        return factor / self._scale
 
     # ------------------------------------------------------------------ the trainer
 
@@ -281,7 +313,7 @@ class MinibatchAdmm:
         if not batch.n:
             return self.layout.unpack(np.zeros(self.layout.size))
         m = self.cfg.model
-        return batch_statistics(self.params.astype(self.dtype), batch, m.activation, m.loss,
+        return batch_statistics(self.net, self.params.astype(self.dtype), batch, m.loss,
                                 self.dtype)
 
     def _batches(self, rng: np.random.Generator):
@@ -332,7 +364,7 @@ class MinibatchAdmm:
     def _flat(self) -> np.ndarray:
         """The weights and the running Gram estimates in one vector."""
         parts = [self.params.flat()]
-        for gram in (self.gram_in, self.gram_out):
+        for gram in (*self.grams, self.gram_out):
             parts += [a.ravel() for a in gram.state("").values()]
         return np.concatenate(parts)
 
@@ -342,7 +374,7 @@ class MinibatchAdmm:
         n = self.params.flat().size
         self.params = Params.from_flat(flat[:n], self.params)
         lo = n
-        for gram in (self.gram_in, self.gram_out):
+        for gram in (*self.grams, self.gram_out):
             state = gram.state("")
             for a in state.values():
                 a[...] = flat[lo:lo + a.size].reshape(a.shape)
@@ -372,13 +404,20 @@ class MinibatchAdmm:
         return dict(self.last)
 
     def state_dict(self) -> TrainerState:
-        arrays = {"steps": np.int64(self.steps), **self.gram_in.state("gram_in"),
-                  **self.gram_out.state("gram_out")}
+        arrays = {"steps": np.int64(self.steps), **self.gram_out.state("gram_out")}
+        for l, gram in enumerate(self.grams):
+            arrays.update(gram.state(_gram_name(l)))
         return {"iteration": self.iteration, "arrays": arrays, "per_sample": {}}
 
     def load_state_dict(self, state: TrainerState) -> None:
         arrays = state["arrays"]
-        self.gram_in.load(arrays, "gram_in")
+        for l, gram in enumerate(self.grams):
+            gram.load(arrays, _gram_name(l))
         self.gram_out.load(arrays, "gram_out")
         self.steps = int(arrays["steps"])
         self.iteration = int(state["iteration"])
+
+
+def _gram_name(layer: int) -> str:
+    """Checkpoint prefix of a layer's running Gram (``gram_in`` for the first layer)."""
+    return "gram_in" if layer == 0 else f"gram_in_{layer}"

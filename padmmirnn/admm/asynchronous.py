@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from padmmirnn.admm import AdmmEngine
+from padmmirnn.admm.fullbatch import AdmmEngine
+from padmmirnn.admm.packed import input_layout, output_layout
 from padmmirnn.comm import SerialComm
 from padmmirnn.comm.rma import RmaStatsExchange
 from padmmirnn.config import Config
-from padmmirnn.model import Params
+from padmmirnn.nn import Params
 from padmmirnn.samples import LocalData
 from padmmirnn.signals import STOP_TEXT, Stop, stop_reason
-from padmmirnn.stats import input_layout, output_layout
 from padmmirnn.trainer import Decision
 
 

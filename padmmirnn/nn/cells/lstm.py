@@ -1,0 +1,130 @@
+"""The LSTM cell, PyTorch's ``nn.LSTM`` (no peepholes, no projection), gates in its
+order ``i, f, g, o``:
+
+    P_t = U x_t + b + W s_{t-1}                      ([4 h, n])
+    i, f, o = sigma(P_i), sigma(P_f), sigma(P_o),    g = tanh(P_g)
+    c_t = f * c_{t-1} + i * g,    s_t = o * tanh(c_t)          (c_0 = s_0 = 0)
+
+Adjoint, with ``ds_t = g_t + W^T delta_{t+1}`` (``g_t`` the outside seed) and the cell
+carry ``dc``:
+
+    dc_t = dc_{t+1} f_{t+1} + ds_t o_t (1 - tanh(c_t)^2)
+    delta_i = dc_t g i (1 - i),   delta_f = dc_t c_{t-1} f (1 - f),
+    delta_g = dc_t i (1 - g^2),   delta_o = ds_t tanh(c_t) o (1 - o)
+
+All four gates are linear in the same ``z_t = [x_t; 1; s_{t-1}]``: one product per
+step, one Gram matrix for the ADMM block step, ``delta_hh = delta_in``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from padmmirnn import kernels
+from padmmirnn.nn.cells.base import Cell, Trace, scratch, stacked_weights
+from padmmirnn.nn.params import Layer
+
+
+def sigmoid(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` as ``(1 + tanh(x / 2)) / 2`` (no overflow)."""
+    np.multiply(x, 0.5, out=out)
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+class LstmTrace(Trace):
+    """Activated gates ``[T, 4h, n]`` (overwritten by the adjoint), cell states
+    ``[T + 1, h, n]`` and ``tanh(c_t)`` ``[T, h, n]``."""
+
+    def __init__(self, gates: np.ndarray, cells: np.ndarray, tanh_c: np.ndarray):
+        self.gates, self.tanh_c = gates, tanh_c
+        self.cells = cells
+        self.delta_in = self.delta_hh = gates
+
+
+class LstmCell(Cell):
+    name = "lstm"
+    gates = 4
+    trace_blocks = 6
+
+    def initial_bias(self, h: int) -> np.ndarray:
+        """Forget-gate bias 1 (Jozefowicz et al. 2015: the cell keeps its state at the
+        start of training), the other gates 0."""
+        b = np.zeros(4 * h)
+        b[h:2 * h] = 1.0
+        return b
+
+    def trace(self, steps: int, h: int, n: int, dtype: np.dtype,
+              side_by_side: bool) -> LstmTrace:
+        cells = np.empty((steps + 1, h, n), dtype)
+        cells[0] = 0.0
+        return LstmTrace(scratch(steps, 4 * h, n, dtype, side_by_side), cells,
+                         np.empty((steps, h, n), dtype))
+
+    def forward(self, w: Layer, Z: np.ndarray, dx: int, tokens: np.ndarray | None,
+                trace: LstmTrace, zero_start: bool = True) -> None:
+        h = w.W.shape[1]
+        theta = stacked_weights(w, tokens is not None)
+        A, C, TC = trace.gates, trace.cells, trace.tanh_c
+        for t in range(A.shape[0]):
+            P = A[t]
+            np.matmul(theta, Z[t, :dx + 1 + h], out=P)
+            if tokens is not None:
+                kernels.add_columns(w.U, tokens[t], P)
+            i, f, g, o = P[:h], P[h:2 * h], P[2 * h:3 * h], P[3 * h:]
+            sigmoid(i, i)
+            sigmoid(f, f)
+            np.tanh(g, out=g)
+            sigmoid(o, o)
+            np.multiply(f, C[t], out=C[t + 1])
+            C[t + 1] += i * g
+            np.tanh(C[t + 1], out=TC[t])
+            np.multiply(o, TC[t], out=Z[t + 1, dx + 1:dx + 1 + h])
+
+    def adjoint(self, w: Layer, Z: np.ndarray, dx: int, trace: LstmTrace,
+                seeds: np.ndarray, every_step: bool) -> None:
+        h = w.W.shape[1]
+        WT = np.ascontiguousarray(w.W.T)
+        A, C, TC = trace.gates, trace.cells, trace.tanh_c
+        steps = A.shape[0]
+        ds = np.empty((h, A.shape[2]), A.dtype)
+        dc = np.zeros_like(ds)
+        tmp = np.empty_like(ds)
+        for t in range(steps - 1, -1, -1):
+            if t < steps - 1:
+                np.matmul(WT, A[t + 1], out=ds)  # A[t + 1] holds delta_{t + 1}
+                if every_step:
+                    ds += seeds[t]
+            else:
+                ds[...] = seeds[t if every_step else 0]
+            G = A[t]
+            i, f, g, o = G[:h], G[h:2 * h], G[2 * h:3 * h], G[3 * h:]
+            tc = TC[t]
+            # dc_t = dc_{t+1} f_{t+1} (already in dc) + ds o (1 - tc^2)
+            np.multiply(tc, tc, out=tmp)
+            np.subtract(1.0, tmp, out=tmp)
+            tmp *= o
+            tmp *= ds
+            dc += tmp
+            # delta_o = ds tc o (1 - o), written over o
+            np.multiply(ds, tc, out=tmp)
+            tmp *= o
+            np.subtract(1.0, o, out=o)
+            o *= tmp
+            # delta_i = dc g i (1 - i), delta_g = dc i (1 - g^2): i and g both needed
+            np.multiply(dc, g, out=tmp)  # dc g
+            np.multiply(dc, i, out=ds)  # dc i (ds is free now)
+            tmp *= i
+            np.subtract(1.0, i, out=i)
+            i *= tmp
+            np.multiply(g, g, out=tmp)
+            np.subtract(1.0, tmp, out=tmp)
+            np.multiply(ds, tmp, out=g)
+            # delta_f = dc c_{t-1} f (1 - f); then the carry dc_{t-1} = dc_t f_t
+            np.multiply(dc, C[t], out=tmp)
+            tmp *= f
+            dc *= f
+            np.subtract(1.0, f, out=f)
+            f *= tmp

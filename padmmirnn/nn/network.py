@@ -1,0 +1,313 @@
+"""A network: ``L`` layers of one cell and an output head (docs/design.md, section 2).
+
+    layer 0:    s^0_t = cell(x_t, s^0_{t-1})              (x_t the data)
+    layer l:    s^l_t = cell(s^{l-1}_t, s^l_{t-1})
+    head:       o_t = V s^{L-1}_t + c                       (t in O)
+
+with ``O = {T}`` (many-to-one) or ``{1..T}`` (many-to-many). Arrays are time-major and
+feature-major (samples as columns): a state block is ``[h, n]``; outputs are rows
+``[|O|, n, K]`` (the loss kernels work per row). Each layer keeps its stacked state
+``Z_l`` ``[T + 1, d_l + 1 + h, n]`` with ``Z_l[t] = [x_t; 1; s_{t-1}]``
+(:func:`stacked_state`), so that its pre-activations are one product per step and every
+statistic of the layer is a product of ``Z_l`` with an adjoint.
+
+:meth:`Network.forward` runs the layers upward, :meth:`Network.adjoint` the cells'
+recursions downward from the head's seeds ``V^T delta_t`` (``delta = dL/do`` gives the
+BPTT adjoints, ``delta = -dl/do`` the KKT multipliers of ADMM), each layer seeding the
+one below with ``U^T delta_in``. :meth:`Network.layer_sums` gives the sums of every
+weight gradient, shared by BPTT (:meth:`Network.gradients`) and the ADMM block step.
+Reported metrics come from :meth:`Network.loss_sums`, a forward pass of the current
+weights over blocks of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from padmmirnn import kernels
+from padmmirnn.nn.cells import CELLS, Cell, cell_name
+from padmmirnn.nn.cells.base import Trace, side_by_side
+from padmmirnn.nn.params import Layer, Params, layer_name
+from padmmirnn.samples import DatasetInfo, LocalData
+
+LOSSES = {"ce": kernels.LOSS_CE, "mse": kernels.LOSS_MSE}
+# An evaluation (:meth:`Network.loss_sums`) runs forward passes over blocks of at most
+# this many samples, and at most EVAL_BYTES of layer state per block.
+EVAL_BLOCK = 4096
+EVAL_BYTES = 256 * 2 ** 20
+
+
+def input_rows(info: DatasetInfo) -> int:
+    """Rows of x_t in the first layer's stacked state (0 for tokens: their U x_t is a
+    gather of U's columns, not a product)."""
+    return 0 if info.kind == "tokens" else info.dim
+
+
+def stacked_state(data: LocalData, h: int, dtype: np.dtype, extra: int = 0,
+                  rows_outer: bool = False) -> np.ndarray:
+    """The first layer's ``Z`` ``[T + 1, dz + 1 + h + extra, n]``: ``Z[t] = [x_t; 1;
+    s_{t-1}; e_t]`` (``dz`` = :func:`input_rows`) with the states zero (s_0 = 0) and
+    ``extra`` rows ``e_t`` for the caller (the full-batch ADMM keeps lambda1 there). The
+    states are the view :func:`states_of`. ``rows_outer``: the memory holds ``[rows,
+    T + 1, n]`` and Z is its transposed view, so that the steps of one row are side by
+    side: sums over steps of products become one product of ``[rows, T n]`` views. BLAS
+    multiplies an ``[h, h]`` matrix into ``[h, n]`` blocks faster than ``[n, h]`` blocks
+    into an ``[h, h]`` one (measured: 86% against 58% of the square-GEMM rate at h =
+    128), hence feature-major."""
+    steps, n = data.inputs.shape[:2]
+    dz = input_rows(data.info)
+    Z = _zeros(steps + 1, dz + 1 + h + extra, n, dtype, rows_outer)
+    if dz:
+        Z[:steps, :dz] = data.inputs.transpose(0, 2, 1)
+    Z[:, dz] = 1.0
+    return Z
+
+
+def _zeros(steps: int, rows: int, n: int, dtype: np.dtype, rows_outer: bool) -> np.ndarray:
+    if rows_outer:
+        return np.zeros((rows, steps, n), dtype).transpose(1, 0, 2)
+    return np.zeros((steps, rows, n), dtype)
+
+
+def states_of(Z: np.ndarray, dz: int, h: int) -> np.ndarray:
+    """The states ``s_t`` in ``Z`` (``dz`` rows of inputs): the view ``[T + 1, h, n]``."""
+    return Z[:, dz + 1:dz + 1 + h]
+
+
+def outputs(params: Params, states: np.ndarray, many_to_many: bool,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """``o_t = V s_t + c`` for t in O, in rows ``[|O|, n, K]`` (``states`` feature-major
+    ``[T + 1, h, n]``, the top layer's)."""
+    s_out = states[1:] if many_to_many else states[-1:]
+    V = params.V.astype(states.dtype)
+    o = np.matmul(s_out.transpose(0, 2, 1), V.T, out=out)
+    o += params.c.astype(states.dtype)
+    return o
+
+
+def head_seeds(V: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``V^T delta_t`` ``[|O|, h, n]`` for output rows ``delta`` ``[|O|, n, K]``: the
+    top layer's seeds ``dL/ds_t``."""
+    return np.matmul(np.ascontiguousarray(V.T, dtype=delta.dtype),
+                     delta.transpose(0, 2, 1))
+
+
+@dataclass
+class Forward:
+    """One forward pass: every layer's stacked state, input rows and trace; the
+    token ids of the first layer (None for dense inputs)."""
+
+    Z: list[np.ndarray]
+    dx: list[int]
+    traces: list[Trace]
+    tokens: np.ndarray | None
+    h: int
+
+    @property
+    def states(self) -> np.ndarray:
+        """The top layer's states ``[T + 1, h, n]`` (s_0 = 0)."""
+        return states_of(self.Z[-1], self.dx[-1], self.h)
+
+    def final(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Every layer's last state ``s_T`` (and cell state, if the cell has one), to
+        continue from with :meth:`Network.forward`'s ``start``."""
+        return [(states_of(Z, dx, self.h)[-1].copy(),
+                 None if tr.cells is None else tr.cells[-1].copy())
+                for Z, dx, tr in zip(self.Z, self.dx, self.traces, strict=True)]
+
+    def regressors(self, layer: int) -> np.ndarray:
+        """``z_t`` of ``layer`` for t = 1..T, ``[T, dx + 1 + h, n]``."""
+        return self.Z[layer][:-1, :self.dx[layer] + 1 + self.h]
+
+
+class Gradients(NamedTuple):
+    """Mean loss L over the ``rows`` output rows of a batch, its gradient (float64
+    :class:`Params`) and ``step_norms[t - 1]`` = mean over samples of ``||dL_i/dP_t||``
+    of the top layer (vanishing or exploding gradients)."""
+
+    loss: float
+    grads: Params
+    step_norms: np.ndarray
+    rows: int
+
+
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a b^T`` in float64 (float32 operands: their product, in float64)."""
+    return (a @ b.T).astype(np.float64, copy=False)
+
+
+class Network:
+    """``layers`` layers of ``cell`` and a linear output head."""
+
+    def __init__(self, cell: Cell, layers: int = 1):
+        self.cell, self.layers = cell, layers
+
+    @classmethod
+    def build(cls, cell: str, activation: str, layers: int = 1) -> Network:
+        return cls(CELLS[cell](activation), layers)
+
+    @classmethod
+    def of(cls, params: Params, activation: str) -> Network:
+        """The network whose weights ``params`` are (its cell read off their shapes)."""
+        return cls.build(cell_name(params), activation, params.layers)
+
+    # ------------------------------------------------------------------ weights
+
+    def init_params(self, d: int, h: int, k: int, seed: int, w_init: str,
+                    scale: float) -> Params:
+        """Seeded initial weights (float64), layer by layer, then ``V ~ N(0, 1/h)`` and
+        ``c = 0`` (see :meth:`Cell.init_layer`)."""
+        rng = np.random.default_rng([seed, 0x5EED])
+        arrays = {}
+        for l in range(self.layers):
+            layer = self.cell.init_layer(rng, d if l == 0 else h, h, w_init, scale)
+            arrays.update({layer_name(k_, l): v for k_, v in layer.arrays().items()})
+        arrays["V"] = rng.standard_normal((k, h)) / np.sqrt(h)
+        arrays["c"] = np.zeros(k)
+        # names in the order of docs/design.md: U, W, b (, bh) per layer, then V, c
+        return Params(arrays)
+
+    # ------------------------------------------------------------------ passes
+
+    def forward(self, p: Params, data: LocalData, side_by_side_layout: bool = False,
+                dtype: np.dtype | None = None,
+                start: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> Forward:
+        """The forward pass of ``p`` (in the compute dtype) over ``data``;
+        ``side_by_side_layout``: stacked states and adjoints laid out so that sums over
+        steps are single products (mini-batch statistics, BPTT); ``start``: every
+        layer's initial state (:meth:`Forward.final` of an earlier pass), else 0."""
+        dtype = np.dtype(dtype or p.W.dtype)
+        steps, n = data.inputs.shape[:2]
+        h = p.hidden
+        tokens = data.inputs if data.info.kind == "tokens" else None
+        Zs, dxs, traces = [], [], []
+        for l in range(self.layers):
+            if l == 0:
+                Z = stacked_state(data, h, dtype, rows_outer=side_by_side_layout)
+                dx = input_rows(data.info)
+            else:
+                dx = h
+                Z = _zeros(steps + 1, dx + 1 + h, n, dtype, side_by_side_layout)
+                Z[:steps, :h] = states_of(Zs[-1], dxs[-1], h)[1:]
+                Z[:, dx] = 1.0
+            trace = self.cell.trace(steps, h, n, dtype, side_by_side_layout)
+            if start is not None:
+                Z[0, dx + 1:dx + 1 + h] = start[l][0]
+                if trace.cells is not None:
+                    trace.cells[0] = start[l][1]
+            self.cell.forward(p.layer(l), Z, dx, tokens if l == 0 else None, trace,
+                              zero_start=start is None)
+            Zs.append(Z)
+            dxs.append(dx)
+            traces.append(trace)
+        return Forward(Zs, dxs, traces, tokens, h)
+
+    def adjoint(self, p: Params, fwd: Forward, delta: np.ndarray, many_to_many: bool) -> None:
+        """Every layer's ``delta_in``/``delta_hh`` (in its trace) for output seeds
+        ``delta`` (rows ``[|O|, n, K]``, ``dL/do``)."""
+        seeds = head_seeds(p.V, delta)
+        every = many_to_many
+        for l in range(self.layers - 1, -1, -1):
+            trace = fwd.traces[l]
+            self.cell.adjoint(p.layer(l), fwd.Z[l], fwd.dx[l], trace, seeds, every)
+            if l:  # the seeds of the layer below: U_l^T delta_in_t, for every step
+                seeds = np.matmul(np.ascontiguousarray(p.layer(l).U.T), trace.delta_in)
+                every = True
+
+    def layer_sums(self, fwd: Forward, l: int, vocab: int = 0) -> dict[str, np.ndarray]:
+        """The gradient sums of layer ``l`` after :meth:`adjoint` (float64):
+
+        ``D`` ``[G h, dx + 1 + h]`` = ``sum_t delta_in_t [x_t; 1]^T`` beside
+        ``sum_t delta_hh_t s_{t-1}^T`` (the columns of ``z_t``), i.e. ``[dU db dW]`` (dU
+        empty for tokens); ``Dx`` ``[G h, vocab]`` the token segment sums (tokens);
+        ``bh`` the candidate's recurrent bias sum (GRU)."""
+        trace, h, dx = fwd.traces[l], fwd.h, fwd.dx[l]
+        zs = fwd.regressors(l)
+        zc = side_by_side(zs)
+        d_in = trace.delta_in
+        D = _gram(side_by_side(d_in), zc)
+        out = {"D": D}
+        split = self.cell.split(h)
+        if split is not None:  # the candidate's recurrent columns from delta_hh
+            d_hh = side_by_side(trace.delta_hh)
+            D[split, dx + 1:] = _gram(d_hh, zc[dx + 1:])
+            out["bh"] = d_hh.sum(axis=1, dtype=np.float64)
+        if l == 0 and fwd.tokens is not None:
+            out["Dx"] = kernels.segment_sum_columns(fwd.tokens, d_in, vocab).T
+        return out
+
+    def gradients(self, p: Params, batch: LocalData, loss: str,
+                  dtype: np.dtype = np.float64) -> Gradients:
+        """Mean loss of ``batch`` and its BPTT gradient with respect to every weight:
+        ``L = 1/R sum`` over the ``R = n |O|`` output rows of ``l(o_t, y_t)``, from one
+        forward pass and one adjoint recursion seeded with ``delta = dL/do``; the weight
+        gradients are :meth:`layer_sums` and ``[dV dc] = sum_{t in O} delta_t [s_t;
+        1]^T``. Computed in ``dtype``, returned in float64."""
+        info = batch.info
+        steps, n = batch.inputs.shape[:2]
+        outs = batch.targets.shape[0]
+        if outs not in (1, steps) or batch.targets.shape[1] != n:
+            raise ValueError(f"targets shape {batch.targets.shape} does not fit inputs "
+                             f"{batch.inputs.shape}")
+        many = outs == steps and steps > 1
+        pc = p.astype(np.dtype(dtype))
+        fwd = self.forward(pc, batch, side_by_side_layout=True)
+        states = fwd.states
+        delta = outputs(pc, states, many)
+        rows = delta.shape[0] * delta.shape[1]
+        total = kernels.output_delta(delta.reshape(rows, -1), batch.targets.reshape(-1),
+                                     LOSSES[loss], 1.0 / rows)
+        self.adjoint(pc, fwd, delta, many)
+        grads = {}
+        for l in range(self.layers):
+            sums = self.layer_sums(fwd, l, info.dim)
+            D, dx = sums["D"], fwd.dx[l]
+            dU = sums["Dx"] if "Dx" in sums else D[:, :dx]
+            layer = Layer(np.ascontiguousarray(dU), D[:, dx + 1:].copy(), D[:, dx].copy(),
+                          sums.get("bh"))
+            grads.update({layer_name(k, l): v for k, v in layer.arrays().items()})
+        s_out = states[1:] if many else states[-1:]
+        grads["V"] = _gram(side_by_side(delta.transpose(0, 2, 1)), side_by_side(s_out))
+        grads["c"] = delta.reshape(rows, -1).sum(axis=0, dtype=np.float64)
+        d_top = fwd.traces[-1].delta_in
+        norms = np.sqrt(np.einsum("thn,thn->tn", d_top, d_top)).sum(axis=1)
+        return Gradients(total / rows, Params({k: grads[k] for k in p.names()}), norms, rows)
+
+    def bytes_per_sample(self, info: DatasetInfo, h: int, itemsize: int) -> int:
+        """Bytes of one sample's forward pass and adjoint: every layer's stacked state
+        ``[T + 1, d_l + 1 + h]`` and trace (``Cell.trace_blocks`` blocks of ``[T, h]``),
+        and the outputs ``[|O|, K]``."""
+        outs = info.steps if info.many_to_many else 1
+        rows = (input_rows(info) + 1 + h) + (self.layers - 1) * (2 * h + 1)
+        trace = info.steps * self.cell.trace_blocks * h * self.layers
+        return ((info.steps + 1) * rows + trace + outs * info.classes) * itemsize
+
+    def eval_block(self, info: DatasetInfo, h: int, itemsize: int) -> int:
+        """Samples per forward pass of an evaluation: at most :data:`EVAL_BLOCK`, and at
+        most :data:`EVAL_BYTES` of them (long sequences)."""
+        return max(1, min(EVAL_BLOCK, EVAL_BYTES // self.bytes_per_sample(info, h, itemsize)))
+
+    def loss_sums(self, params: Params, data: LocalData, loss: str,
+                  dtype: np.dtype = np.float64) -> np.ndarray:
+        """Local sums ``[loss, correct, count]`` over this rank's output rows (float64),
+        ready to be reduced; mean loss = loss / count, accuracy = correct / count.
+        Forward passes over blocks of :meth:`eval_block` samples, so evaluating a large
+        split never holds the states of all its samples."""
+        n = data.inputs.shape[1]
+        p = params.astype(np.dtype(dtype))
+        size = self.eval_block(data.info, params.hidden, np.dtype(dtype).itemsize)
+        out = np.zeros(3)
+        for lo in range(0, n, size):
+            block = data if n <= size else LocalData(
+                data.info, data.inputs[:, lo:lo + size], data.targets[:, lo:lo + size], 0,
+                min(n - lo, size))
+            fwd = self.forward(p, block)
+            o = outputs(p, fwd.states, data.info.many_to_many)
+            rows = o.shape[0] * o.shape[1]
+            total, correct = kernels.loss_and_correct(o.reshape(rows, -1),
+                                                      block.targets.reshape(-1), LOSSES[loss])
+            out += (total, float(correct), float(rows))
+        return out
