@@ -7,7 +7,9 @@ everything needed to resume:
 
 * ``weights/*``, ``state/*`` (per-sample ADMM arrays ``A, S, O, L1, L2, L3``,
   sample-major ``[N, ...]`` in **global sample order**, so a restart may use any
-  rank count), ``optimizer/*`` (gradient methods);
+  rank count), ``ranks/*`` (per-rank arrays of the consensus modes, the duals, in rank
+  order; its ``count`` the rank count they belong to), ``optimizer/*`` (gradient
+  methods, the running Gram estimates of mini-batch ADMM);
 * attributes: iteration, elapsed seconds, config TOML and hash, package
   version, world size and the partition, and ``complete = 1`` written last.
 
@@ -103,13 +105,15 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
                      per_sample: dict[str, np.ndarray], arrays: dict[str, np.ndarray],
-                     attrs: dict, n_global: int, keep: int) -> Path:
+                     attrs: dict, n_global: int, keep: int,
+                     per_rank: dict[str, np.ndarray] | None = None, ranks: int = 0) -> Path:
     """Collective: write checkpoint ``iteration`` and keep the newest ``keep``.
 
     ``per_sample`` maps a name to this rank's sample-major block ``[n_local, ...]``
-    (ranks hold consecutive blocks in rank order); ``arrays`` are small global
-    arrays (optimizer state) identical on every rank. An error on rank 0 is raised
-    on every rank."""
+    (ranks hold consecutive blocks in rank order); ``per_rank`` likewise to the rows of
+    this process's (virtual) ranks out of ``ranks`` (consensus duals, ``ranks/*``);
+    ``arrays`` are small global arrays (optimizer state) identical on every rank. An
+    error on rank 0 is raised on every rank."""
     path = checkpoint_path(directory, iteration)
     error = None
     if comm.rank == 0:
@@ -132,11 +136,12 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
                 opt.create_dataset(name, data=value, fletcher32=True, chunks=True)
             else:
                 opt.attrs[name] = value  # scalars (step counts) as attributes
-        st = f.create_group("state")
-        for name in names:
-            block = comm.gather_samples(per_sample[name], n_global)
+        groups = {"state": f.create_group("state"), "ranks": f.create_group("ranks")}
+        groups["ranks"].attrs["count"] = ranks
+        for group, name, block, total in items:
+            whole = comm.gather_samples(block, total)
             gathered.append(name)
-            st.create_dataset(name, data=block, fletcher32=True, chunks=True)
+            groups[group].create_dataset(name, data=whole, fletcher32=True, chunks=True)
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["iteration"] = iteration
@@ -144,7 +149,8 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
         f.attrs["padmmirnn_version"] = __version__
         f.attrs["complete"] = 1
 
-    names = sorted(per_sample)
+    items = [("state", k, per_sample[k], n_global) for k in sorted(per_sample)]
+    items += [("ranks", k, v, ranks) for k, v in sorted((per_rank or {}).items())]
     gathered: list[str] = []
     if comm.rank == 0:
         try:
@@ -153,11 +159,11 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
             _prune(directory, iteration, keep)
         except Exception as exc:  # report on every rank, do not leave others waiting
             error = f"writing checkpoint {path} failed: {exc}"
-            for name in names[len(gathered):]:  # the other ranks are in these gathers
-                comm.gather_samples(per_sample[name], n_global)
+            for _, _, block, total in items[len(gathered):]:  # the others wait in these
+                comm.gather_samples(block, total)
     else:
-        for name in names:
-            comm.gather_samples(per_sample[name], n_global)
+        for _, _, block, total in items:
+            comm.gather_samples(block, total)
     error = comm.bcast(error)
     if error:
         raise PadmmError(error)
@@ -180,7 +186,7 @@ def verify_checkpoint(path: Path) -> str | None:
         with h5py.File(path, "r") as f:
             if int(f.attrs.get("complete", 0)) != 1:
                 return "incomplete (no 'complete' attribute)"
-            for group in ("weights", "state", "optimizer"):
+            for group in ("weights", "state", "ranks", "optimizer"):
                 for ds in f[group].values():
                     # reading verifies the Fletcher-32 checksum of every chunk; one chunk
                     # at a time, so a large checkpoint is not held in memory
@@ -202,14 +208,21 @@ def find_latest(directory: Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: Path, start: int, stop: int) -> tuple[Params, dict, dict, dict]:
-    """Weights, attributes, optimizer arrays and this rank's slice ``[start, stop)``
-    of every per-sample array (sample-major)."""
+def read_checkpoint(path: Path, start: int, stop: int,
+                    ranks: tuple[int, range] | None = None) -> tuple[Params, dict, dict, dict]:
+    """Weights, attributes, optimizer arrays and this rank's slice ``[start, stop)`` of
+    every per-sample array (sample-major); with ``ranks`` = (count, this process's
+    ranks), also the rows of those ranks of every per-rank array (``ranks/*``, under
+    ``"per_rank"`` in the last dict) if the checkpoint has as many ranks."""
     with h5py.File(path, "r") as f:
         params = _read_params(f["weights"])
         attrs = _attrs(f)
         opt = {**_attrs(f["optimizer"]), **{k: ds[()] for k, ds in f["optimizer"].items()}}
         state = {k: ds[start:stop] for k, ds in f["state"].items()}
+        group = f.get("ranks")
+        if ranks is not None and group is not None and int(group.attrs["count"]) == ranks[0]:
+            mine = ranks[1]
+            state["per_rank"] = {k: ds[mine.start:mine.stop] for k, ds in group.items()}
     return params, attrs, opt, state
 
 
@@ -223,7 +236,7 @@ def describe_checkpoint(path: Path) -> str:
                 if key == "config_toml":
                     continue
                 lines.append(f"  {key}: {value}")
-            for group in ("weights", "state", "optimizer"):
+            for group in ("weights", "state", "ranks", "optimizer"):
                 if group in f:
                     for name, ds in f[group].items():
                         lines.append(f"  {group}/{name}: {ds.shape} {ds.dtype}")

@@ -84,6 +84,10 @@ class TrainConfig:
                                 "trip; 0 with net_bandwidth_gbs = 0 is off", low=0.0)
     net_bandwidth_gbs: float = opt(0.0, "simulated interconnect: beta in Gbit/s, adding "
                                    "bytes / beta (0: infinite)", low=0.0)
+    virtual_ranks: int = opt(0, "run the algorithm of this many ranks on the job's processes "
+                             "(a multiple of them), each process running its share in turn, "
+                             "for studies that count passes, synchronisations and bytes (0: "
+                             "the job's ranks)", low=0)
     collective_timeout_s: float = opt(600.0, "end the job when a rank has waited this long in "
                                       "one collective: MPI over TCP does not report a lost "
                                       "node (0: wait for ever)", low=0.0)
@@ -150,11 +154,21 @@ class AdmmConfig:
     trust_radius: float = opt(0.25, "mini-batch: cap of each block's change per step "
                               "(Frobenius norm), times sqrt(|O|) with a label per step "
                               "(0: none)", low=0.0)
-    sync_every: int = opt(1, "mini-batch on several ranks: 1: every mini-batch is global (one "
-                          "reduction each; equals the serial run); I > 1: each rank takes local "
-                          "steps on batch_size / ranks of its own samples and one reduction "
-                          "averages the weights every I steps and at the end of a pass",
-                          low=1)
+    consensus: str = opt("none", "mini-batch: none: every mini-batch is global (one "
+                         "reduction each; equals the serial run); average, duals or outer: "
+                         "each (virtual) rank takes local steps on batch_size / ranks of its "
+                         "own samples and a join every sync_every steps averages them, corrects "
+                         "their drift with per-rank duals (consensus ADMM), or takes an outer "
+                         "Nesterov step on the averaged change (docs/design.md, section 5)",
+                         choices=("none", "average", "duals", "outer"))
+    sync_every: int = opt(0, "consensus modes: local steps between joins (0: one join per "
+                          "pass, at its end)", low=0)
+    consensus_rho: float = opt(1.0, "consensus = duals: rho_c of the proximal term "
+                               "rho_c/2 |theta - z + u_r|^2 of the local steps", low=0.0)
+    outer_lr: float = opt(0.7, "consensus = outer: the outer step on the averaged change",
+                          low=0.0, strict=True)
+    outer_momentum: float = opt(0.9, "consensus = outer: its Nesterov momentum mu, in [0, 1)",
+                                low=0.0)
 
     def __post_init__(self) -> None:
         if self.multiplier_update == "kkt" and self.multipliers != "all":
@@ -167,6 +181,9 @@ class AdmmConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"config key 'admm.momentum' must be in [0, 1); "
                               f"got {self.momentum!r}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(f"config key 'admm.outer_momentum' must be in [0, 1); "
+                              f"got {self.outer_momentum!r}")
         if not 0.0 < self.dual_step <= 2.0:
             raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
                               f"got {self.dual_step!r}")
@@ -367,6 +384,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"admm.batch_size = {cfg.admm.batch_size} must be a multiple of "
                           f"train.chunk = {t.chunk} with train.reduction = deterministic "
                           "(a mini-batch is a group of whole chunks)")
+    if cfg.admm.consensus != "none" and (not cfg.admm.batch_size or t.algo != "admm"
+                                          or t.reduction == "deterministic"):
+        raise ConfigError(f"admm.consensus = {cfg.admm.consensus!r} is for mini-batch ADMM "
+                          "(train.algo = admm, admm.batch_size > 0, train.reduction = fast)")
+    if t.virtual_ranks and t.parallel == "async":
+        raise ConfigError("train.virtual_ranks is for synchronous runs (async ranks run "
+                          "at their own pace: run real ranks)")
     if t.parallel == "async" and t.algo != "admm":
         raise ConfigError("train.parallel = async is for train.algo = admm (gradient methods "
                           "run sync, or CELGC for local steps)")
@@ -391,6 +415,9 @@ def check_for_ranks(cfg: Config, ranks: int) -> None:
             f"train.staleness = {t.staleness} with staleness_kind = publishes needs at least "
             f"ranks - 1 = {ranks - 1} on {ranks} ranks: one round of publishes makes the "
             f"first contribution {ranks - 1} publishes old, and every rank would wait")
+    if t.virtual_ranks and t.virtual_ranks % ranks:
+        raise ConfigError(f"train.virtual_ranks = {t.virtual_ranks} must be a multiple of the "
+                          f"job's {ranks} rank(s): each process runs the same number")
     straggler = straggler_rank_factor(t.straggler)
     if straggler and straggler[0] >= ranks:
         raise ConfigError(f"config key 'train.straggler' names rank {straggler[0]}, but the "

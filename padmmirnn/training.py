@@ -23,6 +23,7 @@ import numpy as np
 from padmmirnn import datafiles
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine, asynchronous
+from padmmirnn.admm.consensus import ConsensusAdmm
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.checkpoint import (
     find_latest,
@@ -32,6 +33,7 @@ from padmmirnn.checkpoint import (
     write_checkpoint,
 )
 from padmmirnn.comm import agree
+from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config, check_for_ranks, straggler_rank_factor
 from padmmirnn.errors import PadmmError
 from padmmirnn.evaluation import evaluate_run
@@ -91,15 +93,19 @@ class SyncControl:
         pass
 
 
-def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None):
+def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
+                  ranks: VirtualRanks | None = None):
     """The trainer of ``cfg.train.algo`` on this rank's training slice, and its run
-    control."""
+    control; ``ranks``: the (virtual) ranks of the mini-batch ADMM trainers."""
     if cfg.train.algo != "admm":
         return GradientTrainer(cfg, train.local, train.info.n, comm, params), \
             SyncControl(cfg, comm)
-    if cfg.admm.batch_size:
-        return MinibatchAdmm(cfg, train.local, train.info.n, comm, params, train.parts), \
+    if cfg.admm.batch_size and cfg.admm.consensus != "none":
+        return ConsensusAdmm(cfg, train.local, train.info.n, comm, params, ranks), \
             SyncControl(cfg, comm)
+    if cfg.admm.batch_size:
+        return MinibatchAdmm(cfg, train.local, train.info.n, comm, params, train.parts,
+                             ranks), SyncControl(cfg, comm)
     if cfg.train.parallel == "async" and comm.size > 1:
         return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
     return AdmmEngine(cfg, train.parts, train.info.n, comm, params), SyncControl(cfg, comm)
@@ -161,8 +167,10 @@ def _choose_resume(cfg: Config, comm, ckpt_dir: Path) -> Path | None:
     return Path(path) if path else None
 
 
-def _load_resume(cfg: Config, path: Path, n_global: int, local) -> tuple:
-    params, attrs, arrays, per_sample = read_checkpoint(path, local.start, local.stop)
+def _load_resume(cfg: Config, path: Path, n_global: int, local,
+                 ranks: VirtualRanks) -> tuple:
+    params, attrs, arrays, per_sample = read_checkpoint(path, local.start, local.stop,
+                                                        (ranks.size, ranks.local))
     if attrs.get("config_hash") != cfg.hash() and not cfg.checkpoint.force:
         raise PadmmError(f"checkpoint {path} was written with a different configuration "
                          f"(hash {str(attrs.get('config_hash'))[:12]}..., this run "
@@ -188,8 +196,12 @@ class TrainingRun:
         self.cfg, self.comm, self.signals = cfg, comm, signals
         self.log = get_logger()
         check_for_ranks(cfg, comm.size)
+        self.ranks = VirtualRanks(comm, cfg.train.virtual_ranks or comm.size)
         self.train, self.test = load_data(cfg.data.dataset, cfg.data.test, comm,
                                           np.dtype(cfg.train.dtype), self._chunk())
+        if self.ranks.size > self.train.info.n:
+            raise PadmmError(f"train.virtual_ranks = {self.ranks.size} is more than the "
+                             f"{self.train.info.n} training samples (every rank needs one)")
         on_node = comm.ranks_on_node()  # every rank's state must fit, before any output
         agree(comm, lambda: check_fits(self.train.info, cfg, self.train.local.n, on_node))
         self.out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
@@ -198,7 +210,7 @@ class TrainingRun:
         self.resumed = _choose_resume(cfg, comm, self.ckpt_dir)
         self.elapsed_before = 0.0  # of the run a checkpoint resumes
         saved = None if self.resumed is None else agree(comm, lambda: _load_resume(
-            cfg, self.resumed, self.train.info.n, self.train.local))
+            cfg, self.resumed, self.train.info.n, self.train.local, self.ranks))
         self._log_start()
         self.trainer: Trainer
         self.trainer, self.control = self._build(saved)
@@ -238,11 +250,16 @@ class TrainingRun:
         """The trainer and its control, from the checkpoint's contents when resuming."""
         cfg, comm = self.cfg, self.comm
         if saved is None:
-            return build_trainer(cfg, self.train, comm)
+            return build_trainer(cfg, self.train, comm, ranks=self.ranks)
         params, attrs, arrays, per_sample = saved
-        trainer, control = build_trainer(cfg, self.train, comm, params)
+        per_rank = per_sample.pop("per_rank", None)
+        trainer, control = build_trainer(cfg, self.train, comm, params, self.ranks)
+        if getattr(trainer, "mode", None) == "duals" and per_rank is None:
+            self.log.warning("%s holds no duals for %d ranks: the consensus duals start "
+                             "from 0 (resume with train.virtual_ranks = the rank count that "
+                             "wrote it to continue exactly)", self.resumed, self.ranks.size)
         trainer.load_state_dict({"iteration": int(attrs["iteration"]), "arrays": arrays,
-                                 "per_sample": per_sample})
+                                 "per_sample": per_sample, "per_rank": per_rank or {}})
         self.elapsed_before = float(attrs.get("elapsed_s", 0.0))
         self.log.info("resumed from %s (iteration %d, written by %s rank(s))", self.resumed,
                       trainer.iteration, attrs.get("world_size"))
@@ -405,6 +422,8 @@ class TrainingRun:
             "parallel": parallel,
             **self.control.summary(self.ran),
             "ranks": comm.size,
+            **({"virtual_ranks": self.ranks.size, "ledger": "counted"}
+               if self.ranks.counted else {}),
             "iterations": trainer.iteration,
             "iterations_per_rank": per_rank,
             **{k: self.metrics.get(k) for k in ("train_loss", "train_accuracy", "test_loss",
@@ -433,7 +452,8 @@ class TrainingRun:
         path = write_checkpoint(
             self.comm, self.ckpt_dir, state["iteration"], params=self.trainer.params,
             per_sample=state["per_sample"], arrays=state["arrays"], n_global=info.n,
-            keep=cfg.checkpoint.keep,
+            keep=cfg.checkpoint.keep, per_rank=state.get("per_rank"),
+            ranks=self.ranks.size,
             attrs={"algo": cfg.train.algo, "config_toml": cfg.to_toml(),
                    "config_hash": cfg.hash(), "world_size": self.comm.size,
                    "partition": np.array(self.starts + [info.n]),

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import make_local
 
-from padmmirnn.admm.minibatch import MinibatchAdmm, RunningGram
+from padmmirnn.admm.blockstep import RunningGram
+from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.cli import main
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import build_config

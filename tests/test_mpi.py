@@ -178,19 +178,20 @@ def test_minibatch_deterministic_reduction_is_bitwise_for_any_rank_count(comm):
 
 
 def test_minibatch_local_steps_average_once_per_period(comm):
-    """admm.sync_every = I > 1: local steps on each rank's samples, one reduction every I
-    steps and at the end of a pass; every rank then holds the same weights, the ledger
-    counts those reductions only, and the passes reduce the global training loss."""
-    from padmmirnn.admm.minibatch import MinibatchAdmm
+    """admm.consensus = average with sync_every = I: local steps on each rank's samples,
+    one reduction every I steps and at the end of a pass; every rank then holds the same
+    weights, the ledger counts those reductions only, and the passes reduce the global
+    training loss."""
+    from padmmirnn.admm.consensus import ConsensusAdmm
     from padmmirnn.nn import loss_sums
 
     full = make_local("dense", False, n=80, steps=5, dim=6, classes=3, seed=23)
     full.targets[0] = np.argmax(full.inputs.sum(0)[:, :3], axis=1)  # learnable
     cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10,
-                                  "admm.sync_every": 3})
+                                  "admm.consensus": "average", "admm.sync_every": 3})
     start, stop = partition(80, comm.size, comm.rank)
     mine = _slice(full, start, stop)
-    tr = MinibatchAdmm(cfg, mine, 80, comm)
+    tr = ConsensusAdmm(cfg, mine, 80, comm)
     assert tr.local_steps == 8  # 40 samples per rank, local batches of 5
 
     def global_loss():
@@ -204,3 +205,32 @@ def test_minibatch_local_steps_average_once_per_period(comm):
         gathered = comm.allgather(value.tobytes())
         assert gathered[0] == gathered[1], name
     assert global_loss() < before
+
+
+@pytest.mark.parametrize("mode", ["none", "average", "duals", "outer"])
+def test_virtual_ranks_equal_real_ranks(comm, mode):
+    """train.virtual_ranks = 2 on one process runs the algorithm of two ranks: every
+    iterate equals that of the real 2-rank job (1e-10), in SP and every consensus mode,
+    and the ledger counts the same synchronisations and bytes."""
+    from padmmirnn.admm.consensus import ConsensusAdmm
+    from padmmirnn.admm.minibatch import MinibatchAdmm
+    from padmmirnn.comm.virtual import VirtualRanks
+
+    full = make_local("dense", False, n=50, steps=4, dim=5, classes=3, seed=29)
+    cfg = build_config(overrides={"model.hidden": 6, "admm.batch_size": 8,
+                                  "admm.consensus": mode, "admm.sync_every": 2,
+                                  "admm.consensus_rho": 0.5})
+    kind = MinibatchAdmm if mode == "none" else ConsensusAdmm
+    start, stop = partition(50, comm.size, comm.rank)
+    real = kind(cfg, _slice(full, start, stop), 50, comm)
+    serial = SerialComm()
+    virtual = kind(cfg, full, 50, serial, ranks=VirtualRanks(serial, 2))
+    syncs = comm.ledger.syncs
+    for _ in range(3):
+        real.step()
+        virtual.step()
+        for name, value in virtual.params.arrays().items():
+            np.testing.assert_allclose(getattr(real.params, name), value, rtol=1e-10,
+                                       atol=1e-12, err_msg=f"{mode} {name}")
+    assert comm.ledger.syncs - syncs == serial.ledger.syncs > 0
+    assert real.bytes_per_step == virtual.bytes_per_step

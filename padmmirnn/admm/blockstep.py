@@ -1,0 +1,353 @@
+"""The mini-batch hybrid ADMM step (docs/design.md, section 5), for any cell and layer
+count: from a batch's statistics to new weights.
+
+For each mini-batch B:
+
+1. the auxiliaries of B's samples are a forward pass of the current weights and their
+   multipliers the least-squares (KKT) estimate, a backward recursion (``lambda =
+   -dl/dP``, ``lambda3 = -dl/do``) through the cells (:class:`~padmmirnn.nn.Network`);
+2. the Gram statistics of the weight blocks over B are formed: for layer l's block
+   ``[U b W]`` (all gates) with ``z_t = [x_t; 1; s_{t-1}]``, ``G = sum z z^T`` and
+   ``D = sum lambda z^T``; for the output block ``[V c]`` with ``z = [s_t; 1]`` (t in
+   O), ``G`` and ``D = sum lambda3 z^T``; summed over the ranks by one reduction;
+3. each block keeps a running estimate of its Gram matrix, ``C <- beta C + (1 - beta)
+   G / rows`` (``C = I`` at the start), and takes the step of its augmented-Lagrangian
+   subproblem on B with ``C`` in place of the training set's Gram matrix:
+
+       Theta <- Theta + (1/rho) (D / R - nu Theta~ - rho_c (Theta - A)) (C + damping I)^-1,
+
+   ``R`` the output rows of B (``D / R`` is minus the gradient of the mean loss),
+   ``Theta~`` the weights without biases, ``A`` an anchor with weight ``rho_c`` (the
+   consensus modes' proximal term; none otherwise), the change capped at
+   ``trust_radius sqrt(|O|)`` in Frobenius norm per block, and the whole step scaled
+   by the penalty schedule. With ``C`` the batch's own Gram matrix (no damping, cap or
+   anchor) this is the exact block minimiser of B's augmented Lagrangian: one side of a
+   Kronecker-factored Gauss-Newton step.
+
+A GRU's candidate rows solve their input part ``[U_n b_n]`` against the ``[x; 1]``
+sub-block of the running Gram and their recurrent part ``[b_h W_n]`` against the ``[1;
+s]`` sub-block (:mod:`padmmirnn.nn.cells.gru`).
+
+Token inputs: ``x x^T`` is the diagonal of token counts, so ``C`` is held as that
+diagonal, the ``[vocab, 1 + h]`` block ``sum x [1; s]^T`` and the ``(1 + h)``-square
+rest, and solved through the Schur complement of the diagonal (no ``vocab``-square
+matrix is formed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from padmmirnn import kernels
+from padmmirnn.admm.packed import Field, Layout
+from padmmirnn.config import AdmmConfig
+from padmmirnn.nn import LOSSES, Network, Params, outputs
+from padmmirnn.nn.cells.base import side_by_side
+from padmmirnn.samples import DatasetInfo, LocalData
+
+
+class RunningGram:
+    """The running Gram estimate ``C`` of one weight block (a dense SPD matrix, or for
+    token inputs the diagonal of counts, the cross block and the rest) and the solve
+    ``X (C + damping I) = R``, also against a principal sub-block of ``C``."""
+
+    def __init__(self, width: int, vocab: int = 0):
+        self.vocab = vocab
+        rest = width - vocab
+        self.diag = np.ones(vocab)  # x x^T of one-hot inputs: the token frequencies
+        self.cross = np.zeros((vocab, rest))  # sum x [1; s]^T
+        self.rest = np.eye(rest)  # the dense block
+
+    def update(self, stats: dict[str, np.ndarray], rows: float, decay: float) -> None:
+        """``C <- decay C + (1 - decay) G / rows`` with the batch's Gram blocks."""
+        w = (1.0 - decay) / rows
+        self.rest *= decay
+        self.rest += w * stats["rest"]
+        if self.vocab:
+            self.diag *= decay
+            self.diag += w * stats["diag"]
+            self.cross *= decay
+            self.cross += w * stats["cross"]
+
+    def solve(self, R: np.ndarray, damping: float, lo: int = 0, hi: int | None = None,
+              vocab: bool = True) -> np.ndarray:
+        """X with X (C' + damping I) = R, ``C'`` the principal sub-block of ``C`` on the
+        dense columns ``[lo, hi)`` (and the token columns unless ``vocab`` is False);
+        ``R`` ``[m, width']`` with its columns in that order."""
+        rest = self.rest[lo:hi, lo:hi] + damping * np.eye(self.rest[lo:hi, lo:hi].shape[0])
+        if not (self.vocab and vocab):
+            return _spd_solve_right(rest, R)
+        d = self.diag + damping
+        cross = self.cross[:, lo:hi]
+        Rx, Rr = R[:, :self.vocab], R[:, self.vocab:]
+        scaled = cross / d[:, None]  # D^-1 B
+        Xr = _spd_solve_right(rest - cross.T @ scaled, Rr - Rx @ scaled)
+        Xx = (Rx - Xr @ cross.T) / d
+        return np.concatenate([Xx, Xr], axis=1)
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {f"{prefix}.rest": self.rest}
+        if self.vocab:
+            out.update({f"{prefix}.diag": self.diag, f"{prefix}.cross": self.cross})
+        return out
+
+    def load(self, arrays: dict, prefix: str) -> None:
+        self.rest = np.array(arrays[f"{prefix}.rest"], np.float64)
+        if self.vocab:
+            self.diag = np.array(arrays[f"{prefix}.diag"], np.float64)
+            self.cross = np.array(arrays[f"{prefix}.cross"], np.float64)
+
+    def copy(self) -> RunningGram:
+        out = RunningGram(self.vocab + self.rest.shape[0], self.vocab)
+        out.diag, out.cross, out.rest = self.diag.copy(), self.cross.copy(), self.rest.copy()
+        return out
+
+
+def _spd_solve_right(G: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """X with X G = R for a symmetric positive definite G (G X^T = R^T: one LU solve,
+    cheaper here than a Cholesky factor and two general solves)."""
+    return np.linalg.solve(G, R.T).T
+
+
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a b^T`` in float64 (float32 operands: their product, in float64)."""
+    return (a @ b.T).astype(np.float64, copy=False)
+
+
+def batch_layout(net: Network, dz: int, vocab: int, h: int, classes: int) -> Layout:
+    """The packed statistics of one mini-batch (one reduction): per layer ``l`` the Gram
+    blocks of its regressors ``z_t = [x_t; 1; s_{t-1}]`` and ``D = sum delta z^T`` (the
+    first layer's token blocks; a GRU's candidate bias sum), the output block's, the
+    loss sum and the two row counts."""
+    G = net.cell.gates
+    fields = []
+    for l in range(net.layers):
+        dx = dz if l == 0 else h
+        width = dx + 1 + h
+        fields += [Field(f"l{l}.rest", (width, width), symmetric=True),
+                   Field(f"l{l}.D", (G * h, width))]
+        if l == 0 and vocab:
+            fields += [Field("l0.diag", (vocab,)), Field("l0.cross", (vocab, 1 + h)),
+                       Field("l0.Dx", (G * h, vocab))]
+        if net.cell.extra_bias:
+            fields.append(Field(f"l{l}.bh", (h,)))
+    fields += [Field("out.rest", (h + 1, h + 1), symmetric=True),
+               Field("out.D", (classes, h + 1)), Field("counts", (3,))]
+    return Layout(fields)
+
+
+def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
+                     dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Forward pass, KKT multipliers and the Gram statistics of one (local) batch, as
+    the fields of :func:`batch_layout` (``counts`` = [loss sum, input rows, output
+    rows]); ``p`` in ``dtype``."""
+    info = batch.info
+    steps, n = batch.inputs.shape[:2]
+    h = p.hidden
+    m2m = info.many_to_many
+    # steps side by side in memory ([rows, T, n]): the sums over steps and samples
+    # below are single products of [rows, T n] views
+    fwd = net.forward(p, batch, side_by_side_layout=True, dtype=dtype)
+    S = fwd.states
+    lam3 = outputs(p, S, m2m)  # o, then lambda3 = -dl/do, rows [|O|, n, K]
+    rows = lam3.shape[0] * lam3.shape[1]
+    total = kernels.output_delta(lam3.reshape(rows, -1), batch.targets.reshape(-1),
+                                 LOSSES[loss], -1.0)
+    net.adjoint(p, fwd, lam3, m2m)  # seeds -dl/do: the multipliers lambda1 = -dl/dP
+    out = {}
+    for l in range(net.layers):
+        zs = fwd.regressors(l)
+        zc = side_by_side(zs)
+        out[f"l{l}.rest"] = _gram(zc, zc)
+        sums = net.layer_sums(fwd, l, info.dim)
+        out[f"l{l}.D"] = sums["D"]
+        if "bh" in sums:
+            out[f"l{l}.bh"] = sums["bh"]
+        if l == 0 and fwd.tokens is not None:
+            out["l0.diag"] = kernels.token_counts(batch.inputs.reshape(-1), info.dim)
+            out["l0.cross"] = kernels.segment_sum_columns(batch.inputs, zs, info.dim)
+            out["l0.Dx"] = sums["Dx"]
+    s_out = S[1:] if m2m else S[-1:]
+    sc = side_by_side(s_out)
+    ss = _gram(sc, sc)
+    s_sum = sc.sum(axis=1, dtype=np.float64)
+    G_out = np.empty((h + 1, h + 1))
+    G_out[:h, :h], G_out[:h, h], G_out[h, :h], G_out[h, h] = ss, s_sum, s_sum, rows
+    lam_rows = lam3.reshape(rows, -1)
+    D_out = np.empty((lam3.shape[-1], h + 1))
+    D_out[:, :h] = _gram(side_by_side(lam3.transpose(0, 2, 1)), sc)
+    D_out[:, h] = lam_rows.sum(axis=0, dtype=np.float64)
+    out.update({"out.rest": G_out, "out.D": D_out,
+                "counts": np.array([total, float(steps * n), float(rows)])})
+    return out
+
+
+def _gram_name(layer: int) -> str:
+    """Checkpoint prefix of a layer's running Gram (``gram_in`` for the first layer)."""
+    return "gram_in" if layer == 0 else f"gram_in_{layer}"
+
+
+@dataclass
+class BlockState:
+    """What one (virtual) rank steps: the weights and every block's running Gram."""
+
+    params: Params
+    grams: list[RunningGram]
+    gram_out: RunningGram
+
+    def _grams(self) -> list[RunningGram]:
+        return [*self.grams, self.gram_out]
+
+    def flat(self) -> np.ndarray:
+        """The weights and the running Gram estimates in one float64 vector."""
+        parts = [self.params.flat()]
+        for gram in self._grams():
+            parts += [a.ravel() for a in gram.state("").values()]
+        return np.concatenate(parts)
+
+    def load_flat(self, flat: np.ndarray) -> None:
+        """The inverse of :meth:`flat` (in place)."""
+        n = self.params.size
+        self.params = Params.from_flat(flat[:n], self.params)
+        self.load_grams(flat[n:])
+
+    def load_grams(self, flat: np.ndarray) -> None:
+        """The running Grams from the tail of :meth:`flat`."""
+        lo = 0
+        for gram in self._grams():
+            for a in gram.state("").values():
+                a[...] = flat[lo:lo + a.size].reshape(a.shape)
+                lo += a.size
+
+    def state(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The running Grams as checkpoint arrays (the weights are stored apart)."""
+        out = self.gram_out.state(f"{prefix}gram_out")
+        for l, gram in enumerate(self.grams):
+            out.update(gram.state(prefix + _gram_name(l)))
+        return out
+
+    def load(self, arrays: dict, prefix: str = "") -> None:
+        for l, gram in enumerate(self.grams):
+            gram.load(arrays, prefix + _gram_name(l))
+        self.gram_out.load(arrays, f"{prefix}gram_out")
+
+    def copy(self) -> BlockState:
+        out = BlockState(self.params.copy(), [g.copy() for g in self.grams],
+                         self.gram_out.copy())
+        return out
+
+
+class BlockStep:
+    """The step of one mini-batch for ``net`` on data like ``info`` with ``h`` units,
+    under the ADMM settings ``a`` (already resolved for the batch size: see
+    :func:`padmmirnn.admm.batchrule.resolve`)."""
+
+    def __init__(self, a: AdmmConfig, net: Network, info: DatasetInfo, h: int,
+                 loss: str, dtype: np.dtype):
+        self.a, self.net, self.loss, self.dtype = a, net, loss, np.dtype(dtype)
+        self.dz = 0 if info.kind == "tokens" else info.dim
+        self.vocab = info.dim if info.kind == "tokens" else 0
+        self.h = h
+        self.out_scale = float(np.sqrt(info.steps if info.many_to_many else 1))
+        self.layout = batch_layout(net, self.dz, self.vocab, h, info.classes)
+
+    def initial(self, params: Params) -> BlockState:
+        """``params`` with every running Gram at the identity."""
+        h = self.h
+        grams = [RunningGram((self.vocab or self.dz) + 1 + h, self.vocab) if l == 0
+                 else RunningGram(2 * h + 1) for l in range(self.net.layers)]
+        return BlockState(params, grams, RunningGram(h + 1))
+
+    def statistics(self, params: Params, batch: LocalData) -> dict[str, np.ndarray]:
+        """The statistics of the samples of ``batch`` (zeros if it has none)."""
+        if not batch.n:
+            return self.layout.unpack(np.zeros(self.layout.size))
+        return batch_statistics(self.net, params.astype(self.dtype), batch, self.loss,
+                                self.dtype)
+
+    def apply(self, state: BlockState, st: dict[str, np.ndarray], scale: float,
+              anchor: Params | None = None, rho_c: float = 0.0) -> float:
+        """Every block of ``state`` from one mini-batch's (global) statistics ``st``, the
+        step divided by the penalty schedule's ``scale``; ``anchor``: the proximal
+        point of the consensus modes, with weight ``rho_c``. Returns the batch's mean
+        loss."""
+        a, p = self.a, state.params
+        h = self.h
+        loss_sum, _, out_rows = st["counts"]
+        for l in range(self.net.layers):
+            self._layer_step(state, l, st, out_rows, scale,
+                             None if anchor is None else anchor.layer(l), rho_c)
+        state.gram_out.update({"rest": st["out.rest"]}, out_rows, a.cov_decay)
+        grad = st["out.D"] / out_rows
+        grad[:, :h] -= a.nu * p.V
+        if anchor is not None:
+            grad[:, :h] -= rho_c * (p.V - anchor.V)
+            grad[:, h] -= rho_c * (p.c - anchor.c)
+        step = state.gram_out.solve(grad, a.damping)
+        factor = self._factor([step], a.rho3, scale)
+        p.V = p.V + factor * step[:, :h]
+        p.c = p.c + factor * step[:, h]
+        return float(loss_sum / out_rows)
+
+    def _layer_step(self, state: BlockState, l: int, st: dict[str, np.ndarray],
+                    out_rows: float, scale: float, anchor, rho_c: float) -> None:
+        """Layer ``l``'s block ``[U b W]`` (columns in the order of ``z_t = [x_t; 1;
+        s_{t-1}]``); a GRU's candidate rows solve their input part ``[U_n b_n]`` against
+        the ``[x; 1]`` sub-block of the running Gram and their recurrent part ``[b_h W_n]``
+        against the ``[1; s]`` one."""
+        a, p = self.a, state.params
+        w = p.layer(l)
+        gram = state.grams[l]
+        gram.update({"rest": st[f"l{l}.rest"], "diag": st.get("l0.diag"),
+                     "cross": st.get("l0.cross")}, st["counts"][1], a.cov_decay)
+        D = st[f"l{l}.D"]
+        tokens = l == 0 and self.vocab
+        if tokens:  # columns of the running Gram: [x (vocab); 1; s]
+            D = np.concatenate([st["l0.Dx"], D], axis=1)
+        X = w.U.shape[1]  # columns of x
+        grad = D / out_rows
+        grad[:, :X] -= a.nu * w.U
+        grad[:, X + 1:] -= a.nu * w.W
+        split = self.net.cell.split(self.h)
+        g_bh = None if split is None else st[f"l{l}.bh"] / out_rows
+        if anchor is not None:  # the proximal term -rho_c (Theta - A)
+            grad[:, :X] -= rho_c * (w.U - anchor.U)
+            grad[:, X] -= rho_c * (w.b - anchor.b)
+            grad[:, X + 1:] -= rho_c * (w.W - anchor.W)
+            if g_bh is not None:
+                g_bh = g_bh - rho_c * (w.bh - anchor.bh)
+        step = np.empty_like(grad)
+        keep = np.ones(grad.shape[0], bool)
+        if split is not None:
+            keep[split] = False
+        step[keep] = gram.solve(grad[keep], a.damping)
+        parts = [step]
+        if split is not None:
+            dx = 0 if tokens else X  # where the constant column sits in the dense block
+            step[split, :X + 1] = gram.solve(grad[split, :X + 1], a.damping, 0, dx + 1)
+            hidden = gram.solve(np.concatenate([g_bh[:, None], grad[split, X + 1:]], axis=1),
+                                a.damping, dx, None, vocab=False)
+            step[split, X + 1:] = hidden[:, 1:]
+            parts.append(hidden[:, :1])
+        factor = self._factor(parts, a.rho1, scale)
+        w.U = w.U + factor * step[:, :X]
+        w.b = w.b + factor * step[:, X]
+        w.W = w.W + factor * step[:, X + 1:]
+        if split is not None:
+            w.bh = w.bh + factor * parts[1][:, 0]
+        p.set_layer(l, w)
+
+    def _factor(self, steps: list[np.ndarray], rho: float, scale: float) -> float:
+        """The factor of a block's solved direction: ``1 / (rho scale)``, lowered so that
+        the change stays within the trust radius, ``trust_radius sqrt(|O|) / scale``: a
+        sample with a label per step carries |O| targets, and its batch's step direction
+        is correspondingly less noisy (measured: 0.25 fits one label per sequence, about
+        2.5 a character model with 100 labels per sequence)."""
+        factor = 1.0 / rho
+        norm = factor * float(np.sqrt(sum(np.vdot(s, s) for s in steps)))
+        radius = self.a.trust_radius * self.out_scale
+        if radius and norm > radius:
+            factor *= radius / norm
+        return factor / scale
