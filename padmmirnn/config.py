@@ -73,6 +73,9 @@ class TrainConfig:
                                  "(train accuracy without a test split) reaches this "
                                  "(0: off; not for async runs, which evaluate at the end)",
                                  low=0.0)
+    target_loss: float = opt(0.0, "stop after the first evaluation whose test loss (train "
+                             "loss without a test split) is at most this, e.g. nats per "
+                             "character (0: off; not for async runs)", low=0.0)
     staleness: int = opt(1, "async: tau, counted as staleness_kind says", low=0)
     staleness_kind: str = opt("iterations", "async: no worker more than tau iterations ahead "
                               "of the slowest, or no contribution read more than tau "
@@ -270,6 +273,7 @@ class Config:
 # (parallel, staleness, staleness_kind, straggler) do change the iterates -- an async
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "target_accuracy",
+               "target_loss",
                "staleness", "staleness_kind", "straggler", "progress_thread",
                "collective_timeout_s",
                "net_latency_us", "net_bandwidth_gbs")
@@ -361,7 +365,7 @@ def _validate(cfg: Config) -> None:
     if t.target_accuracy > 1:
         raise ConfigError(f"train.target_accuracy is a fraction (0.85 for 85%), got "
                           f"{t.target_accuracy}")
-    if t.target_accuracy and t.parallel == "async":
+    if (t.target_accuracy or t.target_loss) and t.parallel == "async":
         raise ConfigError("train.target_accuracy needs evaluations during the run: async runs "
                           "evaluate at their end only (use train.parallel = sync or none)")
     if t.staleness_kind == "publishes" and (t.parallel != "async" or t.eval_every

@@ -231,7 +231,7 @@ class TrainingRun:
         self.metrics: dict = {}
         self.evaluated_at = -1  # the iteration the metrics belong to
         self.stopped: str | None = None
-        self.reached_target: int | None = None  # iteration that reached target_accuracy
+        self.reached_target: int | None = None  # iteration that reached a target
 
     def _chunk(self) -> int | None:
         return self.cfg.train.chunk if self.cfg.train.reduction == "deterministic" else None
@@ -365,13 +365,14 @@ class TrainingRun:
         self.evaluated_at = k
 
     def _reached_target(self) -> bool:
-        """Whether this evaluation reached ``train.target_accuracy`` (the metrics are
+        """Whether this evaluation reached ``train.target_accuracy`` or
+        ``train.target_loss`` (on the test split, else the training one; the metrics are
         reduced, so every rank decides the same)."""
-        target = self.cfg.train.target_accuracy
-        accuracy = self.metrics.get("test_accuracy")
-        if accuracy is None:
-            accuracy = self.metrics.get("train_accuracy")
-        if target and accuracy is not None and accuracy >= target:
+        t = self.cfg.train
+        split = "test" if self.metrics.get("test_accuracy") is not None else "train"
+        accuracy, loss = self.metrics[f"{split}_accuracy"], self.metrics[f"{split}_loss"]
+        if (t.target_accuracy and accuracy >= t.target_accuracy) or (
+                t.target_loss and loss <= t.target_loss):
             self.reached_target = self.trainer.iteration
         return self.reached_target is not None
 

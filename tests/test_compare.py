@@ -134,3 +134,12 @@ def test_target_accuracy_stops_after_the_first_evaluation_that_reaches_it(tmp_pa
     assert main([*common, "--set", "train.target_accuracy=85", "--out",
                  str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+    # a loss target (nats): the first evaluation at or below it
+    losses = [r["test_loss"] for r in rows]
+    goal = sorted(losses)[1]
+    first = next(r["iteration"] for r in rows if r["test_loss"] <= goal)
+    out = tmp_path / "loss"
+    assert main([*common, "--iterations", "12", "--set", f"train.target_loss={goal!r}",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == first == summary["target_reached_at"]
