@@ -3,7 +3,7 @@ dataset, every collective and one-sided round trip delayed by ``alpha`` (the
 ``train.net_latency_us`` option) for each alpha in ``--latencies``.
 
 Modes: the mini-batch ADMM default (SP, one reduction per mini-batch), the same with
-local steps (``admm.sync_every = 63``: one reduction per pass), the full-batch hybrid
+local steps averaged once per pass (``admm.consensus = average``), the full-batch hybrid
 (SP), AP over the full-batch hybrid with staleness 2 (iteration gap and bounded delay),
 and data-parallel Adam (its defaults). Time to the target: for runs that evaluate every
 iteration or epoch, the wall time of the first evaluation at or above it; for AP, which
@@ -19,8 +19,8 @@ from pathlib import Path
 
 MODES = (
     ("ADMM mini-batch (SP, default)", ["--iterations", "4"], False),
-    ("ADMM mini-batch, sync_every 63", ["--iterations", "4", "--set", "admm.sync_every=63"],
-     False),
+    ("ADMM mini-batch, averaged once per pass", ["--iterations", "4", "--set",
+                                                  "admm.consensus=average"], False),
     ("ADMM full-batch (SP)", ["--config", "fullbatch", "--iterations", "40"], False),
     ("ADMM AP gap, tau 2", ["--config", "fullbatch", "--parallel", "async",
                             "--staleness", "2"], True),

@@ -157,13 +157,14 @@ class AdmmConfig:
     trust_radius: float = opt(0.25, "mini-batch: cap of each block's change per step "
                               "(Frobenius norm), times sqrt(|O|) with a label per step "
                               "(0: none)", low=0.0)
-    consensus: str = opt("none", "mini-batch: none: every mini-batch is global (one "
+    consensus: str = opt("auto", "mini-batch: none: every mini-batch is global (one "
                          "reduction each; equals the serial run); average, duals or outer: "
                          "each (virtual) rank takes local steps on batch_size / ranks of its "
                          "own samples and a join every sync_every steps averages them, corrects "
                          "their drift with per-rank duals (consensus ADMM), or takes an outer "
-                         "Nesterov step on the averaged change (docs/design.md, section 5)",
-                         choices=("none", "average", "duals", "outer"))
+                         "Nesterov step on the averaged change (docs/design.md, section 5); "
+                         "auto: none, or duals for train.parallel = async",
+                         choices=("auto", "none", "average", "duals", "outer"))
     sync_every: int = opt(0, "consensus modes: local steps between joins (0: one join per "
                           "pass, at its end)", low=0)
     consensus_rho: float = opt(1.0, "consensus = duals: rho_c of the proximal term "
@@ -239,6 +240,16 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def consensus(self) -> str:
+        """The consensus mode in force (``admm.consensus``; ``auto``: SP, or the duals in
+        asynchronous runs); ``none`` for everything but mini-batch ADMM."""
+        a = self.admm
+        if self.train.algo != "admm" or not a.batch_size:
+            return "none"
+        if a.consensus != "auto":
+            return a.consensus
+        return "duals" if self.train.parallel == "async" else "none"
 
     def backtracking(self) -> bool:
         """The step control in force: ``auto`` backtracks where it can (weights from a
@@ -380,16 +391,17 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and cfg.admm.momentum:
         raise ConfigError("train.parallel = async needs admm.momentum = 0 (each worker's "
                           "heavy-ball term would follow its own stale weights)")
-    if cfg.admm.batch_size and t.parallel == "async" and t.algo == "admm":
-        raise ConfigError("train.parallel = async runs full-batch ADMM: add --config fullbatch "
-                          "(or --set admm.batch_size=0); mini-batch ADMM (admm.batch_size > 0) "
-                          "runs with train.parallel auto, none or sync")
+    if cfg.admm.batch_size and t.parallel == "async" and t.algo == "admm" and (
+            cfg.consensus() not in ("average", "duals") or cfg.admm.sync_every):
+        raise ConfigError("train.parallel = async runs mini-batch ADMM as consensus with one "
+                          "join per pass: admm.consensus = duals (auto) or average, "
+                          "admm.sync_every = 0 (or the full-batch engine: --config fullbatch)")
     if cfg.admm.batch_size and t.reduction == "deterministic" and cfg.admm.batch_size % t.chunk:
         raise ConfigError(f"admm.batch_size = {cfg.admm.batch_size} must be a multiple of "
                           f"train.chunk = {t.chunk} with train.reduction = deterministic "
                           "(a mini-batch is a group of whole chunks)")
-    if cfg.admm.consensus != "none" and (not cfg.admm.batch_size or t.algo != "admm"
-                                          or t.reduction == "deterministic"):
+    if cfg.admm.consensus not in ("none", "auto") and (
+            not cfg.admm.batch_size or t.algo != "admm" or t.reduction == "deterministic"):
         raise ConfigError(f"admm.consensus = {cfg.admm.consensus!r} is for mini-batch ADMM "
                           "(train.algo = admm, admm.batch_size > 0, train.reduction = fast)")
     if t.virtual_ranks and t.parallel == "async":

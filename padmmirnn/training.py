@@ -100,14 +100,14 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
     if cfg.train.algo != "admm":
         return GradientTrainer(cfg, train.local, train.info.n, comm, params), \
             SyncControl(cfg, comm)
-    if cfg.admm.batch_size and cfg.admm.consensus != "none":
+    if cfg.train.parallel == "async" and comm.size > 1:
+        return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
+    if cfg.consensus() != "none":
         return ConsensusAdmm(cfg, train.local, train.info.n, comm, params, ranks), \
             SyncControl(cfg, comm)
     if cfg.admm.batch_size:
         return MinibatchAdmm(cfg, train.local, train.info.n, comm, params, train.parts,
                              ranks), SyncControl(cfg, comm)
-    if cfg.train.parallel == "async" and comm.size > 1:
-        return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
     return AdmmEngine(cfg, train.parts, train.info.n, comm, params), SyncControl(cfg, comm)
 
 

@@ -196,3 +196,60 @@ def test_a_stop_before_a_ranks_first_step_ends_every_rank(comm):
         for name, value in engine.params.arrays().items():
             gathered = comm.allgather(value.tobytes())
             assert gathered[0] == gathered[1], name
+
+
+@pytest.mark.parametrize("mode", ["duals", "average"])
+def test_consensus_with_staleness_zero_equals_the_synchronous_consensus(comm, mode):
+    """AP runs mini-batch consensus ADMM through the window (no preset): with tau = 0
+    every join reads every rank's contribution of the same pass, so the iterates equal
+    those of the synchronous consensus run (1e-10), duals included."""
+    from padmmirnn.admm.consensus import ConsensusAdmm
+
+    full = make_local("dense", False, n=48, steps=4, dim=5, classes=3, seed=17)
+    data = _local(full, comm)
+    common = {"model.hidden": 6, "admm.batch_size": 16, "admm.consensus": mode}
+    sync = ConsensusAdmm(build_config(overrides=common), data, 48, comm)
+    cfg = build_config(overrides={**common, "train.parallel": "async", "train.staleness": 0})
+    trainer, control = asynchronous.build(cfg, [data], 48, comm)
+    assert isinstance(trainer, ConsensusAdmm) and trainer.mode == mode
+    with freed_on_success(control.close):
+        for _ in range(3):
+            sync.step()
+            control.before_step()
+            trainer.step()
+            for name, value in sync.params.arrays().items():
+                np.testing.assert_allclose(getattr(trainer.params, name), value,
+                                           rtol=1e-10, atol=1e-12, err_msg=name)
+        if mode == "duals":
+            np.testing.assert_allclose(trainer.workers[0].dual, sync.workers[0].dual,
+                                       rtol=1e-9, atol=1e-12)
+        control.quiesce()
+        for name, value in trainer.params.arrays().items():
+            gathered = comm.allgather(value.tobytes())
+            assert gathered[0] == gathered[1], name
+
+
+def test_the_default_runs_asynchronously_with_staleness(comm, tmp_path_factory):
+    """`padmmirnn train --parallel async --staleness 2` runs the mini-batch default as
+    consensus with duals (no preset needed), and trains as well as the synchronous
+    consensus run of the same passes (training loss within 5%)."""
+    from conftest import write_random_split
+
+    from padmmirnn.cli import main
+
+    root = comm.bcast(str(tmp_path_factory.mktemp("ap")) if comm.rank == 0 else None)
+    path = f"{root}/toy_train.h5"
+    if comm.rank == 0:
+        x, y = write_random_split(path, n=96, steps=4, dim=5, classes=3, seed=5)
+    comm.barrier()
+    common = ["train", "--dataset", path, "--iterations", "6", "--set", "model.hidden=8",
+              "--set", "admm.batch_size=16"]
+    assert main([*common, "--parallel", "async", "--staleness", "2", "--out",
+                 f"{root}/ap"]) == 0
+    assert main([*common, "--set", "admm.consensus=duals", "--out", f"{root}/sp"]) == 0
+    comm.barrier()  # rank 0 has written the summaries
+    import json
+
+    ap, sp = (json.loads(open(f"{root}/{name}/summary.json").read()) for name in ("ap", "sp"))
+    assert ap["parallel"] == "async" and ap["iterations"] == 6
+    assert ap["train_loss"] < 1.05 * sp["train_loss"] < np.log(3)

@@ -66,17 +66,14 @@ class ConsensusAdmm:
 
     def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
                  params: Params | None = None, ranks: VirtualRanks | None = None):
+        """``ranks``: the (virtual) ranks and their reduction, or in asynchronous runs the
+        window exchange offering the same ``size``, ``local`` and ``allreduce_sum``."""
         self.cfg, self.a = cfg, cfg.admm
         self.data, self.n_global, self.comm = data, n_global, comm
         self.ranks = ranks or VirtualRanks(comm, comm.size)
         info = data.info
-        m = cfg.model
-        self.net = Network.build(m.cell, m.activation, m.layers)
-        if params is None:
-            params = self.net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
-                                          m.w_init, m.init_scale)
-        self.block = BlockStep(self.a, self.net, info, m.hidden, m.loss, cfg.train.dtype)
-        self.mode = self.a.consensus
+        self.net, self.block, params = self.model(cfg, info, params)
+        self.mode = cfg.consensus()
         P = self.ranks.size
         self.global_state = self.block.initial(params)  # z (duals), theta (outer, average)
         self.velocity = np.zeros(params.size) if self.mode == "outer" else None
@@ -98,10 +95,34 @@ class ConsensusAdmm:
         self.steps = 0  # local steps of one rank
         self.last: dict = {}
 
+    @staticmethod
+    def model(cfg: Config, info, params: Params | None = None):
+        """The network, its block step and the (initial) weights."""
+        m = cfg.model
+        net = Network.build(m.cell, m.activation, m.layers)
+        if params is None:
+            params = net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
+                                     m.w_init, m.init_scale)
+        return net, BlockStep(cfg.admm, net, info, m.hidden, m.loss, cfg.train.dtype), params
+
+    @staticmethod
+    def buffer_size(cfg: Config, info) -> int:
+        """The float64 words one rank contributes to a join (:meth:`_buffer`)."""
+        _, block, params = ConsensusAdmm.model(cfg, info)
+        return block.initial(params).flat().size
+
     @property
     def params(self) -> Params:
         """The joined weights (the consensus ``z``, or the global ``theta``)."""
         return self.global_state.params
+
+    def adopt(self, total: np.ndarray) -> None:
+        """Every rank's state from a sum over the ranks of their :meth:`_buffer` (an
+        asynchronous run's final window): the joined weights and Grams, duals kept."""
+        mean = total / self.ranks.size
+        self.global_state.load_flat(mean)
+        for w in self.workers:
+            w.state.load_flat(mean)
 
     # ------------------------------------------------------------------ joins
 
