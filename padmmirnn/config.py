@@ -163,7 +163,7 @@ class AdmmConfig:
                          "own samples and a join every sync_every steps averages them, corrects "
                          "their drift with per-rank duals (consensus ADMM), or takes an outer "
                          "Nesterov step on the averaged change (docs/design.md, section 5); "
-                         "auto: none, or duals for train.parallel = async",
+                         "auto: none, or average for train.parallel = async",
                          choices=("auto", "none", "average", "duals", "outer"))
     sync_every: int = opt(0, "consensus modes: local steps between joins (0: one join per "
                           "pass, at its end)", low=0)
@@ -242,14 +242,14 @@ class Config:
         return dataclasses.asdict(self)
 
     def consensus(self) -> str:
-        """The consensus mode in force (``admm.consensus``; ``auto``: SP, or the duals in
+        """The consensus mode in force (``admm.consensus``; ``auto``: SP, or averaging in
         asynchronous runs); ``none`` for everything but mini-batch ADMM."""
         a = self.admm
         if self.train.algo != "admm" or not a.batch_size:
             return "none"
         if a.consensus != "auto":
             return a.consensus
-        return "duals" if self.train.parallel == "async" else "none"
+        return "average" if self.train.parallel == "async" else "none"
 
     def backtracking(self) -> bool:
         """The step control in force: ``auto`` backtracks where it can (weights from a
@@ -376,14 +376,19 @@ def _validate(cfg: Config) -> None:
     if t.target_accuracy > 1:
         raise ConfigError(f"train.target_accuracy is a fraction (0.85 for 85%), got "
                           f"{t.target_accuracy}")
-    if (t.target_accuracy or t.target_loss) and t.parallel == "async":
-        raise ConfigError("train.target_accuracy needs evaluations during the run: async runs "
-                          "evaluate at their end only (use train.parallel = sync or none)")
-    if t.staleness_kind == "publishes" and (t.parallel != "async" or t.eval_every
-                                             or cfg.checkpoint.every):
+    if (t.target_accuracy or t.target_loss) and t.parallel == "async" and not (
+            cfg.admm.batch_size and t.eval_every):
+        raise ConfigError("train.target_accuracy and target_loss need evaluations during the "
+                          "run: asynchronous consensus (admm.batch_size > 0) evaluates on rank "
+                          "0 every train.eval_every passes (set it); the full-batch engine "
+                          "evaluates at its end only (use train.parallel = sync or none)")
+    if t.staleness_kind == "publishes" and (
+            t.parallel != "async" or cfg.checkpoint.every
+            or (t.eval_every and not cfg.admm.batch_size)):
         raise ConfigError("train.staleness_kind = publishes is for train.parallel = async, "
-                          "without train.eval_every or checkpoint.every (ranks reach a given "
-                          "iteration at very different times; evaluation and checkpoints "
+                          "without checkpoint.every, nor train.eval_every with the full-batch "
+                          "engine (ranks reach a given iteration at very different times; "
+                          "collective evaluations and checkpoints "
                           "happen at the end and on a stop)")
     if cfg.admm.momentum and not cfg.backtracking():
         raise ConfigError("config key 'admm.momentum' > 0 needs backtracking (admm.step_control "
@@ -394,7 +399,7 @@ def _validate(cfg: Config) -> None:
     if cfg.admm.batch_size and t.parallel == "async" and t.algo == "admm" and (
             cfg.consensus() not in ("average", "duals") or cfg.admm.sync_every):
         raise ConfigError("train.parallel = async runs mini-batch ADMM as consensus with one "
-                          "join per pass: admm.consensus = duals (auto) or average, "
+                          "join per pass: admm.consensus = average (auto) or duals, "
                           "admm.sync_every = 0 (or the full-batch engine: --config fullbatch)")
     if cfg.admm.batch_size and t.reduction == "deterministic" and cfg.admm.batch_size % t.chunk:
         raise ConfigError(f"admm.batch_size = {cfg.admm.batch_size} must be a multiple of "

@@ -36,11 +36,11 @@ from padmmirnn.comm import agree
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config, check_for_ranks, straggler_rank_factor
 from padmmirnn.errors import PadmmError
-from padmmirnn.evaluation import evaluate_run
+from padmmirnn.evaluation import evaluate_run, split_metrics
 from padmmirnn.gradient.trainer import GradientTrainer
 from padmmirnn.logs import Progress, get_logger
 from padmmirnn.memory import check_fits
-from padmmirnn.nn import Params
+from padmmirnn.nn import Params, loss_sums
 from padmmirnn.outputs import TIMING_WARMUP, RunOutput
 from padmmirnn.samples import DatasetInfo
 from padmmirnn.signals import Stop, StopSignals, stop_reason
@@ -62,6 +62,7 @@ class SyncControl:
     (budget, iteration count)."""
 
     asynchronous = False
+    evaluates_alone = False  # evaluations are collective
 
     def __init__(self, cfg: Config, comm):
         self.cfg, self.comm = cfg, comm
@@ -232,6 +233,7 @@ class TrainingRun:
         self.evaluated_at = -1  # the iteration the metrics belong to
         self.stopped: str | None = None
         self.reached_target: int | None = None  # iteration that reached a target
+        self.full_test = None  # AP consensus: rank 0's copy of the whole test split
 
     def _chunk(self) -> int | None:
         return self.cfg.train.chunk if self.cfg.train.reduction == "deterministic" else None
@@ -317,6 +319,10 @@ class TrainingRun:
             if not evaluate:
                 progress.update(k, "")
                 continue
+            if self.control.evaluates_alone:  # AP consensus: rank 0, no collective
+                self._evaluate_snapshot(k)
+                progress.update(k, "")
+                continue
             self._evaluate(k, t_iter, t_comm)
             if not np.isfinite(self.metrics["train_loss"]):
                 self.log.warning("training loss is not finite at iteration %d: stopping", k)
@@ -364,6 +370,34 @@ class TrainingRun:
                           "syncs": int(t_max[3]), "bytes": int(t_max[4])})
         self.evaluated_at = k
 
+    def _evaluate_snapshot(self, k: int) -> None:
+        """Asynchronous consensus: rank 0 evaluates the consensus of the latest window
+        snapshot on the whole test split (and its own training samples), with no
+        collective, and proposes to stop once it reaches the target."""
+        if self.comm.rank != 0:
+            return
+        if self.full_test is None and self.test is not None:
+            info = self.test.info
+            self.full_test = datafiles.read_slice(info, 0, info.n,
+                                                  np.dtype(self.cfg.train.dtype))
+        params = self.control.snapshot_params()
+        m = self.cfg.model
+        metrics = split_metrics("train", loss_sums(params, self.train.local, m.activation,
+                                                   m.loss), self.train.info.many_to_many,
+                                m.loss)
+        if self.full_test is not None:
+            metrics.update(split_metrics("test", loss_sums(params, self.full_test,
+                                                           m.activation, m.loss),
+                                         self.train.info.many_to_many, m.loss))
+        else:
+            metrics.update({"test_loss": None, "test_accuracy": None})
+        self.metrics = metrics
+        self.out.metrics({"iteration": k, "wall_time_s": self._elapsed(), **metrics,
+                          "evaluated": "rank 0: window snapshot; train metrics of its own "
+                                       "samples"})
+        if self._reached_target():
+            self.control.propose(k, Stop.BUDGET)
+
     def _reached_target(self) -> bool:
         """Whether this evaluation reached ``train.target_accuracy`` or
         ``train.target_loss`` (on the test split, else the training one; the metrics are
@@ -371,8 +405,9 @@ class TrainingRun:
         t = self.cfg.train
         split = "test" if self.metrics.get("test_accuracy") is not None else "train"
         accuracy, loss = self.metrics[f"{split}_accuracy"], self.metrics[f"{split}_loss"]
-        if (t.target_accuracy and accuracy >= t.target_accuracy) or (
-                t.target_loss and loss <= t.target_loss):
+        if self.reached_target is None and (
+                (t.target_accuracy and accuracy >= t.target_accuracy)
+                or (t.target_loss and loss <= t.target_loss)):
             self.reached_target = self.trainer.iteration
         return self.reached_target is not None
 
@@ -380,6 +415,8 @@ class TrainingRun:
         """After the loop: final evaluation, stop checkpoint, weights and summary."""
         comm, trainer = self.comm, self.trainer
         per_rank = comm.allgather(trainer.iteration)  # before quiesce adopts rank 0's count
+        if self.control.evaluates_alone:  # rank 0 alone saw the target
+            self.reached_target = comm.bcast(self.reached_target)
         self.control.quiesce()
         asynchronous_run = self.control.asynchronous
         if asynchronous_run or self.evaluated_at != trainer.iteration:

@@ -231,8 +231,8 @@ def test_consensus_with_staleness_zero_equals_the_synchronous_consensus(comm, mo
 
 def test_the_default_runs_asynchronously_with_staleness(comm, tmp_path_factory):
     """`padmmirnn train --parallel async --staleness 2` runs the mini-batch default as
-    consensus with duals (no preset needed), and trains as well as the synchronous
-    consensus run of the same passes (training loss within 5%)."""
+    consensus (averaged once per pass; no preset needed), and trains as well as the
+    synchronous consensus run of the same passes (training loss within 5%)."""
     from conftest import write_random_split
 
     from padmmirnn.cli import main
@@ -246,10 +246,34 @@ def test_the_default_runs_asynchronously_with_staleness(comm, tmp_path_factory):
               "--set", "admm.batch_size=16"]
     assert main([*common, "--parallel", "async", "--staleness", "2", "--out",
                  f"{root}/ap"]) == 0
-    assert main([*common, "--set", "admm.consensus=duals", "--out", f"{root}/sp"]) == 0
+    assert main([*common, "--set", "admm.consensus=average", "--out", f"{root}/sp"]) == 0
     comm.barrier()  # rank 0 has written the summaries
     import json
 
     ap, sp = (json.loads(open(f"{root}/{name}/summary.json").read()) for name in ("ap", "sp"))
     assert ap["parallel"] == "async" and ap["iterations"] == 6
     assert ap["train_loss"] < 1.05 * sp["train_loss"] < np.log(3)
+
+
+def test_ap_evaluates_without_a_barrier_and_stops_at_the_target(comm, tmp_path_factory):
+    """Asynchronous consensus with train.eval_every: rank 0 evaluates the consensus of the
+    latest window snapshot on the whole test split (no collective), and the run ends
+    soon after the first snapshot that reaches train.target_accuracy."""
+    import json
+
+    from padmmirnn.cli import main
+
+    root = comm.bcast(str(tmp_path_factory.mktemp("target")) if comm.rank == 0 else None)
+    out = f"{root}/run"
+    assert main(["train", "--parallel", "async", "--staleness", "1", "--iterations", "12",
+                 "--set", "train.eval_every=1", "--set", "train.target_accuracy=0.85",
+                 "--out", out]) == 0
+    comm.barrier()
+    rows = [json.loads(r) for r in open(f"{out}/metrics.jsonl").read().splitlines()]
+    snapshots = [r for r in rows if "evaluated" in r]
+    summary = json.loads(open(f"{out}/summary.json").read())
+    reached = summary["target_reached_at"]
+    first = next(r["iteration"] for r in snapshots if r["test_accuracy"] >= 0.85)
+    assert reached == first and all(r["test_accuracy"] < 0.85 for r in snapshots[:first - 1])
+    assert summary["iterations"] <= reached + 1 < 12  # stops within tau passes
+    assert rows[-1]["test_accuracy"] > 0.8  # the final consensus, evaluated by all ranks

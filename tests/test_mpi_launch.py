@@ -21,10 +21,10 @@ MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shut
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
 
 
-def _run(args, ranks=2, env=None, timeout=120):
+def _run(args, ranks=2, env=None, timeout=120, launcher=()):
     cmd = [sys.executable, "-P", "-m", "padmmirnn", *args]
     if ranks:
-        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+        cmd = [MPIEXEC, *launcher, "-n", str(ranks), *cmd]
     full_env = {**os.environ, **(env or {})}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -352,3 +352,35 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(t
     latest = find_latest(tmp_path / "o" / "checkpoints")
     assert latest is not None and latest.name.endswith("00002.h5"), latest
     assert verify_checkpoint(latest) is None
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_lost_rank_ends_an_async_consensus_job_under_a_launcher_that_keeps_survivors(
+        tmp_path, fault):
+    """Rank 1 of an AP consensus run dies by SIGKILL, or stops for good without exiting,
+    at pass 4; the launcher is told to keep the survivor running (Hydra's
+    ``-disable-auto-cleanup``), so only padmmirnn can end the job: rank 0, waiting on the
+    window, sees rank 1's heartbeat stop, names it in one line and aborts the job within
+    the timeout (after a SIGKILL Hydra sometimes ends the job itself all the same:
+    either way it ends). The newest checkpoint (pass 3) verifies, and the run resumes
+    from it."""
+    write_random_split(tmp_path / "d_train.h5", n=64, seed=1)
+    common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--parallel", "async",
+              "--staleness", "1", "--set", "model.hidden=6", "--set", "admm.batch_size=16",
+              "--iterations", "8", "--set", "checkpoint.every=3",
+              "--set", "train.collective_timeout_s=4", "--out", str(tmp_path / "o")]
+    proc, seconds = _run(common, env={"PADMMIRNN_FAULT_INJECT": f"1:4:{fault}"},
+                         timeout=90, launcher=["-disable-auto-cleanup"])
+    assert proc.returncode != 0 and seconds < 45, (proc.returncode, seconds, proc.stderr)
+    line = "[rank 0/2] padmmirnn: rank 1 has given no heartbeat in the window for 4 s"
+    assert line in proc.stderr or (fault == "kill" and "signal 9" in proc.stdout
+                                   + proc.stderr), proc.stderr
+    from padmmirnn.checkpoint import find_latest, verify_checkpoint
+
+    latest = find_latest(tmp_path / "o" / "checkpoints")
+    assert latest is not None and latest.name.endswith("00003.h5"), latest
+    assert verify_checkpoint(latest) is None
+    proc, _ = _run([*common, "--resume", "latest"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = _summary(tmp_path / "o")
+    assert s["iterations"] == 8 and s["resumed_from"].endswith("00003.h5")

@@ -42,13 +42,15 @@ def build(cfg: Config, parts: list[LocalData], n_global: int, comm,
         h = cfg.model.hidden
         size = input_layout(info.dim, h).size + output_layout(h, info.classes).size
     exchange = RmaStatsExchange(comm, size, t.staleness, kind=t.staleness_kind,
-                                progress=t.progress_thread)
+                                progress=t.progress_thread, timeout_s=t.collective_timeout_s)
     if cfg.admm.batch_size:
         trainer = ConsensusAdmm(cfg, parts[0], n_global, comm, params, WindowRanks(exchange))
+        exchange.heartbeat.follow(lambda: trainer.steps)
         return trainer, ConsensusControl(cfg, comm, trainer, exchange)
     lockstep = t.staleness == 0 and t.staleness_kind == "iterations"
     engine = AdmmEngine(cfg, parts, n_global, comm, params, reducer=exchange,
                         loss_comm=comm if lockstep else SerialComm())
+    exchange.heartbeat.follow(lambda: (engine.iteration, engine.trials))
     return engine, AsyncControl(cfg, comm, engine, exchange)
 
 
@@ -74,6 +76,7 @@ class WindowControl:
     the per-rank log, the summary, freeing the windows."""
 
     asynchronous = True
+    evaluates_alone = False  # evaluations at quiescent points, collective
 
     def __init__(self, cfg: Config, comm, trainer, exchange: RmaStatsExchange):
         self.cfg, self.comm, self.trainer, self.exchange = cfg, comm, trainer, exchange
@@ -128,8 +131,18 @@ class WindowControl:
 
 
 class ConsensusControl(WindowControl):
-    """The control of asynchronous consensus ADMM: joins through the window, and at
-    quiescent points every rank adopts the consensus of the final window."""
+    """The control of asynchronous consensus ADMM: joins through the window; rank 0
+    evaluates the consensus of the latest snapshot during the run, with no collective
+    (``train.eval_every``); at quiescent points every rank adopts the consensus of the
+    final window."""
+
+    evaluates_alone = True
+
+    def snapshot_params(self) -> Params:
+        """The consensus weights of the window's current contents (this rank alone)."""
+        total = self.exchange.window_sum()
+        n = self.trainer.params.size
+        return Params.from_flat(total[:n] / self.exchange.size, self.trainer.params)
 
     def quiesce(self) -> None:
         """Once every rank has published its last join, the window holds the sum of every

@@ -30,13 +30,14 @@ idempotent and collective.
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from padmmirnn.comm import MPIComm, SimulatedNetwork
+from padmmirnn.comm import MPIComm, SimulatedNetwork, abort_job
 
 
 def poll(ready: Callable[[], bool]) -> float:
@@ -55,8 +56,10 @@ class WindowMutex:
     free, ``rank + 1`` is held by ``rank``. Use as ``with mutex: ...``."""
 
     def __init__(self, win, host: int, disp: int, rank: int, mpi,
-                 network: SimulatedNetwork | None = None):
+                 network: SimulatedNetwork | None = None,
+                 on_wait: Callable[[], None] | None = None):
         self._win, self._host, self._disp = win, host, disp
+        self._on_wait = on_wait  # called about once a second while the lock is held
         self._net = network or SimulatedNetwork()
         self._mine = np.array([rank + 1], np.int64)
         self._free = np.zeros(1, np.int64)
@@ -70,7 +73,18 @@ class WindowMutex:
         return int(self._seen[0])
 
     def acquire(self) -> None:
-        poll(lambda: self._swap(self._mine, self._free) == 0)
+        checked = time.monotonic()
+
+        def free() -> bool:
+            nonlocal checked
+            if self._swap(self._mine, self._free) == 0:
+                return True
+            if self._on_wait is not None and time.monotonic() - checked >= 1.0:
+                self._on_wait()
+                checked = time.monotonic()
+            return False
+
+        poll(free)
 
     def release(self) -> None:
         holder = self._swap(self._free, self._mine)
@@ -182,6 +196,91 @@ class ProgressThread:
         self.stop()
 
 
+class Heartbeat:
+    """Liveness through the window, for waits that MPI itself does not watch: a rank
+    killed with its node, or stopped for good, never publishes again, and ranks waiting
+    on the window would wait for ever under a launcher that keeps survivors running.
+
+    Every rank's slot ``heartbeat[rank]`` is bumped by a thread every ``interval``
+    seconds while this rank is alive: while its ``progress()`` token (the trainer's step
+    count) moves, or its main thread waits on the window (:meth:`waiting`). A waiting
+    rank passes each read of the counters to :meth:`watch`: when another rank's slot has
+    not moved for ``timeout_s``, it prints one line naming that rank and ends the job
+    (``timeout_s`` 0: not watched, no thread). Like the collective watchdog's, the
+    timeout must exceed the longest step. Use with ``with``, or :meth:`start` and
+    :meth:`stop` (idempotent)."""
+
+    def __init__(self, counters: Counters, rank: int, size: int, timeout_s: float, mpi,
+                 abort: Callable[[], None]):
+        self._counters, self.rank, self.size = counters, rank, size
+        self.timeout_s, self._mpi, self._abort = timeout_s, mpi, abort
+        self.interval = min(1.0, timeout_s / 10) if timeout_s else 0.0
+        self.progress: Callable[[], object] = lambda: None
+        self._token = 0  # bumped by the main thread while it waits on the window
+        self._seen: np.ndarray | None = None  # the others' slots when last changed
+        self._since = np.zeros(size)  # monotonic time of each slot's last change
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def follow(self, progress: Callable[[], object]) -> None:
+        """Beat while ``progress()`` changes (the trainer's step count)."""
+        self.progress = progress
+
+    def waiting(self) -> None:
+        """The main thread is waiting on the window: it is alive."""
+        self._token += 1
+
+    def _run(self) -> None:
+        last = None
+        while not self._halt.wait(self.interval):
+            now = (self.progress(), self._token)
+            if now != last:
+                self._counters.update("heartbeat", 1, self._mpi.SUM, index=self.rank)
+                last = now
+
+    def watch(self, counters: dict[str, np.ndarray], what: str) -> None:
+        """End the job if another rank's heartbeat has not moved for ``timeout_s``."""
+        if not self.timeout_s:
+            return
+        self.waiting()
+        beats, now = counters["heartbeat"], time.monotonic()
+        if self._seen is None:
+            self._seen, self._since[:] = beats.copy(), now
+            return
+        moved = beats != self._seen
+        self._seen[moved], self._since[moved] = beats[moved], now
+        late = [q for q in range(self.size) if q != self.rank
+                and now - self._since[q] >= self.timeout_s]
+        if late:
+            sys.stderr.write(
+                f"[rank {self.rank}/{self.size}] padmmirnn: rank {late[0]} has given no "
+                f"heartbeat in the window for {self.timeout_s:g} s while this rank waited "
+                f"{what}: it is lost or stalled (train.collective_timeout_s); ending the job\n")
+            sys.stderr.flush()
+            self._abort()
+
+    def start(self) -> Heartbeat:
+        if (self._thread is None and self.timeout_s and self.size > 1
+                and self._mpi.Query_thread() == self._mpi.THREAD_MULTIPLE):
+            self._thread = threading.Thread(target=self._run, name="padmmirnn-heartbeat",
+                                            daemon=True)
+            self._thread.start()
+            atexit.register(self.stop)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class RmaStatsExchange:
     """Asynchronous, bounded-staleness exchange of the per-iteration statistics over
     MPI one-sided windows (AP-ADMMiRNN, docs/design.md, section 6). It is the
@@ -223,15 +322,16 @@ class RmaStatsExchange:
     NO_STOP = np.iinfo(np.int64).max
 
     def __init__(self, comm: MPIComm, size: int, staleness: int, host: int = 0,
-                 kind: str = "iterations", progress: bool = True):
+                 kind: str = "iterations", progress: bool = True, timeout_s: float = 0.0):
         MPI = comm._MPI
         self._MPI = MPI
         self.comm, self.tau, self.host, self.kind = comm, staleness, host, kind
         self.rank, self.size = comm.rank, comm.size
         p = self.size
         layout = {"published": (1, p), "consumed": (1 + p, p), "stop": (1 + 2 * p, 2),
-                  "version": (3 + 2 * p, 1), "last_version": (4 + 2 * p, p)}
-        words = 4 + 3 * p
+                  "version": (3 + 2 * p, 1), "last_version": (4 + 2 * p, p),
+                  "heartbeat": (4 + 3 * p, p)}
+        words = 4 + 4 * p
         here = self.rank == host
         self.win_stats = MPI.Win.Allocate(size * 8 if here else 0, 8, comm=comm.comm)
         self.win_count = MPI.Win.Allocate(words * 8 if here else 0, 8, comm=comm.comm)
@@ -246,8 +346,12 @@ class RmaStatsExchange:
             self.win_count.Flush(host)
         comm.barrier()
         self.network = comm.network
-        self.mutex = WindowMutex(self.win_count, host, 0, self.rank, MPI, comm.network)
         self.counters = Counters(self.win_count, host, layout, MPI, comm.network)
+        self.mutex = WindowMutex(self.win_count, host, 0, self.rank, MPI, comm.network,
+                                 on_wait=lambda: self._watched("for the window's lock"))
+        # the heartbeat thread's own counters (their buffers are not shared across threads)
+        self.heartbeat = Heartbeat(Counters(self.win_count, host, layout, MPI),
+                                   self.rank, p, timeout_s, MPI, lambda: abort_job(p, 1))
         self.previous = np.zeros(size)
         self.k = 0
         self.ledger = comm.ledger
@@ -258,14 +362,21 @@ class RmaStatsExchange:
         self.progress = ProgressThread(comm.comm, MPI)
         if here and progress and self.size > 1:
             self.progress.start()
+        self.heartbeat.start()
 
     # -- reads -----------------------------------------------------------------------
 
     def published(self) -> np.ndarray:
-        return self.counters.read()["published"]
+        return self._watched("for the others' publishes")["published"]
 
     def consumed(self) -> np.ndarray:
-        return self.counters.read()["consumed"]
+        return self._watched("for the others to read")["consumed"]
+
+    def _watched(self, what: str) -> dict[str, np.ndarray]:
+        """The counters, checked for lost ranks by the heartbeat (reads of waits)."""
+        c = self.counters.read()
+        self.heartbeat.watch(c, what)
+        return c
 
     def agreed_stop(self) -> tuple[int | None, int]:
         """(last iteration to run, reason code), or (None, 0) when nobody asked to stop.
@@ -364,6 +475,7 @@ class RmaStatsExchange:
                 if ready(c):
                     act(c)
                     break
+            self.heartbeat.watch(c, "under the window's bound")
             time.sleep(delay)
             delay = min(2 * delay, 1e-2)
         self.wait_seconds += time.perf_counter() - t0
@@ -393,6 +505,7 @@ class RmaStatsExchange:
     def free(self) -> None:
         """End the epochs and free both windows (collective; idempotent)."""
         self.progress.stop()
+        self.heartbeat.stop()
         for win in (self.win_stats, self.win_count):
             if win is not None:
                 try:
