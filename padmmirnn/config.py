@@ -81,12 +81,19 @@ class TrainConfig:
                               "of the slowest, or no contribution read more than tau "
                               "publishes old (fast ranks run more iterations; tau >= ranks - 1)",
                               choices=("iterations", "publishes"))
-    straggler: str = opt("", "RANK:FACTOR slows that rank's compute by FACTOR (experiments)")
+    straggler: str = opt("", "RANK:FACTOR slows that rank's compute by FACTOR (experiments); "
+                         "RANK:FACTOR:FIRST-LAST only in those iterations (a transient "
+                         "straggler)")
     net_latency_us: float = opt(0.0, "simulated interconnect (studies): alpha in "
                                 "microseconds added to every collective and one-sided round "
                                 "trip; 0 with net_bandwidth_gbs = 0 is off", low=0.0)
     net_bandwidth_gbs: float = opt(0.0, "simulated interconnect: beta in Gbit/s, adding "
                                    "bytes / beta (0: infinite)", low=0.0)
+    rebalance: bool = opt(False, "synchronous runs with global mini-batches (mini-batch ADMM, "
+                          "gradient methods but CELGC): after every iteration re-cut the "
+                          "samples over the ranks in proportion to each rank's measured "
+                          "samples per second; the batches stay the same, so the run still "
+                          "equals the serial one (a straggler's remedy that keeps SP exact)")
     virtual_ranks: int = opt(0, "run the algorithm of this many ranks on the job's processes "
                              "(a multiple of them), each process running its share in turn, "
                              "for studies that count passes, synchronisations and bytes (0: "
@@ -284,7 +291,7 @@ class Config:
 # (parallel, staleness, staleness_kind, straggler) do change the iterates -- an async
 # run is not deterministic anyway -- but resuming a run in another mode is allowed.
 RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "target_accuracy",
-               "target_loss",
+               "target_loss", "rebalance",
                "staleness", "staleness_kind", "straggler", "progress_thread",
                "collective_timeout_s",
                "net_latency_us", "net_bandwidth_gbs")
@@ -409,6 +416,13 @@ def _validate(cfg: Config) -> None:
             not cfg.admm.batch_size or t.algo != "admm" or t.reduction == "deterministic"):
         raise ConfigError(f"admm.consensus = {cfg.admm.consensus!r} is for mini-batch ADMM "
                           "(train.algo = admm, admm.batch_size > 0, train.reduction = fast)")
+    if t.rebalance and (t.parallel == "async" or t.reduction == "deterministic"
+                        or t.virtual_ranks or t.algo == "celgc"
+                        or (t.algo == "admm" and (not cfg.admm.batch_size
+                                                  or cfg.consensus() != "none"))):
+        raise ConfigError("train.rebalance is for synchronous runs with global mini-batches: "
+                          "mini-batch ADMM without consensus, or a gradient method other than "
+                          "CELGC, with train.reduction = fast and no virtual ranks")
     if t.virtual_ranks and t.parallel == "async":
         raise ConfigError("train.virtual_ranks is for synchronous runs (async ranks run "
                           "at their own pace: run real ranks)")
@@ -440,24 +454,45 @@ def check_for_ranks(cfg: Config, ranks: int) -> None:
         raise ConfigError(f"train.virtual_ranks = {t.virtual_ranks} must be a multiple of the "
                           f"job's {ranks} rank(s): each process runs the same number")
     straggler = straggler_rank_factor(t.straggler)
-    if straggler and straggler[0] >= ranks:
-        raise ConfigError(f"config key 'train.straggler' names rank {straggler[0]}, but the "
+    if straggler and straggler.rank >= ranks:
+        raise ConfigError(f"config key 'train.straggler' names rank {straggler.rank}, but the "
                           f"job has {ranks} rank(s)")
 
 
-def straggler_rank_factor(text: str) -> tuple[int, float] | None:
-    """Parse ``train.straggler`` ("RANK:FACTOR", FACTOR >= 1) or None when empty."""
+@dataclass(frozen=True)
+class Straggler:
+    """``train.straggler``: ``rank``'s compute takes ``factor`` times longer in the
+    iterations ``first..last`` (inclusive; all of them by default)."""
+
+    rank: int
+    factor: float
+    first: int = 1
+    last: int | None = None
+
+    def slows(self, rank: int, iteration: int) -> float:
+        """The factor of ``rank`` in ``iteration`` (1: not slowed)."""
+        inside = self.first <= iteration and (self.last is None or iteration <= self.last)
+        return self.factor if rank == self.rank and inside else 1.0
+
+
+def straggler_rank_factor(text: str) -> Straggler | None:
+    """Parse ``train.straggler`` ("RANK:FACTOR" or "RANK:FACTOR:FIRST-LAST", FACTOR >= 1)
+    or None when empty."""
     if not text:
         return None
     try:
-        rank, factor = text.split(":")
-        result = int(rank), float(factor)
+        rank, factor, *span = text.split(":")
+        first, last = (int(v) for v in span[0].split("-")) if span else (1, None)
+        if len(span) > 1:
+            raise ValueError
+        result = Straggler(int(rank), float(factor), first, last)
     except ValueError:
-        raise ConfigError(f"config key 'train.straggler' must be RANK:FACTOR, got {text!r}") \
-            from None
-    if result[0] < 0 or not result[1] >= 1.0:
-        raise ConfigError(f"config key 'train.straggler' needs RANK >= 0 and FACTOR >= 1, "
-                          f"got {text!r}")
+        raise ConfigError(f"config key 'train.straggler' must be RANK:FACTOR or "
+                          f"RANK:FACTOR:FIRST-LAST, got {text!r}") from None
+    if result.rank < 0 or not result.factor >= 1.0 or result.first < 1 or (
+            result.last is not None and result.last < result.first):
+        raise ConfigError(f"config key 'train.straggler' needs RANK >= 0, FACTOR >= 1 and "
+                          f"1 <= FIRST <= LAST, got {text!r}")
     return result
 
 

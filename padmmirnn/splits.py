@@ -40,6 +40,14 @@ def load_split(path: str, comm, dtype: np.dtype, chunk: int | None, what: str) -
     return Split(info, local, split_parts(local, chunk))
 
 
+def reslice(split: Split, comm, start: int, stop: int, dtype: np.dtype) -> Split:
+    """This rank's new slice ``[start, stop)`` of an already checked split (rebalancing),
+    read from its file; a read error on any rank stops all."""
+    info = split.info
+    local = agree(comm, lambda: datafiles.read_slice(info, start, stop, np.dtype(dtype)))
+    return Split(info, local, [local])
+
+
 def load_data(dataset: str, test: str, comm, dtype: np.dtype,
               chunk: int | None) -> tuple[Split, Split | None]:
     """The training split and its test split (if there is one), which must match it."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from padmmirnn import datafiles
+from padmmirnn import balance, datafiles
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine, asynchronous
 from padmmirnn.admm.consensus import ConsensusAdmm
@@ -44,7 +44,7 @@ from padmmirnn.nn import Params, loss_sums
 from padmmirnn.outputs import TIMING_WARMUP, RunOutput
 from padmmirnn.samples import DatasetInfo
 from padmmirnn.signals import Stop, StopSignals, stop_reason
-from padmmirnn.splits import Split, load_data
+from padmmirnn.splits import Split, load_data, reslice
 from padmmirnn.trainer import Decision, Schedule, Trainer
 
 # Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration;
@@ -221,8 +221,7 @@ class TrainingRun:
         self.out.write_config(cfg.to_toml())
         self.log.info("output: %s", self.out_dir)
         self.starts = comm.allgather(self.train.local.start)
-        straggler = straggler_rank_factor(cfg.train.straggler)
-        self.slow = straggler[1] if straggler and straggler[0] == comm.rank else 1.0
+        self.straggler = straggler_rank_factor(cfg.train.straggler)
         self.rank_log = None
         self.timed = np.zeros(3)  # compute s, communication s, iterations (after warm-up)
         self.timed_all = np.zeros(3)  # the same over every iteration (a run too short
@@ -234,6 +233,7 @@ class TrainingRun:
         self.stopped: str | None = None
         self.reached_target: int | None = None  # iteration that reached a target
         self.full_test = None  # AP consensus: rank 0's copy of the whole test split
+        self.last_compute_s = 0.0  # of the last iteration (rebalancing)
 
     def _chunk(self) -> int | None:
         return self.cfg.train.chunk if self.cfg.train.reduction == "deterministic" else None
@@ -311,8 +311,11 @@ class TrainingRun:
             if decision.end or decision.stopped:
                 self.stopped = decision.stopped
                 break
+            if self.cfg.train.rebalance and self.comm.size > 1 and self.ran >= TIMING_WARMUP:
+                self._rebalance(self.last_compute_s)
             evaluate = self.schedule.evaluate_at(k, decision.last)
             t_iter, t_comm = self._step(k, evaluate)
+            self.last_compute_s = t_iter - t_comm
             if self.schedule.checkpoint.due(k):
                 self.control.quiesce()
                 self.save_checkpoint()
@@ -344,8 +347,9 @@ class TrainingRun:
         t_iter = time.perf_counter() - t0
         t_comm = ledger.seconds - before[0]
         self.ledger += (ledger.syncs - before[1], ledger.bytes - before[2])
-        if self.slow > 1.0:  # a straggler: its compute takes FACTOR times longer
-            time.sleep((self.slow - 1.0) * (t_iter - t_comm))
+        slow = self.straggler.slows(self.comm.rank, k) if self.straggler else 1.0
+        if slow > 1.0:  # a straggler: its compute takes FACTOR times longer
+            time.sleep((slow - 1.0) * (t_iter - t_comm))
             t_iter = time.perf_counter() - t0
         if self.rank_log is not None:
             self.rank_log.write(json.dumps({
@@ -356,6 +360,28 @@ class TrainingRun:
         if self.ran > TIMING_WARMUP:
             self.timed += (t_iter - t_comm, t_comm, 1)
         return t_iter, t_comm
+
+    def _rebalance(self, compute_s: float) -> None:
+        """Before an iteration, re-cut the training samples over the ranks towards the
+        speeds of the last one (:mod:`padmmirnn.balance`; not after the first, which
+        compiles kernels) and rebuild the trainer on the new slices from its state: the
+        batches, and so the iterates, do not change."""
+        n_local = self.train.local.n
+        speeds = np.array(self.comm.allgather(n_local / max(compute_s, 1e-9)))
+        old = [*self.starts, self.train.info.n]
+        new = balance.boundaries(self.train.info.n, speeds, old)
+        if not balance.worth_moving(old, new, self.train.info.n):
+            return
+        r = self.comm.rank
+        self.train = reslice(self.train, self.comm, new[r], new[r + 1],
+                             np.dtype(self.cfg.train.dtype))
+        state = self.trainer.state_dict()
+        self.trainer, self.control = build_trainer(self.cfg, self.train, self.comm,
+                                                   self.trainer.params, self.ranks)
+        self.trainer.load_state_dict(state)
+        self.starts = new[:-1]
+        self.log.info("rebalanced: rank blocks %s (speeds %s samples/s)", new,
+                      np.array2string(speeds, precision=0))
 
     def _evaluate(self, k: int, t_iter: float, t_comm: float) -> None:
         extra, train_sums = self.trainer.evaluation_terms()

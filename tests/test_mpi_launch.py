@@ -384,3 +384,23 @@ def test_a_lost_rank_ends_an_async_consensus_job_under_a_launcher_that_keeps_sur
     assert proc.returncode == 0, proc.stderr
     s = _summary(tmp_path / "o")
     assert s["iterations"] == 8 and s["resumed_from"].endswith("00003.h5")
+
+
+def test_rebalancing_moves_samples_off_a_straggler_and_keeps_sp_equal_to_serial(tmp_path):
+    """train.rebalance with rank 1 slowed 3x: after the second pass the blocks are re-cut
+    towards the measured speeds (rank 1 keeps far fewer samples), and every metric still
+    equals the serial run's (the batches are global, whoever holds them)."""
+    write_random_split(tmp_path / "d_train.h5", n=240, steps=8, seed=4)
+    common = ["train", "--dataset", str(tmp_path / "d_train.h5"), "--iterations", "4",
+              "--set", "model.hidden=16", "--set", "admm.batch_size=24"]
+    serial, _ = _run([*common, "--out", str(tmp_path / "serial")], ranks=0)
+    assert serial.returncode == 0, serial.stderr
+    sp, _ = _run([*common, "--straggler", "1:3", "--set", "train.rebalance=true",
+                  "--out", str(tmp_path / "sp")], timeout=180)
+    assert sp.returncode == 0, sp.stderr
+    assert "rebalanced: rank blocks [0, " in sp.stderr, sp.stderr
+    blocks = json.loads(sp.stderr.split("rebalanced: rank blocks ")[-1].split("]")[0] + "]")
+    assert 240 - blocks[1] < 240 * 0.4  # rank 1 holds far fewer than half
+    for a, b in zip(_metrics(tmp_path / "serial"), _metrics(tmp_path / "sp"), strict=True):
+        for key in ("batch_loss", "train_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-10), key
