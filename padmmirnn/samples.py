@@ -124,3 +124,21 @@ def bucketed_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
             cut = [cut[i] for i in rng.permutation(len(cut))]
         batches.extend(cut)
     return batches
+
+
+def validation_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``round(fraction * n)`` of a file's ``n`` samples for validation.
+
+    The held-out rows are the first ones of a permutation of ``0 .. n - 1`` seeded by
+    ``(seed, n)``, so they depend on the file and the seed only, never on the rank
+    count. Returns ``(train_rows, val_rows)``, both in increasing file order: each part
+    keeps the file's order, and its own global order is the position in these arrays
+    (the training part is then partitioned contiguously over ranks by that index, as
+    a whole file is). Either may be empty; the caller checks that they can be split."""
+    held = int(round(fraction * n))
+    order = np.random.default_rng([seed, n, 0x56414C]).permutation(n)
+    val = np.sort(order[:held])
+    keep = np.ones(n, bool)
+    keep[val] = False
+    return np.flatnonzero(keep), val
+
