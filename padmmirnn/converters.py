@@ -271,9 +271,9 @@ def choose_steps(counts: np.ndarray) -> tuple[int, str]:
     (``inverted_cdf``: always one of the counts), and at least 1. Returns T and the
     line that reports it with the share of texts it cuts.
 
-    Why the 99th: text lengths have a long tail (IMDb: median 230 words, longest
-    2,800), so T = the longest text pads most sequences for the sake of a few, while
-    the 95th percentile cuts one text in twenty. With lengths stored, a sequence's
+    Why the 99th: text lengths have a long tail, so T = the longest text pads most
+    sequences for the sake of a few, while the 95th percentile cuts one text in
+    twenty. With lengths stored, a sequence's
     real tokens are what it costs once the network skips padded steps, so a larger T
     is cheap where it matters; the 99th keeps 99% of the texts whole and bounds T
     against a few outliers."""

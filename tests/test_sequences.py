@@ -5,6 +5,10 @@ bucketed mini-batches for the gradient baselines."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -294,3 +298,26 @@ def test_gradient_trainer_buckets_by_length_when_the_data_have_lengths(tmp_path)
     a.step()
     b.step()
     np.testing.assert_array_equal(a.params.flat(), b.params.flat())
+
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which(
+    "mpiexec")
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
+@pytest.mark.parametrize("algo", ["adam", "admm"])
+def test_early_stopping_on_two_ranks_equals_serial(tmp_path, noisy, algo):
+    extra = ["--set", "admm.batch_size=8"] if algo == "admm" else []
+    args = ["train", *noisy, "--algo", algo, *extra, "--iterations", "40"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-P", "-m", "padmmirnn", *args,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["ranks"] == 2
+    for key in ("best_iteration", "early_stopped_at", "iterations"):
+        assert one[key] == two[key], key
+    assert two["best_val_loss"] == pytest.approx(one["best_val_loss"], rel=1e-9)
+    a, b = (padmmirnn.load(tmp_path / d / "weights.h5").params for d in ("one", "two"))
+    np.testing.assert_allclose(b.flat(), a.flat(), rtol=1e-8, atol=1e-10)
