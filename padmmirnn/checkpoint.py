@@ -9,7 +9,10 @@ everything needed to resume:
   sample-major ``[N, ...]`` in **global sample order**, so a restart may use any
   rank count), ``ranks/*`` (per-rank arrays of the consensus modes, the duals, in rank
   order; its ``count`` the rank count they belong to), ``optimizer/*`` (gradient
-  methods, the running Gram estimates of mini-batch ADMM);
+  methods, the running Gram estimates of mini-batch ADMM), ``best/*`` (with a validation
+  split: the weights of the best evaluation so far and, as attributes, the monitored
+  metric, its value and iteration, that evaluation's metrics and the evaluations
+  since it);
 * attributes: iteration, elapsed seconds, config TOML and hash, package
   version, world size and the partition, and ``complete = 1`` written last.
 
@@ -106,14 +109,17 @@ def list_checkpoints(directory: Path) -> list[Path]:
 def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
                      per_sample: dict[str, np.ndarray], arrays: dict[str, np.ndarray],
                      attrs: dict, n_global: int, keep: int,
-                     per_rank: dict[str, np.ndarray] | None = None, ranks: int = 0) -> Path:
+                     per_rank: dict[str, np.ndarray] | None = None, ranks: int = 0,
+                     best: tuple[Params | None, dict] | None = None) -> Path:
     """Collective: write checkpoint ``iteration`` and keep the newest ``keep``.
 
     ``per_sample`` maps a name to this rank's sample-major block ``[n_local, ...]``
     (ranks hold consecutive blocks in rank order); ``per_rank`` likewise to the rows of
     this process's (virtual) ranks out of ``ranks`` (consensus duals, ``ranks/*``);
-    ``arrays`` are small global arrays (optimizer state) identical on every rank. An
-    error on rank 0 is raised on every rank."""
+    ``arrays`` are small global arrays (optimizer state) identical on every rank;
+    ``best`` is the best-so-far state of :class:`~padmmirnn.trainer.BestSoFar` (its
+    weights, or None before the first evaluation, and attributes), also identical on
+    every rank. An error on rank 0 is raised on every rank."""
     path = checkpoint_path(directory, iteration)
     error = None
     if comm.rank == 0:
@@ -142,6 +148,14 @@ def write_checkpoint(comm, directory: Path, iteration: int, *, params: Params,
             whole = comm.gather_samples(block, total)
             gathered.append(name)
             groups[group].create_dataset(name, data=whole, fletcher32=True, chunks=True)
+        if best is not None:
+            group = f.create_group("best")
+            if best[0] is not None:
+                for name, value in best[0].arrays().items():
+                    group.create_dataset(name, data=value, fletcher32=True, chunks=True)
+                group.attrs["weight_names"] = ",".join(best[0].names())
+            for key, value in best[1].items():
+                group.attrs[key] = value
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["iteration"] = iteration
@@ -186,7 +200,9 @@ def verify_checkpoint(path: Path) -> str | None:
         with h5py.File(path, "r") as f:
             if int(f.attrs.get("complete", 0)) != 1:
                 return "incomplete (no 'complete' attribute)"
-            for group in ("weights", "state", "ranks", "optimizer"):
+            for group in ("weights", "state", "ranks", "optimizer", "best"):
+                if group not in f and group in ("ranks", "best"):
+                    continue
                 for ds in f[group].values():
                     # reading verifies the Fletcher-32 checksum of every chunk; one chunk
                     # at a time, so a large checkpoint is not held in memory
@@ -226,6 +242,17 @@ def read_checkpoint(path: Path, start: int, stop: int,
     return params, attrs, opt, state
 
 
+def read_best(path: Path) -> tuple[Params | None, dict] | None:
+    """The best-so-far state of a checkpoint (see :func:`write_checkpoint`), or None
+    when it has none (a run without a validation split)."""
+    with h5py.File(path, "r") as f:
+        if "best" not in f:
+            return None
+        group = f["best"]
+        params = _read_params(group) if "weight_names" in group.attrs else None
+        return params, _attrs(group)
+
+
 def describe_checkpoint(path: Path) -> str:
     """A human-readable listing of what a checkpoint holds."""
     problem = verify_checkpoint(path)
@@ -236,7 +263,7 @@ def describe_checkpoint(path: Path) -> str:
                 if key == "config_toml":
                     continue
                 lines.append(f"  {key}: {value}")
-            for group in ("weights", "state", "ranks", "optimizer"):
+            for group in ("weights", "state", "ranks", "optimizer", "best"):
                 if group in f:
                     for name, ds in f[group].items():
                         lines.append(f"  {group}/{name}: {ds.shape} {ds.dtype}")

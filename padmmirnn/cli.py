@@ -117,8 +117,8 @@ def _data_parser(sub) -> None:
     prep.add_argument("--source", help="input folder (idx, imdb) or file (csv, text)")
     prep.add_argument("--out", required=True, help="output .h5 (NAME_train.h5: the test "
                       "split goes to NAME_test.h5)")
-    prep.add_argument("--steps", type=int, help="sequence length T (adding 100, text 100, "
-                      "imdb/csv 200)")
+    prep.add_argument("--steps", type=int, help="sequence length T (adding 100, text 100; "
+                      "imdb/csv: the 99th percentile of the training texts' token counts)")
     prep.add_argument("--samples", type=int, help="adding: training sequences (4000); "
                       "others: keep at most the first N training sequences")
     prep.add_argument("--test-samples", type=int, help="adding: test sequences (1000); "
@@ -132,8 +132,9 @@ def _data_parser(sub) -> None:
                       help="tokens: characters or words (imdb/csv: word, text: char)")
     prep.add_argument("--vocab-size", type=int, metavar="N", help="keep the N-2 most "
                       "frequent tokens plus <pad> and <unk> (default: all)")
-    prep.add_argument("--padding", choices=("pre", "post"), default="pre",
-                      help="pad short texts at the start (pre, default) or the end")
+    prep.add_argument("--padding", choices=("pre", "post"),
+                      help="imdb/csv: post (default): real tokens first, then <pad>, with "
+                      "the lengths written; pre: pads first, the text ends at T, no lengths")
     prep.add_argument("--truncating", choices=("pre", "post"), default="pre",
                       help="cut long texts at the start (pre, default: keep the end) or end")
     prep.add_argument("--text-column", default="text", help="csv: name or 0-based index")

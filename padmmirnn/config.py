@@ -49,6 +49,13 @@ class ModelConfig:
 class DataConfig:
     dataset: str = opt("default", "built-in dataset name or path of a NAME_train.h5 file")
     test: str = opt("", "test split (default: NAME_test.h5 beside the training file)")
+    # -- validation (issue 25) --
+    validation: str = opt("", "validation split file (same kind, input size, classes and "
+                          "target layout as the training file; empty: none)")
+    validation_fraction: float = opt(0.0, "hold this share of the training file out for "
+                                     "validation, in (0, 1): the samples of a permutation "
+                                     "seeded by train.seed, the same for any rank count "
+                                     "(0: none)", low=0.0)
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,13 @@ class TrainConfig:
     budget_seconds: float = opt(0.0, "stop at the first iteration past this many seconds "
                                 "(0: no limit)", low=0.0)
     target_accuracy: float = opt(0.0, "stop after the first evaluation whose test accuracy "
-                                 "(train accuracy without a test split) reaches this "
-                                 "(0: off; not for async runs, which evaluate at the end)",
+                                 "(without a test split: validation, else train accuracy) "
+                                 "reaches this (0: off; async: consensus runs with "
+                                 "train.eval_every, on rank 0's snapshot evaluations)",
                                  low=0.0)
-    target_loss: float = opt(0.0, "stop after the first evaluation whose test loss (train "
-                             "loss without a test split) is at most this, e.g. nats per "
-                             "character (0: off; not for async runs)", low=0.0)
+    target_loss: float = opt(0.0, "stop after the first evaluation whose test loss (without a "
+                             "test split: validation, else train loss) is at most this, "
+                             "e.g. nats per character (0: off)", low=0.0)
     staleness: int = opt(1, "async: tau, counted as staleness_kind says", low=0)
     staleness_kind: str = opt("iterations", "async: no worker more than tau iterations ahead "
                               "of the slowest, or no contribution read more than tau "
@@ -104,6 +112,20 @@ class TrainConfig:
     progress_thread: bool = opt(True, "async: the rank hosting the windows runs a thread "
                                 "that enters MPI every millisecond, so the others' one-sided "
                                 "operations complete while it computes (between nodes)")
+    # -- validation, early stopping and bucketed batches (issue 25) --
+    early_stopping: int = opt(0, "patience: stop after this many evaluations in a row "
+                              "without an improvement of train.monitor on the validation "
+                              "split (0: off; needs a validation split)", low=0)
+    monitor: str = opt("val_loss", "the validation metric that picks the best evaluation "
+                       "(lower loss or higher accuracy; ties are no improvement)",
+                       choices=("val_loss", "val_accuracy"))
+    restore_best: bool = opt(True, "with a validation split, weights.h5 holds the weights "
+                             "of the best evaluation by train.monitor (false: the last)")
+    bucket: bool = opt(True, "gradient baselines, data with lengths: mini-batches of "
+                       "sequences of similar length (each window of bucket_window batches "
+                       "of the seeded permutation sorted by length; the same for any rank "
+                       "count); ADMM's batches are unchanged")
+    bucket_window: int = opt(50, "batches per window of the bucketed permutation", low=1)
 
 
 @dataclass(frozen=True)
@@ -294,7 +316,8 @@ RUN_CONTROL = ("iterations", "parallel", "eval_every", "budget_seconds", "target
                "target_loss", "rebalance",
                "staleness", "staleness_kind", "straggler", "progress_thread",
                "collective_timeout_s",
-               "net_latency_us", "net_bandwidth_gbs")
+               "net_latency_us", "net_bandwidth_gbs",
+               "early_stopping", "restore_best")
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -429,6 +452,7 @@ def _validate(cfg: Config) -> None:
     if t.parallel == "async" and t.algo != "admm":
         raise ConfigError("train.parallel = async is for train.algo = admm (gradient methods "
                           "run sync, or CELGC for local steps)")
+    _validate_sequences(cfg)
     for key, _, meta in options():
         low, strict = meta["low"], meta["strict"]
         if low is None:
@@ -438,6 +462,24 @@ def _validate(cfg: Config) -> None:
         if v != v or (v <= low if strict else v < low):
             rel = ">" if strict else ">="
             raise ConfigError(f"config key '{key}' must be {rel} {low}; got {v!r}")
+
+
+def _validate_sequences(cfg: Config) -> None:
+    """Validation split and early stopping (issue 25)."""
+    data, t = cfg.data, cfg.train
+    f = data.validation_fraction
+    if f != f or not 0.0 <= f < 1.0:
+        raise ConfigError(f"config key 'data.validation_fraction' must lie in (0, 1) (0: no "
+                          f"validation split); got {f!r}")
+    if f and data.validation:
+        raise ConfigError("data.validation (a file) and data.validation_fraction (a share of "
+                          "the training file) are two ways to the same split: give one")
+    if t.early_stopping and not (f or data.validation):
+        raise ConfigError("train.early_stopping needs a validation split: set "
+                          "data.validation_fraction (e.g. 0.1) or data.validation (a file)")
+    if t.early_stopping and t.parallel == "async":
+        raise ConfigError("train.early_stopping needs evaluations during the run: async runs "
+                          "evaluate at their end only (use train.parallel = sync or none)")
 
 
 def check_for_ranks(cfg: Config, ranks: int) -> None:

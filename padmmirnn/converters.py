@@ -11,8 +11,14 @@
 * ``adding``: the synthetic adding problem.
 
 Text becomes ``[N, T]`` int32 token ids with the vocabulary (id order, ``<pad>`` = 0,
-``<unk>`` = 1) stored in the file. Everything is read and checked before anything is
-written, and files are written atomically, so bad input leaves no output behind.
+``<unk>`` = 1) stored in the file. Classification texts (imdb, csv) are stored real
+tokens first (``--padding post``, the default) with their ``lengths`` ``[N]``, so that a
+network reading steps ``0 .. L_i - 1`` of sample i sees its tokens; ``--padding pre``
+keeps the older layout (pads first, the text ending at T) and writes no lengths. When
+``--steps`` is not given, T is the 99th percentile of the training texts' token counts
+(:func:`choose_steps`). A language model's last window may be short: it is kept, with
+its real length. Everything is read and checked before anything is written, and files
+are written atomically, so bad input leaves no output behind.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ class PrepareOptions:
     pixels: bool = False
     level: str | None = None
     vocab_size: int | None = None
-    padding: str = "pre"
+    padding: str | None = None  # imdb/csv: post (real tokens first, lengths written)
     truncating: str = "pre"
     text_column: str = "text"
     label_column: str = "label"
@@ -88,13 +94,17 @@ class PrepareOptions:
 @dataclass
 class Arrays:
     """One split, sample-major: ``inputs`` ``[N, T, d]`` or ``[N, T]``, ``targets``
-    ``[N]`` or ``[N, T]``."""
+    ``[N]`` or ``[N, T]``, ``lengths`` ``[N]`` in [1, T] (None: all T)."""
 
     inputs: np.ndarray
     targets: np.ndarray
+    lengths: np.ndarray | None = None
 
     def head(self, n: int | None) -> Arrays:
-        return self if n is None else Arrays(self.inputs[:n], self.targets[:n])
+        if n is None:
+            return self
+        return Arrays(self.inputs[:n], self.targets[:n],
+                      None if self.lengths is None else self.lengths[:n])
 
 
 @dataclass
@@ -110,6 +120,7 @@ class Prepared:
     vocabulary: list[str] | None = None
     class_names: list[str] | None = None
     settings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # printed before the written files
 
 
 # ---------------------------------------------------------------- reading files
@@ -251,33 +262,75 @@ def encode(tokens: list[str], index: dict[str, int], steps: int, padding: str,
     return row
 
 
+STEPS_QUANTILE = 0.99  # T from the data: the share of training texts kept whole
+
+
+def choose_steps(counts: np.ndarray) -> tuple[int, str]:
+    """T for texts of ``counts`` tokens when ``--steps`` is not given: the 99th
+    percentile, the smallest count T with at least 99% of the texts no longer than T
+    (``inverted_cdf``: always one of the counts), and at least 1. Returns T and the
+    line that reports it with the share of texts it cuts.
+
+    Why the 99th: text lengths have a long tail, so T = the longest text pads most
+    sequences for the sake of a few, while the 95th percentile cuts one text in
+    twenty. With lengths stored, a sequence's
+    real tokens are what it costs once the network skips padded steps, so a larger T
+    is cheap where it matters; the 99th keeps 99% of the texts whole and bounds T
+    against a few outliers."""
+    counts = np.asarray(counts)
+    steps = max(1, int(np.quantile(counts, STEPS_QUANTILE, method="inverted_cdf")))
+    cut = int(np.sum(counts > steps))
+    line = (f"steps: T = {steps}, the 99th percentile of the token counts of the "
+            f"{len(counts):,} training texts (median {np.median(counts):g}, longest "
+            f"{int(counts.max())}); it cuts {100.0 * cut / len(counts):.1f}% of them ({cut}); "
+            f"--steps overrides")
+    return steps, line
+
+
 def encode_texts(train: list[str], test: list[str] | None, opts: PrepareOptions,
-                 level: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Tokenise, build the vocabulary on the training texts, encode both splits."""
-    steps = opts.steps or 200
+                 level: str) -> tuple[Arrays, Arrays | None, list[str], list[str]]:
+    """Tokenise, build the vocabulary on the training texts, encode both splits (token
+    ids in ``inputs``, no targets yet; ``lengths`` = min(tokens, T), at least 1, with
+    post-padding, None with pre-padding). Returns the two splits, the vocabulary and
+    notes to print (how T was chosen)."""
     train_tokens = [tokenize(t, level) for t in train]
+    notes = []
+    if opts.steps:
+        steps = opts.steps
+    else:
+        steps, line = choose_steps(np.array([len(t) for t in train_tokens]))
+        notes.append(line)
     vocabulary = build_vocabulary(train_tokens, opts.vocab_size)
     index = {t: i for i, t in enumerate(vocabulary)}
+    padding = opts.padding or "post"
 
-    def matrix(token_lists):
-        return np.stack([encode(t, index, steps, opts.padding, opts.truncating)
-                         for t in token_lists])
+    def split(token_lists) -> Arrays:
+        token_lists = list(token_lists)
+        x = np.stack([encode(t, index, steps, padding, opts.truncating) for t in token_lists])
+        lengths = None if padding == "pre" else np.array(
+            [max(1, min(len(t), steps)) for t in token_lists], np.int32)
+        return Arrays(x, np.zeros(0, np.int32), lengths)
 
-    test_x = None if test is None else matrix(tokenize(t, level) for t in test)
-    return matrix(train_tokens), test_x, vocabulary
+    test_split = None if test is None else split(tokenize(t, level) for t in test)
+    return split(train_tokens), test_split, vocabulary, notes
 
 
 def _text_prepared(origin: str, texts: tuple[list[str], list[str] | None],
                    labels: tuple[np.ndarray, np.ndarray | None], class_names: list[str],
                    opts: PrepareOptions, terms: tuple[str, str]) -> Prepared:
     level = opts.level or "word"
-    train_x, test_x, vocabulary = encode_texts(texts[0], texts[1], opts, level)
-    settings = {"level": level, "steps": int(train_x.shape[1]), "vocab_size": len(vocabulary),
-                "padding": opts.padding, "truncating": opts.truncating, "seed": opts.seed}
-    test = None if test_x is None else Arrays(test_x, labels[1])
-    return Prepared(origin, Arrays(train_x, labels[0]), test, len(class_names),
+    train, test, vocabulary, notes = encode_texts(texts[0], texts[1], opts, level)
+    train.targets = labels[0]
+    if test is not None:
+        test.targets = labels[1]
+    settings = {"level": level, "steps": int(train.inputs.shape[1]),
+                "steps_from": "--steps" if opts.steps else "99th percentile",
+                "vocab_size": len(vocabulary), "padding": opts.padding or "post",
+                "truncating": opts.truncating, "lengths": train.lengths is not None,
+                "seed": opts.seed}
+    return Prepared(origin, train, test, len(class_names),
                     f"{terms[0]}, from {origin}, {level}-level tokens", terms[1],
-                    vocabulary, class_names, settings)
+                    vocabulary, class_names, settings, notes)
 
 
 def _shuffled(items: list, labels: np.ndarray, seed: int) -> tuple[list, np.ndarray]:
@@ -395,12 +448,24 @@ def convert_csv(opts: PrepareOptions) -> Prepared:
 
 def lm_windows(path: Path, ids: np.ndarray, steps: int, part: str) -> Arrays:
     """Non-overlapping windows of ``steps`` tokens; the target of each step is the
-    next token."""
+    next token. The tokens after the last whole window (``r`` in 1 .. T - 1 of them,
+    with their next tokens) make one more window of length r, padded after its end
+    with ``<pad>`` = 0 in inputs and targets; ``lengths`` is then written (T for the
+    others), else it is None (all full)."""
     n = (len(ids) - 1) // steps
     if n < 1:
         raise DataError(f"{path}: the {part} has {len(ids)} tokens, too short for one sequence "
                         f"of --steps {steps} (needs {steps + 1})")
-    return Arrays(ids[:n * steps].reshape(n, steps), ids[1:n * steps + 1].reshape(n, steps))
+    x, y = ids[:n * steps].reshape(n, steps), ids[1:n * steps + 1].reshape(n, steps)
+    rest = len(ids) - 1 - n * steps
+    if not rest:
+        return Arrays(x, y)
+    tail_x, tail_y = np.zeros((1, steps), ids.dtype), np.zeros((1, steps), ids.dtype)
+    tail_x[0, :rest] = ids[n * steps:n * steps + rest]
+    tail_y[0, :rest] = ids[n * steps + 1:]
+    lengths = np.full(n + 1, steps, np.int32)
+    lengths[-1] = rest
+    return Arrays(np.concatenate([x, tail_x]), np.concatenate([y, tail_y]), lengths)
 
 
 def convert_text(opts: PrepareOptions) -> Prepared:
@@ -418,7 +483,9 @@ def convert_text(opts: PrepareOptions) -> Prepared:
     return Prepared(str(path), train, test, len(vocabulary),
                     f"{terms[0]}, {level}-level language model, next-token targets", terms[1],
                     vocabulary, None, {"level": level, "steps": steps,
-                                       "vocab_size": len(vocabulary)})
+                                       "vocab_size": len(vocabulary),
+                                       "lengths": train.lengths is not None or (
+                                           test is not None and test.lengths is not None)})
 
 
 # ---------------------------------------------------------------- adding
@@ -458,6 +525,8 @@ def check_split(origin: str, arrays: Arrays, classes: int, vocab: int | None) ->
     if len(x) == 0:
         raise DataError(f"{origin}: no sequences to write")
     check_finite(origin, x)
+    if arrays.lengths is not None:
+        datafiles.check_lengths(origin, arrays.lengths, len(x), x.shape[1])
     if vocab is not None and (x.min() < 0 or x.max() >= vocab):
         raise DataError(f"{origin}: token ids outside [0, {vocab})")
     if y.min() < 0 or y.max() >= classes:
@@ -469,6 +538,9 @@ def check_options(opts: PrepareOptions) -> None:
     """Option errors that do not depend on the data."""
     if opts.kind != "adding" and not opts.source:
         raise PadmmError(f"data prepare {opts.kind} needs --source PATH")
+    if opts.padding is not None and opts.kind not in ("imdb", "csv"):
+        raise PadmmError(f"--padding applies to imdb and csv; {opts.kind} sequences are "
+                         f"{'windows of the text' if opts.kind == 'text' else 'full length'}")
     if opts.kind == "idx" and opts.steps is not None:
         raise PadmmError("--steps does not apply to idx (T is the number of image rows, or "
                          "of pixels with --pixels)")
@@ -513,16 +585,20 @@ def prepare(opts: PrepareOptions) -> list[str]:
     vocab = None if prepared.vocabulary is None else len(prepared.vocabulary)
     for arrays in splits:
         check_split(prepared.origin, arrays, prepared.classes, vocab)
-    lines = []
+    lines = list(prepared.notes)
     for path, arrays, name in zip(paths, splits, ("train", "test"), strict=False):
         extra = {"name": f"{Path(opts.out).name.removesuffix('_train.h5')}/{name}",
                  "prepared": json.dumps({"kind": opts.kind, **prepared.settings})}
         datafiles.write_dataset_with_names(
             path, arrays.inputs, arrays.targets, classes=prepared.classes,
             vocabulary=prepared.vocabulary, class_names=prepared.class_names,
-            source=prepared.source, license=prepared.license, extra=extra)
+            source=prepared.source, license=prepared.license, extra=extra,
+            lengths=arrays.lengths)
         shape = "x".join(str(s) for s in arrays.inputs.shape)
+        real = "" if arrays.lengths is None else (
+            f", lengths written: mean {arrays.lengths.mean():.1f}, "
+            f"{100.0 * arrays.lengths.mean() / arrays.inputs.shape[1]:.1f}% of the steps real")
         lines.append(f"wrote {path}: {len(arrays.inputs)} sequences of "
                      f"{arrays.inputs.shape[1]} steps (inputs {shape}, {prepared.classes} "
-                     f"classes)")
+                     f"classes{real})")
     return lines

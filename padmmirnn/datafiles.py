@@ -5,6 +5,8 @@ A dataset split is one HDF5 file with
 * ``inputs``: ``[N, T, d]`` float32 (dense) or ``[N, T]`` int32 tokens;
 * ``targets``: ``[N]`` int (one label per sequence, output at t = T) or
   ``[N, T]`` int (a label per step);
+* ``lengths`` (optional): ``[N]`` int, each in [1, T]: steps ``0 .. L_i - 1`` of
+  sample i are real, the rest padding; without it every sample has length T;
 * attributes ``kind`` ("dense" or "tokens"), ``classes``, ``vocab`` (tokens),
   ``source``, ``license``.
 
@@ -95,6 +97,9 @@ def read_info(path: str) -> DatasetInfo:
                 f"{path}: targets shape {y.shape} does not match inputs {x.shape} "
                 f"(expected ({n},) or ({n}, {steps}))"
             )
+        has_lengths = "lengths" in f
+        if has_lengths:
+            check_lengths(path, f["lengths"], n, steps)
         if "classes" not in f.attrs:
             raise DataError(f"{path}: missing attribute 'classes'")
         classes = int(f.attrs["classes"])
@@ -106,7 +111,34 @@ def read_info(path: str) -> DatasetInfo:
             dim = int(x.shape[2])
         if classes < 2 or dim < 1:
             raise DataError(f"{path}: needs classes >= 2 and input size >= 1")
-        return DatasetInfo(str(p), n, steps, dim, classes, kind, y.ndim == 2)
+        return DatasetInfo(str(p), n, steps, dim, classes, kind, y.ndim == 2, has_lengths)
+
+
+def check_lengths(origin: str, lengths, n: int, steps: int) -> np.ndarray:
+    """The ``lengths`` dataset (or array) of a split of ``n`` sequences of ``steps``:
+    shape ``[n]``, integers, every value in [1, T]. Returns it as int32; raises
+    :class:`DataError` naming ``origin`` and the first bad sample. Read whole: it is
+    one integer per sample, and every rank checks all of it, so a bad value stops
+    every rank alike."""
+    if lengths.shape != (n,):
+        raise DataError(f"{origin}: lengths shape {tuple(lengths.shape)} does not match "
+                        f"inputs of {n} sequences (expected ({n},))")
+    if lengths.dtype.kind not in "iu":
+        raise DataError(f"{origin}: lengths must be integers, got {lengths.dtype}")
+    values = np.asarray(lengths)
+    bad = np.flatnonzero((values < 1) | (values > steps))
+    if bad.size:
+        raise DataError(f"{origin}: lengths must lie in [1, {steps}] (T), found "
+                        f"{int(values[bad[0]])} at sample {int(bad[0])}")
+    return values.astype(np.int32)
+
+
+def read_lengths(info: DatasetInfo) -> np.ndarray | None:
+    """The whole ``[N]`` lengths of a checked file (int32), or None when it has none."""
+    if not info.has_lengths:
+        return None
+    with h5py.File(info.path, "r") as f:
+        return np.asarray(f["lengths"][()], np.int32)
 
 
 def read_slice(info: DatasetInfo, start: int, stop: int, dtype: np.dtype) -> LocalData:
@@ -115,6 +147,8 @@ def read_slice(info: DatasetInfo, start: int, stop: int, dtype: np.dtype) -> Loc
     with h5py.File(path, "r") as f:
         x = f["inputs"][start:stop]
         y = f["targets"][start:stop]
+        lengths = (np.asarray(f["lengths"][start:stop], np.int32) if info.has_lengths
+                   else None)
     if info.kind == "dense":
         if not np.isfinite(x).all():
             bad = start + int(np.argwhere(~np.isfinite(x))[0][0])
@@ -130,7 +164,7 @@ def read_slice(info: DatasetInfo, start: int, stop: int, dtype: np.dtype) -> Loc
             f"{path}: labels must lie in [0, {info.classes}), found [{y.min()}, {y.max()}]"
         )
     targets = np.ascontiguousarray(y.T if y.ndim == 2 else y[None, :], dtype=np.int32)
-    return LocalData(info, inputs, targets, start, stop)
+    return LocalData(info, inputs, targets, start, stop, lengths)
 
 
 def make_adding(n: int, steps: int, seed: int, classes: int = 10
@@ -166,10 +200,14 @@ def write_dataset(
     source: str = "",
     license: str = "",
     extra: dict | None = None,
+    lengths: np.ndarray | None = None,
 ) -> None:
-    """Write a split atomically (temporary file in the same folder, then rename)."""
+    """Write a split atomically (temporary file in the same folder, then rename);
+    ``lengths`` (``[N]``, each in [1, T]; None: all T) is checked before anything is
+    written."""
+    lengths = _checked_lengths(path, inputs, lengths)
     with atomic_h5(path) as f:
-        _fill_split(f, inputs, targets, classes, vocab, source, license, extra)
+        _fill_split(f, inputs, targets, classes, vocab, source, license, extra, lengths)
 
 
 def write_dataset_with_names(
@@ -183,22 +221,36 @@ def write_dataset_with_names(
     source: str = "",
     license: str = "",
     extra: dict | None = None,
+    lengths: np.ndarray | None = None,
 ) -> None:
     """Like :func:`write_dataset`, plus the token strings (dataset ``vocabulary``, in id
     order; attribute ``vocab`` is its length) and the label names (``class_names``)."""
     vocab = None if vocabulary is None else len(vocabulary)
+    lengths = _checked_lengths(path, inputs, lengths)
     with atomic_h5(path) as f:
-        _fill_split(f, inputs, targets, classes, vocab, source, license, extra)
+        _fill_split(f, inputs, targets, classes, vocab, source, license, extra, lengths)
         for name, strings in (("vocabulary", vocabulary), ("class_names", class_names)):
             if strings is not None:
                 f.create_dataset(name, data=np.array(strings, dtype=h5py.string_dtype()))
 
 
+def _checked_lengths(path: str | Path, inputs: np.ndarray,
+                     lengths: np.ndarray | None) -> np.ndarray | None:
+    """``lengths`` checked against ``inputs`` before a file is opened (a bad value
+    leaves nothing behind)."""
+    if lengths is None:
+        return None
+    return check_lengths(str(path), np.asarray(lengths), len(inputs), inputs.shape[1])
+
+
 def _fill_split(f: h5py.File, inputs: np.ndarray, targets: np.ndarray, classes: int,
-                vocab: int | None, source: str, license: str, extra: dict | None) -> None:
+                vocab: int | None, source: str, license: str, extra: dict | None,
+                lengths: np.ndarray | None = None) -> None:
     opts = dict(compression="gzip", compression_opts=6, shuffle=True)
     f.create_dataset("inputs", data=inputs, chunks=True, **opts)
     f.create_dataset("targets", data=targets, chunks=True, **opts)
+    if lengths is not None:
+        f.create_dataset("lengths", data=lengths, chunks=True, **opts)
     f.attrs["kind"] = "tokens" if inputs.ndim == 2 else "dense"
     f.attrs["classes"] = int(classes)
     if vocab is not None:
@@ -229,6 +281,13 @@ def describe(path: str) -> str:
                  f"  inputs: {list(x.shape)} {x.dtype}   targets: {list(y.shape)} {y.dtype}",
                  f"  samples: {info.n}   steps: {info.steps}   "
                  f"{'vocab' if info.kind == 'tokens' else 'features'}: {info.dim}"]
+        if info.has_lengths:
+            lengths = np.asarray(f["lengths"][()])
+            lines.append(f"  lengths: {lengths.min()}..{lengths.max()}, median "
+                         f"{np.median(lengths):g}, mean {lengths.mean():.1f}; "
+                         f"{100.0 * np.mean(lengths < info.steps):.1f}% shorter than T "
+                         f"({100.0 * (1 - lengths.sum() / (info.n * info.steps)):.1f}% of "
+                         f"the steps are padding)")
         counts = np.bincount(np.asarray(y[()]).ravel().clip(0), minlength=info.classes)
         attrs = {k: f.attrs[k] for k in f.attrs if k not in ("kind", "classes", "vocab")}
     names = read_strings(path, "class_names") or read_strings(path, "vocabulary")

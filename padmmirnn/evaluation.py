@@ -43,12 +43,15 @@ def evaluate_split(params: Params, parts: list[LocalData], comm, activation: str
 
 def evaluate_run(params: Params, cfg: Config, comm, train: Split, test: Split | None,
                  extra: list[np.ndarray] | None = None,
-                 train_sums: list[np.ndarray] | None = None) -> tuple[dict, np.ndarray | None]:
+                 train_sums: list[np.ndarray] | None = None,
+                 validation: Split | None = None) -> tuple[dict, np.ndarray | None]:
     """Train/test metrics of ``params`` in a training run, the training sums reduced
     together with ``extra`` (one vector per training part, e.g. ADMM residual sums) in
     one reduction. ``train_sums`` (per part ``[loss, correct, rows]``) replaces the
-    training forward pass when the trainer already holds it. Returns the metrics and
-    the reduced ``extra`` (None without)."""
+    training forward pass when the trainer already holds it. With a ``validation``
+    split the metrics also hold ``val_loss`` and ``val_accuracy`` (and
+    ``val_perplexity`` for a language model); without one they have no ``val_`` keys.
+    Returns the metrics and the reduced ``extra`` (None without)."""
     act, loss, dtype = cfg.model.activation, cfg.model.loss, np.dtype(cfg.train.dtype)
     ordered = cfg.train.reduction == "deterministic"
     vectors = train_sums or part_sums(params, train.parts, act, loss, dtype)
@@ -56,6 +59,9 @@ def evaluate_run(params: Params, cfg: Config, comm, train: Split, test: Split | 
         vectors = [np.concatenate([v, e]) for v, e in zip(vectors, extra, strict=True)]
     buf = sum_parts(comm, vectors, ordered)
     metrics = split_metrics("train", buf[0:3], train.info.many_to_many, loss)
+    if validation:
+        metrics.update(evaluate_split(params, validation.parts, comm, act, loss, dtype,
+                                      ordered, "val"))
     if test:
         metrics.update(evaluate_split(params, test.parts, comm, act, loss, dtype, ordered,
                                       "test"))

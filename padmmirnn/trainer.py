@@ -11,11 +11,13 @@ dict: the checkpoint stores them once, and a trainer is built from them.
 
 A :class:`Schedule` says after which iterations the loop evaluates and writes a
 checkpoint; a run control (synchronous or asynchronous) gives, before each
-iteration, the :class:`Decision` every rank agreed on.
+iteration, the :class:`Decision` every rank agreed on; :class:`BestSoFar` keeps the
+best evaluation on the validation split and decides early stopping.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,3 +107,60 @@ class Schedule:
     def evaluate_at(self, k: int, last: bool) -> bool:
         """Evaluate after iteration ``k`` (``last``: the loop ends after it)?"""
         return self.evaluate.due(k) or (last and not self.asynchronous)
+
+
+class BestSoFar:
+    """The best evaluation so far by a validation metric, and early stopping.
+
+    After each scheduled evaluation :meth:`update` compares ``metrics[monitor]``
+    (``val_loss``: lower is better; ``val_accuracy``: higher) with the best so far: a
+    strict improvement makes this evaluation the best (its iteration, all its metrics
+    and a copy of the weights are kept) and resets the count of evaluations since the
+    best; anything else, ties included, adds one to it. With ``patience`` p > 0 the run
+    stops once p evaluations in a row brought no improvement (:meth:`exhausted`). The
+    metrics are reduced before this sees them, so every rank decides alike. The whole
+    state (:meth:`state`) goes into checkpoints, so that a resumed run picks the same
+    best and stops at the same evaluation as an uninterrupted one.
+    """
+
+    def __init__(self, monitor: str, patience: int):
+        self.monitor, self.patience = monitor, patience
+        self.lower = monitor.endswith("loss")
+        self.value: float | None = None  # the best monitored value
+        self.iteration: int | None = None  # the iteration of the best evaluation
+        self.metrics: dict = {}  # that evaluation's metrics
+        self.params: Params | None = None  # and its weights
+        self.since = 0  # evaluations since the best
+
+    def update(self, iteration: int, metrics: dict, params: Params) -> bool:
+        """Take one evaluation into account; True when it is the new best."""
+        value = metrics[self.monitor]
+        improved = value == value and (self.value is None or (
+            value < self.value if self.lower else value > self.value))
+        if improved:
+            self.value, self.iteration, self.since = float(value), iteration, 0
+            self.metrics, self.params = dict(metrics), params.copy()
+        else:
+            self.since += 1
+        return improved
+
+    def exhausted(self) -> bool:
+        """Early stopping: ``patience`` evaluations in a row without an improvement."""
+        return self.patience > 0 and self.since >= self.patience
+
+    def state(self) -> tuple[Params | None, dict]:
+        """The weights of the best evaluation (None before any) and the rest as plain
+        attributes (for :func:`padmmirnn.checkpoint.write_checkpoint`)."""
+        attrs = {"monitor": self.monitor, "since": self.since}
+        if self.iteration is not None:
+            attrs.update({"value": self.value, "iteration": self.iteration,
+                          "metrics": json.dumps(self.metrics)})
+        return self.params, attrs
+
+    def load(self, params: Params | None, attrs: dict) -> None:
+        """Restore :meth:`state`."""
+        self.since = int(attrs.get("since", 0))
+        if params is not None and "iteration" in attrs:
+            self.params, self.value = params, float(attrs["value"])
+            self.iteration = int(attrs["iteration"])
+            self.metrics = json.loads(attrs["metrics"])

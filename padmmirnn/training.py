@@ -27,6 +27,7 @@ from padmmirnn.admm.consensus import ConsensusAdmm
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.checkpoint import (
     find_latest,
+    read_best,
     read_checkpoint,
     save_weights,
     verify_checkpoint,
@@ -45,7 +46,7 @@ from padmmirnn.outputs import TIMING_WARMUP, RunOutput
 from padmmirnn.samples import DatasetInfo
 from padmmirnn.signals import Stop, StopSignals, stop_reason
 from padmmirnn.splits import Split, load_data, reslice
-from padmmirnn.trainer import Decision, Schedule, Trainer
+from padmmirnn.trainer import BestSoFar, Decision, Schedule, Trainer
 
 # Testing hook: "RANK:ITERATION" raises an exception on that rank at that iteration;
 # "RANK:ITERATION:kill" kills the process there with SIGKILL (a lost node: no Python
@@ -99,7 +100,8 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
     """The trainer of ``cfg.train.algo`` on this rank's training slice, and its run
     control; ``ranks``: the (virtual) ranks of the mini-batch ADMM trainers."""
     if cfg.train.algo != "admm":
-        return GradientTrainer(cfg, train.local, train.info.n, comm, params), \
+        return GradientTrainer(cfg, train.local, train.info.n, comm, params,
+                               lengths=train.lengths), \
             SyncControl(cfg, comm)
     if cfg.train.parallel == "async" and comm.size > 1:
         return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
@@ -172,6 +174,7 @@ def _load_resume(cfg: Config, path: Path, n_global: int, local,
                  ranks: VirtualRanks) -> tuple:
     params, attrs, arrays, per_sample = read_checkpoint(path, local.start, local.stop,
                                                         (ranks.size, ranks.local))
+    attrs["best"] = read_best(path)
     if attrs.get("config_hash") != cfg.hash() and not cfg.checkpoint.force:
         raise PadmmError(f"checkpoint {path} was written with a different configuration "
                          f"(hash {str(attrs.get('config_hash'))[:12]}..., this run "
@@ -198,11 +201,16 @@ class TrainingRun:
         self.log = get_logger()
         check_for_ranks(cfg, comm.size)
         self.ranks = VirtualRanks(comm, cfg.train.virtual_ranks or comm.size)
-        self.train, self.test = load_data(cfg.data.dataset, cfg.data.test, comm,
-                                          np.dtype(cfg.train.dtype), self._chunk())
+        d = cfg.data
+        self.train, self.test, self.val = load_data(
+            d.dataset, d.test, comm, np.dtype(cfg.train.dtype), self._chunk(),
+            d.validation, d.validation_fraction, cfg.train.seed)
         if self.ranks.size > self.train.info.n:
             raise PadmmError(f"train.virtual_ranks = {self.ranks.size} is more than the "
                              f"{self.train.info.n} training samples (every rank needs one)")
+        # the best evaluation on the validation split, early stopping
+        self.best = BestSoFar(cfg.train.monitor, cfg.train.early_stopping) if self.val \
+            else None
         on_node = comm.ranks_on_node()  # every rank's state must fit, before any output
         agree(comm, lambda: check_fits(self.train.info, cfg, self.train.local.n, on_node))
         self.out_dir = comm.bcast(cfg.output.dir or default_out_dir(cfg.train.algo))
@@ -232,6 +240,7 @@ class TrainingRun:
         self.evaluated_at = -1  # the iteration the metrics belong to
         self.stopped: str | None = None
         self.reached_target: int | None = None  # iteration that reached a target
+        self.early_stopped: int | None = None  # iteration after which patience ran out
         self.full_test = None  # AP consensus: rank 0's copy of the whole test split
         self.last_compute_s = 0.0  # of the last iteration (rebalancing)
 
@@ -242,9 +251,15 @@ class TrainingRun:
         info, test = self.train.info, self.test
         self.log.info("padmmirnn %s, %d rank(s); configuration:\n%s", __version__,
                       self.comm.size, self.cfg.to_toml().rstrip())
-        self.log.info("data: %s (%d samples, T=%d, %s input size %d, %d classes%s)%s",
+        val = self.val
+        self.log.info("data: %s (%d samples, T=%d, %s input size %d, %d classes%s%s)%s%s",
                       info.path, info.n, info.steps, info.kind, info.dim, info.classes,
                       ", many-to-many" if info.many_to_many else "",
+                      ", with lengths (not used by the network yet: every sample runs to "
+                      "T)" if info.has_lengths else "",
+                      f"; validation: {val.info.path} ({val.info.n}"
+                      f"{', held out of the training file' if val.info.path == info.path else ''})"
+                      if val else "",
                       f"; test: {test.info.path} ({test.info.n})" if test else
                       "; no test split")
 
@@ -262,6 +277,8 @@ class TrainingRun:
                              "wrote it to continue exactly)", self.resumed, self.ranks.size)
         trainer.load_state_dict({"iteration": int(attrs["iteration"]), "arrays": arrays,
                                  "per_sample": per_sample, "per_rank": per_rank or {}})
+        if self.best is not None and attrs.get("best") is not None:
+            self.best.load(*attrs["best"])
         self.elapsed_before = float(attrs.get("elapsed_s", 0.0))
         self.log.info("resumed from %s (iteration %d, written by %s rank(s))", self.resumed,
                       trainer.iteration, attrs.get("world_size"))
@@ -316,22 +333,25 @@ class TrainingRun:
             evaluate = self.schedule.evaluate_at(k, decision.last)
             t_iter, t_comm = self._step(k, evaluate)
             self.last_compute_s = t_iter - t_comm
+            alone = evaluate and self.control.evaluates_alone
+            if alone:  # AP consensus: rank 0, no collective
+                self._evaluate_snapshot(k)
+            elif evaluate:  # before the checkpoint, which holds the best-so-far state
+                self._evaluate(k, t_iter, t_comm)
             if self.schedule.checkpoint.due(k):
                 self.control.quiesce()
                 self.save_checkpoint()
             if not evaluate:
                 progress.update(k, "")
                 continue
-            if self.control.evaluates_alone:  # AP consensus: rank 0, no collective
-                self._evaluate_snapshot(k)
+            if alone:
                 progress.update(k, "")
                 continue
-            self._evaluate(k, t_iter, t_comm)
             if not np.isfinite(self.metrics["train_loss"]):
                 self.log.warning("training loss is not finite at iteration %d: stopping", k)
                 break
             progress.update(k, _brief(self.metrics))
-            if decision.last or self._reached_target():
+            if decision.last or self._reached_target() or self._patience_spent(k):
                 break
         else:
             self.control.loop_completed()
@@ -386,8 +406,11 @@ class TrainingRun:
     def _evaluate(self, k: int, t_iter: float, t_comm: float) -> None:
         extra, train_sums = self.trainer.evaluation_terms()
         self.metrics, reduced = evaluate_run(self.trainer.params, self.cfg, self.comm,
-                                             self.train, self.test, extra, train_sums)
+                                             self.train, self.test, extra, train_sums,
+                                             self.val)
         self.metrics.update(self.trainer.describe(reduced))
+        if self.best is not None:
+            self.best.update(k, self.metrics, self.trainer.params)
         t_max = self.comm.allreduce_max(np.array([t_iter - t_comm, t_comm, t_comm - t_iter,
                                                   *self.ledger]))
         self.out.metrics({"iteration": k, "wall_time_s": self._elapsed(), **self.metrics,
@@ -426,16 +449,29 @@ class TrainingRun:
 
     def _reached_target(self) -> bool:
         """Whether this evaluation reached ``train.target_accuracy`` or
-        ``train.target_loss`` (on the test split, else the training one; the metrics are
-        reduced, so every rank decides the same)."""
+        ``train.target_loss`` (on the test split, else the validation one, else the
+        training one; the metrics are reduced, so every rank decides the same)."""
         t = self.cfg.train
-        split = "test" if self.metrics.get("test_accuracy") is not None else "train"
+        split = next((s for s in ("test", "val", "train")
+                      if self.metrics.get(f"{s}_accuracy") is not None), None)
+        if split is None:
+            return self.reached_target is not None
         accuracy, loss = self.metrics[f"{split}_accuracy"], self.metrics[f"{split}_loss"]
         if self.reached_target is None and (
                 (t.target_accuracy and accuracy >= t.target_accuracy)
                 or (t.target_loss and loss <= t.target_loss)):
             self.reached_target = self.trainer.iteration
         return self.reached_target is not None
+
+    def _patience_spent(self, k: int) -> bool:
+        """Early stopping: ``train.early_stopping`` evaluations without a better
+        validation metric (reduced, so every rank decides the same)."""
+        if self.best is not None and self.best.exhausted():
+            self.early_stopped = k
+            self.log.info("early stopping after iteration %d: %s has not improved in %d "
+                          "evaluations (best %.6g at iteration %d)", k, self.best.monitor,
+                          self.best.since, self.best.value, self.best.iteration)
+        return self.early_stopped is not None
 
     def _finish(self) -> dict:
         """After the loop: final evaluation, stop checkpoint, weights and summary."""
@@ -446,8 +482,11 @@ class TrainingRun:
         self.control.quiesce()
         asynchronous_run = self.control.asynchronous
         if asynchronous_run or self.evaluated_at != trainer.iteration:
+            # not a scheduled evaluation: it does not count for the best-so-far state
+            # (a run resumed from the stop checkpoint must pick what an uninterrupted
+            # run picks)
             self.metrics, _ = evaluate_run(trainer.params, self.cfg, comm, self.train,
-                                           self.test)
+                                           self.test, validation=self.val)
             if not asynchronous_run:
                 self.metrics.update(trainer.describe(None))
             self.out.metrics({"iteration": trainer.iteration,
@@ -461,7 +500,7 @@ class TrainingRun:
                              trainer.iteration, path, self.out_dir, resume_dir)
         summary = self._summary(per_rank)
         if comm.rank == 0:
-            save_weights(self.out.path("weights.h5"), trainer.params,
+            save_weights(self.out.path("weights.h5"), self._final_params(),
                          weights_meta(self.cfg, self.train.info),
                          weights_strings(self.train.info))
         self.out.summary(summary)
@@ -471,7 +510,39 @@ class TrainingRun:
                       summary["time_per_iteration_s"], 100 * summary["t_comm_s"]
                       / max(summary["time_per_iteration_s"], 1e-12),
                       summary["train_accuracy"], _fmt(summary["test_accuracy"]))
+        if self.best is not None and self.best.iteration is not None:
+            self.log.info("best %s %.6g at iteration %d (test accuracy %s)%s", self.best.monitor,
+                          self.best.value, self.best.iteration,
+                          _fmt(summary["best_test_accuracy"]),
+                          "; weights.h5 holds its weights" if summary["weights_from"] == "best"
+                          else "")
         return summary
+
+    def _final_params(self) -> Params:
+        """What ``weights.h5`` holds: the best evaluation's weights with a validation
+        split and ``train.restore_best`` (when there was one), else the last."""
+        best = self.best
+        if best is not None and self.cfg.train.restore_best and best.params is not None:
+            return best.params
+        return self.trainer.params
+
+    def _best_summary(self) -> dict:
+        """The summary keys of the validation split: the best evaluation (iteration,
+        validation and test metrics of its weights), which weights ``weights.h5``
+        holds, and where early stopping ended the run."""
+        best = self.best
+        if best is None:
+            return {}
+        m = best.metrics
+        restored = self.cfg.train.restore_best and best.params is not None
+        return {"monitor": best.monitor, "best_iteration": best.iteration,
+                **{f"best_{k}": m.get(k) for k in ("val_loss", "val_accuracy", "test_loss",
+                                                    "test_accuracy", "train_loss",
+                                                    "train_accuracy")},
+                "weights_from": "best" if restored else "last",
+                "early_stopped_at": self.early_stopped,
+                "val_loss": self.metrics.get("val_loss"),
+                "val_accuracy": self.metrics.get("val_accuracy")}
 
     def _summary(self, per_rank: list[int]) -> dict:
         cfg, comm, trainer = self.cfg, self.comm, self.trainer
@@ -506,6 +577,7 @@ class TrainingRun:
             "config_hash": cfg.hash(),
             "stopped": self.stopped,
             "target_reached_at": self.reached_target,
+            **self._best_summary(),
             "resumed_from": str(self.resumed) if self.resumed else None,
         }
 
@@ -517,7 +589,7 @@ class TrainingRun:
             self.comm, self.ckpt_dir, state["iteration"], params=self.trainer.params,
             per_sample=state["per_sample"], arrays=state["arrays"], n_global=info.n,
             keep=cfg.checkpoint.keep, per_rank=state.get("per_rank"),
-            ranks=self.ranks.size,
+            ranks=self.ranks.size, best=None if self.best is None else self.best.state(),
             attrs={"algo": cfg.train.algo, "config_toml": cfg.to_toml(),
                    "config_hash": cfg.hash(), "world_size": self.comm.size,
                    "partition": np.array(self.starts + [info.n]),
@@ -532,5 +604,6 @@ def _fmt(v) -> str:
 
 def _brief(m: dict) -> str:
     head = f"obj={m['objective']:.4g} " if "objective" in m else ""
+    val = f"val_acc={m['val_accuracy']:.4f} " if "val_accuracy" in m else ""
     return (f"{head}train_loss={m['train_loss']:.4g} train_acc={m['train_accuracy']:.4f} "
-            f"test_acc={_fmt(m['test_accuracy'])}")
+            f"{val}test_acc={_fmt(m['test_accuracy'])}")

@@ -13,7 +13,7 @@ import pytest
 
 from padmmirnn.cli import main
 from padmmirnn.converters import build_vocabulary, encode, tokenize
-from padmmirnn.datafiles import read_info, read_slice, read_strings
+from padmmirnn.datafiles import read_info, read_lengths, read_slice, read_strings
 
 IDX_NAMES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -135,12 +135,19 @@ def test_csv_round_trip_word_level_with_cap_and_test_fraction(tmp_path):
     assert len(vocabulary) == 6 and vocabulary[:2] == ["<pad>", "<unk>"]
     kept = {t: lab for t, lab in rows if lab != "plot"}
     index = {t: i for i, t in enumerate(vocabulary)}
-    for row, label in zip(np.concatenate([x, tx]), np.concatenate([y, ty]), strict=True):
+    lengths = np.concatenate([read_lengths(info), read_lengths(test_info)])
+    for row, label, length in zip(np.concatenate([x, tx]), np.concatenate([y, ty]), lengths,
+                                  strict=True):
+        # real tokens first (post-padding, the default), then <pad>; lengths = tokens kept
         match = [t for t in kept if np.array_equal(
-            encode(tokenize(t, "word"), index, 4, "pre", "pre"), row)]
+            encode(tokenize(t, "word"), index, 4, "post", "pre"), row)]
         assert match and ["rotten", "fresh"][label] == kept[match[0]]
+        assert length == min(len(tokenize(match[0], "word")), 4)
+        assert (row[length:] == 0).all() and (row[:length] != 0).all()
     with h5py.File(out) as f:
-        assert json.loads(f.attrs["prepared"])["level"] == "word"
+        prepared = json.loads(f.attrs["prepared"])
+        assert (prepared["level"], prepared["padding"], prepared["lengths"]) == (
+            "word", "post", True)
 
 
 def test_text_char_language_model(tmp_path):
@@ -154,13 +161,19 @@ def test_text_char_language_model(tmp_path):
     vocabulary = read_strings(str(out), "vocabulary")
     assert info.many_to_many and info.classes == info.dim == len(vocabulary)
     cut = len(corpus) - len(corpus) // 4
-    assert info.n == (cut - 1) // 10
-    text = "".join(vocabulary[i] for i in x.ravel())
-    assert text == corpus[: info.n * 10]
-    np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
-    assert "".join(vocabulary[i] for i in y[:, -1]) == corpus[10: info.n * 10 + 1: 10]
+    full, rest = divmod(cut - 1, 10)
+    assert rest and info.n == full + 1  # the short last window is kept, with its length
+    lengths = read_lengths(info)
+    np.testing.assert_array_equal(lengths, [10] * full + [rest])
+    text = "".join(vocabulary[i] for i in x.ravel() if i)
+    assert text == corpus[: cut - 1] and (x[-1, rest:] == 0).all()
+    np.testing.assert_array_equal(y[:-1, :-1], x[:-1, 1:])
+    np.testing.assert_array_equal(y[-1, :rest - 1], x[-1, 1:rest])
+    assert (y[-1, rest:] == 0).all()
+    assert "".join(vocabulary[i] for i in y[:-1, -1]) == corpus[10: full * 10 + 1: 10]
+    assert "".join(vocabulary[i] for i in y[-1, :rest]) == corpus[full * 10 + 1: cut]
     test_info, tx, _ = load(tmp_path / "lm_test.h5")
-    assert "".join(vocabulary[i] for i in tx.ravel()) == corpus[cut: cut + test_info.n * 10]
+    assert "".join(vocabulary[i] for i in tx.ravel() if i) == corpus[cut: -1]
 
 
 def test_tokenisation_helpers():
@@ -303,3 +316,132 @@ def test_option_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and problem in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ---------------------------------------------------------------- lengths and T from the data
+
+
+def _counted_csv(path, counts):
+    """A CSV of texts with the given word counts (words w0, w1, ...), labels a/b."""
+    path.write_text("text,label\n" + "".join(
+        f"{' '.join(f'w{j}' for j in range(c))},{'ab'[i % 2]}\n" for i, c in enumerate(counts)))
+
+
+def test_steps_from_the_99th_percentile_of_the_training_texts(tmp_path, capsys):
+    src = tmp_path / "c.csv"
+    _counted_csv(src, np.random.default_rng(0).permutation(np.arange(1, 201)))
+    out = tmp_path / "c_train.h5"
+    assert main(["data", "prepare", "csv", "--source", str(src), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # 200 texts of 1..200 words: the smallest T with 99% of them no longer is 198; it cuts 2
+    assert printed[0].startswith("steps: T = 198, the 99th percentile") and \
+        "cuts 1.0% of them (2)" in printed[0]
+    info = read_info(str(out))
+    assert info.steps == 198 and info.has_lengths
+    lengths = read_lengths(info)
+    assert lengths.max() == 198 and sorted(lengths)[-3:] == [198, 198, 198]
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["prepared"])["steps_from"] == "99th percentile"
+    # --steps overrides, and nothing is said about T
+    assert main(["data", "prepare", "csv", "--source", str(src), "--out", str(out),
+                 "--steps", "7"]) == 0
+    assert not capsys.readouterr().out.startswith("steps:")
+    assert read_info(str(out)).steps == 7 and read_lengths(read_info(str(out))).max() == 7
+
+
+def test_imdb_writes_lengths_post_padded_and_pre_padding_writes_none(tmp_path):
+    write_imdb_tree(tmp_path)
+    out = tmp_path / "imdb_train.h5"
+    assert main(["data", "prepare", "imdb", "--source", str(tmp_path), "--out", str(out),
+                 "--steps", "5"]) == 0
+    for path in (out, tmp_path / "imdb_test.h5"):
+        info, x, _ = load(path)
+        lengths = read_lengths(info)
+        assert lengths is not None and (lengths >= 1).all() and (lengths <= 5).all()
+        for row, length in zip(x, lengths, strict=True):
+            assert (row[:length] != 0).all() and (row[length:] == 0).all()
+    assert main(["data", "prepare", "imdb", "--source", str(tmp_path), "--out", str(out),
+                 "--steps", "30", "--padding", "pre"]) == 0
+    info, x, _ = load(out)
+    assert not info.has_lengths and read_lengths(info) is None and (x[:, 0] == 0).all()
+
+
+def test_empty_text_has_length_one_and_idx_adding_write_no_lengths(tmp_path):
+    (tmp_path / "e.csv").write_text('text,label\n"",a\nsome words here,b\n')
+    out = tmp_path / "e_train.h5"
+    assert main(["data", "prepare", "csv", "--source", str(tmp_path / "e.csv"),
+                 "--out", str(out), "--seed", "1"]) == 0
+    info, x, y = load(out)
+    assert info.steps == 3 and sorted(read_lengths(info)) == [1, 3]
+    write_idx_folder(tmp_path / "mnist")
+    assert main(["data", "prepare", "idx", "--source", str(tmp_path / "mnist"),
+                 "--out", str(tmp_path / "m_train.h5")]) == 0
+    assert main(["data", "prepare", "adding", "--out", str(tmp_path / "a_train.h5"),
+                 "--steps", "6", "--samples", "4", "--test-samples", "2"]) == 0
+    for name in ("m_train.h5", "m_test.h5", "a_train.h5", "a_test.h5"):
+        assert not read_info(str(tmp_path / name)).has_lengths
+
+
+def test_inspect_shows_lengths(tmp_path, capsys):
+    _counted_csv(tmp_path / "c.csv", [1, 2, 3, 4])
+    out = tmp_path / "c_train.h5"
+    assert main(["data", "prepare", "csv", "--source", str(tmp_path / "c.csv"),
+                 "--out", str(out), "--steps", "4"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out)]) == 0
+    assert "lengths: 1..4, median 2.5, mean 2.5; 75.0% shorter than T (37.5% of the " \
+        "steps are padding)" in capsys.readouterr().out
+
+
+def _with_lengths(path, lengths, n=6, steps=4):
+    """A token split whose ``lengths`` dataset is written as given (h5py directly)."""
+    with h5py.File(path, "w") as f:
+        f["inputs"] = np.ones((n, steps), np.int32)
+        f["targets"] = np.zeros(n, np.int32)
+        f["lengths"] = lengths
+        f.attrs.update({"kind": "tokens", "classes": 2, "vocab": 3})
+
+
+BAD_LENGTHS = [
+    (np.array([1, 2, 0, 4, 4, 4]), "lengths must lie in [1, 4] (T), found 0 at sample 2"),
+    (np.array([1, 2, 3, 4, 5, 4]), "lengths must lie in [1, 4] (T), found 5 at sample 4"),
+    (np.array([1, 2, 3, 4, 4]), "lengths shape (5,) does not match inputs of 6 sequences"),
+    (np.full((6, 1), 2), "lengths shape (6, 1) does not match"),
+    (np.full(6, 2.0), "lengths must be integers, got float64"),
+]
+
+
+@pytest.mark.parametrize("lengths,problem", BAD_LENGTHS)
+def test_bad_lengths_are_one_line_before_any_output(tmp_path, capsys, lengths, problem):
+    path = tmp_path / "bad_train.h5"
+    _with_lengths(path, lengths)
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", str(path), "--out", str(out), "--iterations", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("padmmirnn: error: ") and str(path) in err and problem in err, err
+    assert not out.exists()
+
+
+def test_writer_refuses_bad_lengths_and_leaves_no_file(tmp_path):
+    from padmmirnn.datafiles import write_dataset
+    from padmmirnn.errors import DataError
+
+    path = tmp_path / "w_train.h5"
+    with pytest.raises(DataError, match="found 0 at sample 1"):
+        write_dataset(path, np.ones((3, 4), np.int32), np.zeros(3, np.int32), classes=2,
+                      vocab=3, lengths=np.array([4, 0, 2]))
+    assert list(tmp_path.iterdir()) == []
+    write_dataset(path, np.ones((3, 4), np.int32), np.zeros(3, np.int32), classes=2,
+                  vocab=3, lengths=np.array([4, 1, 2]))
+    info = read_info(str(path))
+    local = read_slice(info, 1, 3, np.float64)
+    np.testing.assert_array_equal(local.lengths, [1, 2])
+    np.testing.assert_array_equal(local.take(np.array([1, 0])).lengths, [2, 1])
+
+
+def test_padding_is_for_imdb_and_csv(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("some text " * 30)
+    code = main(["data", "prepare", "text", "--source", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "t_train.h5"), "--padding", "post"])
+    assert code == 2 and "--padding applies to imdb and csv" in capsys.readouterr().err

@@ -46,3 +46,82 @@ def test_rank_slices_cover_each_sample_once(comm, tmp_path):
         np.testing.assert_array_equal(np.concatenate([p[3] for p in pieces], axis=1),
                                       whole.targets)
     comm.barrier()  # rank 0's files stay until every rank has read them
+
+
+def _lengths_file(comm, folder: Path, n: int = 57) -> str:
+    """Rank 0 writes a token split with lengths; every rank gets its path."""
+    path = folder / "len_train.h5"
+    if comm.rank == 0:
+        from padmmirnn.datafiles import write_dataset
+
+        rng = np.random.default_rng(1)
+        lengths = rng.integers(1, 9, n)
+        x = rng.integers(2, 6, (n, 8)).astype(np.int32)
+        x[np.arange(8)[None, :] >= lengths[:, None]] = 0
+        write_dataset(path, x, rng.integers(0, 3, n).astype(np.int32), classes=3, vocab=6,
+                      lengths=lengths)
+    return comm.allgather(str(path) if comm.rank == 0 else None)[0]
+
+
+def _gathered(comm, split) -> tuple[np.ndarray, ...]:
+    """The ranks' slices of a split put together in global order."""
+    pieces = comm.allgather((split.local.start, split.local.stop, split.local.inputs,
+                             split.local.targets, split.local.lengths))
+    assert [p[0] for p in pieces] == [0] + [p[1] for p in pieces[:-1]]  # contiguous
+    return tuple(np.concatenate([p[i] for p in pieces], axis=-1) for i in (2, 3, 4))
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_validation_split_is_the_same_for_one_and_two_ranks(comm, tmp_path, chunk):
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.splits import load_data
+
+    path = _lengths_file(comm, tmp_path)
+    serial = load_data(path, "", SerialComm(), np.float64, chunk, validation_fraction=0.3,
+                       seed=7)
+    both = load_data(path, "", comm, np.float64, chunk, validation_fraction=0.3, seed=7)
+    for one, two in ((serial[0], both[0]), (serial[2], both[2])):
+        assert one.info.n == two.info.n
+        for a, b in zip((one.local.inputs, one.local.targets, one.local.lengths),
+                        _gathered(comm, two), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(one.lengths, two.lengths)  # global, on every rank
+        if chunk:  # rank boundaries on chunk boundaries of the part's own order
+            assert two.local.start % chunk == 0
+    comm.barrier()
+
+
+def test_a_fraction_that_leaves_a_rank_without_samples_stops_both(comm, tmp_path):
+    from padmmirnn.errors import DataError
+    from padmmirnn.splits import load_data
+
+    path = _lengths_file(comm, tmp_path, n=20)
+    with pytest.raises(DataError, match="leaves 1 validation samples of 20, fewer than the 2"):
+        load_data(path, "", comm, np.float64, None, validation_fraction=0.05)
+    comm.barrier()
+
+
+def test_bucketed_gradient_batches_equal_serial(comm, tmp_path):
+    from padmmirnn.comm import SerialComm
+    from padmmirnn.config import load_config
+    from padmmirnn.gradient.trainer import GradientTrainer
+    from padmmirnn.splits import load_data
+
+    path = _lengths_file(comm, tmp_path)
+    cfg = load_config(overrides={"data.dataset": path, "train.algo": "adam",
+                                 "train.bucket_window": 2, "optim.batch_size": 6,
+                                 "model.hidden": 5})
+    trainers = []
+    for c in (SerialComm(), comm):
+        train, _, _ = load_data(path, "", c, np.float64, None, validation_fraction=0.2)
+        trainers.append(GradientTrainer(cfg, train.local, train.info.n, c,
+                                        lengths=train.lengths))
+    order = np.random.default_rng([0, 0]).permutation(trainers[0].n_global)
+    for a, b in zip(*(t.batches(order) for t in trainers), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for t in trainers:
+        t.step()
+        t.step()
+    np.testing.assert_allclose(trainers[1].params.flat(), trainers[0].params.flat(),
+                               rtol=1e-10, atol=1e-12)
+    comm.barrier()

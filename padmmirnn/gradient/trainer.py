@@ -6,6 +6,10 @@
   computes the loss and gradient sums over the batch's samples it holds; one
   Allreduce of a packed buffer gives the global mean gradient, which is clipped
   by global norm and applied identically on every rank.
+  With sequence lengths (and ``train.bucket``) the batches are bucketed: each
+  window of ``train.bucket_window`` batches of the permutation is sorted by length
+  before it is cut (:func:`padmmirnn.samples.bucketed_batches`), from the global
+  lengths every rank holds, so they still do not depend on the rank count.
 * CELGC (Liu et al., NeurIPS 2022): each rank steps on its own samples with the
   clipped step ``x <- x - min(eta, gamma/||g||) g`` and the weights are averaged
   over ranks every I steps (one Allreduce). With one rank it is clipped SGD.
@@ -25,7 +29,7 @@ from padmmirnn.gradient.optimizers import (
     make_schedule,
 )
 from padmmirnn.nn import Network, Params
-from padmmirnn.samples import LocalData
+from padmmirnn.samples import LocalData, bucketed_batches
 from padmmirnn.trainer import TrainerState
 
 # Default learning rates. Adam's is 1e-3 with global-norm clipping at 1 (optim.clip_norm):
@@ -53,7 +57,9 @@ class GradientTrainer:
     unit = "epoch"
 
     def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
-                 params: Params | None = None):
+                 params: Params | None = None, lengths: np.ndarray | None = None):
+        """``lengths``: the ``[n_global]`` lengths of the whole training split in its
+        global order, identical on every rank (None: all T, no bucketing)."""
         self.cfg, self.o = cfg, cfg.optim
         info = data.info
         m = cfg.model
@@ -62,6 +68,7 @@ class GradientTrainer:
             params = self.net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                           m.w_init, m.init_scale)
         self.data, self.n_global, self.comm, self.params = data, n_global, comm, params
+        self.lengths = lengths if cfg.train.bucket else None
         self.algo = cfg.train.algo
         self.dtype = np.dtype(cfg.train.dtype)
         lr = self.o.lr or DEFAULT_LR[self.algo]
@@ -118,6 +125,17 @@ class GradientTrainer:
         self.optimizer.step(self.params, res.grads)
         return res.loss, norm, res.step_norms
 
+    def batches(self, order: np.ndarray) -> list[np.ndarray]:
+        """The pass's global mini-batches (global sample indices) from its permutation
+        ``order``: consecutive slices of ``optim.batch_size``, or bucketed by length
+        (windows of ``train.bucket_window`` batches sorted by length, the batches of a
+        window in an order seeded by (seed, epoch)) when the data have lengths."""
+        B = self.o.batch_size
+        if self.lengths is None:
+            return [order[lo:lo + B] for lo in range(0, len(order), B)]
+        rng = np.random.default_rng([self.cfg.train.seed, self.iteration, 0x42])
+        return bucketed_batches(order, self.lengths, B, self.cfg.train.bucket_window, rng)
+
     def step(self, evaluate: bool = False) -> None:
         """One pass over the training set; :meth:`describe` then gives its mean batch
         loss, gradient norms and per-step gradient norms."""
@@ -130,8 +148,8 @@ class GradientTrainer:
             # number of local steps (that of the largest slice), smaller slices wrap around
             d = self.data
             mine = order[(order >= d.start) & (order < d.stop)]
-            for k in range(self.local_steps):
-                idx = np.take(mine, np.arange(k * B, (k + 1) * B) % len(mine))
+            walk = np.take(mine, np.arange(self.local_steps * B) % len(mine))
+            for idx in self.batches(walk):
                 loss, norm, sn = self._celgc_step(self._local_batch(idx))
                 losses.append(loss)
                 norms.append(norm)
@@ -139,8 +157,8 @@ class GradientTrainer:
             if self.optimizer.t % self.o.celgc_period:
                 self._sync_weights()
         else:
-            for lo in range(0, self.n_global, B):
-                loss, norm, sn = self._sync_step(self._local_batch(order[lo:lo + B]))
+            for idx in self.batches(order):
+                loss, norm, sn = self._sync_step(self._local_batch(idx))
                 losses.append(loss)
                 norms.append(norm)
                 step_norms += sn
