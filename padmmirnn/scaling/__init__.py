@@ -11,7 +11,8 @@ A study lives in one folder::
     DIR/logs/                  Slurm and local-run logs
     DIR/scaling.csv, model.json, scaling-{kind}.png   written by the report
 
-One module per job: :mod:`~padmmirnn.scaling.planning` writes the study (datasets,
+One module per job: :mod:`~padmmirnn.scaling.manifest` holds the points every other
+module reads, :mod:`~padmmirnn.scaling.planning` writes the study (datasets,
 batch scripts, manifest), :mod:`~padmmirnn.scaling.run` runs its points here with
 mpiexec, :mod:`~padmmirnn.scaling.measure` reads their timings back,
 :mod:`~padmmirnn.scaling.model` fits the communication model and projects it,
@@ -19,9 +20,10 @@ mpiexec, :mod:`~padmmirnn.scaling.measure` reads their timings back,
 and :mod:`~padmmirnn.scaling.plots` draws the speedup and efficiency plots.
 """
 
+from padmmirnn.scaling.manifest import Point
 from padmmirnn.scaling.measure import Measured, iteration_timings
 from padmmirnn.scaling.model import Model, fit_model
-from padmmirnn.scaling.planning import PlanOptions, Point, plan
+from padmmirnn.scaling.planning import PlanOptions, plan
 from padmmirnn.scaling.reporting import CSV_COLUMNS, report
 from padmmirnn.scaling.run import run_points
 

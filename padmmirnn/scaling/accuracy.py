@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from padmmirnn.errors import PadmmError
+from padmmirnn.scaling.manifest import Point
 from padmmirnn.scaling.measure import _jsonl
 from padmmirnn.scaling.model import _nonnegative_fit, allreduce_seconds
-from padmmirnn.scaling.planning import Point
 
 FABRICS = "2:100,50:10,5000:1"  # alpha in us : bandwidth in Gbit/s (the three)
 

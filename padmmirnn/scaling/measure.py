@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from padmmirnn.outputs import TIMING_WARMUP
-from padmmirnn.scaling.planning import Point
+from padmmirnn.scaling.manifest import Point
 
 
 @dataclass

@@ -30,8 +30,9 @@ import numpy as np
 from padmmirnn import datafiles
 from padmmirnn._version import __version__
 from padmmirnn.errors import PadmmError
+from padmmirnn.scaling.accuracy import accuracy_runs
+from padmmirnn.scaling.manifest import MANIFEST, Point, manifest_points, read_manifest
 
-MANIFEST = "manifest.json"
 KINDS = ("strong", "weak")  # scaling kinds; "accuracy" points train to a target instead
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,26 +160,6 @@ class PlanOptions:
         return self
 
 
-@dataclass(frozen=True)
-class Point:
-    """One job of a study, as recorded in the manifest (paths relative to the study)."""
-
-    name: str
-    kind: str
-    ranks: int
-    nodes: int
-    threads: int
-    samples: int
-    steps: int
-    hidden: int
-    parallel: str
-    dataset: str
-    out: str
-    script: str
-    train_args: tuple[str, ...]
-    git_revision: str
-
-
 def _slurm_files(folder: str | None) -> tuple[Path, Path]:
     """``train.sbatch`` and ``scaling-point.sbatch.in`` of ``folder`` (default: the
     installed templates, ``padmmirnn.slurm`` = the source tree's ``slurm/``)."""
@@ -253,20 +234,6 @@ def _absolute_args(point: Point, root: Path) -> list[str]:
     return args
 
 
-def _read_manifest(root: Path) -> dict:
-    path = root / MANIFEST
-    if not path.is_file():
-        raise PadmmError(f"{path}: no scaling study here (write one with padmmirnn scaling plan)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PadmmError(f"{path}: unreadable manifest ({exc})") from None
-
-
-def _points(manifest: dict) -> list[Point]:
-    return [Point(**{**p, "train_args": tuple(p["train_args"])}) for p in manifest["points"]]
-
-
 def plan(opts: PlanOptions) -> list[str]:
     """Write the datasets, one sbatch script per point and the manifest; an existing
     study in the same folder keeps its other points (e.g. strong, then weak)."""
@@ -290,7 +257,7 @@ def plan(opts: PlanOptions) -> list[str]:
     root = Path(opts.out).resolve()
     for sub in ("data", "logs", "runs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(root) if (root / MANIFEST).exists() else {"points": []}
+    manifest = read_manifest(root) if (root / MANIFEST).exists() else {"points": []}
     shutil.copyfile(train_script, root / "train.sbatch")
     point_template = template.read_text()
     revision = git_revision()
@@ -325,7 +292,7 @@ def _write_manifest(root: Path, manifest: dict, new: list[Point], kind: str,
                     extra: dict | None = None) -> list[str]:
     """Merge ``new`` into the study's manifest (points of the same name replaced)."""
     names = {p.name for p in new}
-    kept = [p for p in _points(manifest) if p.name not in names]
+    kept = [p for p in manifest_points(manifest) if p.name not in names]
     manifest = {**manifest, **(extra or {}), "format": 1, "padmmirnn_version": __version__,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "points": [asdict(p) for p in kept + new]}
@@ -339,12 +306,10 @@ def _plan_accuracy(opts: PlanOptions, cfg, source: str, info, train_script: Path
                    template: Path) -> list[str]:
     """The points of ``--kind accuracy`` (:mod:`padmmirnn.scaling.accuracy`): on the
     source dataset itself (its test split decides when the target is reached)."""
-    from padmmirnn.scaling.accuracy import accuracy_runs
-
     root = Path(opts.out).resolve()
     for sub in ("logs", "runs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(root) if (root / MANIFEST).exists() else {"points": []}
+    manifest = read_manifest(root) if (root / MANIFEST).exists() else {"points": []}
     shutil.copyfile(train_script, root / "train.sbatch")
     point_template, revision, lines, new = template.read_text(), git_revision(), [], []
     for name, ranks, args in accuracy_runs(opts, cfg, info.n):

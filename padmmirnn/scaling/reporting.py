@@ -12,9 +12,10 @@ from pathlib import Path
 
 from padmmirnn.errors import PadmmError
 from padmmirnn.scaling.accuracy import FABRICS, parse_fabrics, report_accuracy
+from padmmirnn.scaling.manifest import manifest_points, read_manifest
 from padmmirnn.scaling.measure import Measured, measure
 from padmmirnn.scaling.model import fit_model, projection
-from padmmirnn.scaling.planning import KINDS, _points, _read_manifest
+from padmmirnn.scaling.planning import KINDS
 from padmmirnn.scaling.plots import plot_scaling
 
 CSV_COLUMNS = ("source", "kind", "name", "parallel", "git_revision", "launcher", "nodes",
@@ -57,9 +58,9 @@ def report(directory: str, plots: bool = True, ranks_per_node: int | None = None
     (:mod:`padmmirnn.scaling.accuracy`). Returns a Markdown summary."""
     fabric_list = parse_fabrics(fabrics)
     root = Path(directory).resolve()
-    manifest = _read_manifest(root)
-    points = [p for p in _points(manifest) if p.kind in KINDS]
-    accuracy = [p for p in _points(manifest) if p.kind == "accuracy"]
+    manifest = read_manifest(root)
+    points = [p for p in manifest_points(manifest) if p.kind in KINDS]
+    accuracy = [p for p in manifest_points(manifest) if p.kind == "accuracy"]
     lines = []
     if points:
         lines = _report_scaling(root, points, plots, ranks_per_node, project_nodes,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from padmmirnn.errors import PadmmError
-from padmmirnn.scaling.planning import _absolute_args, _points, _read_manifest, git_revision
+from padmmirnn.scaling.manifest import manifest_points, read_manifest
+from padmmirnn.scaling.planning import _absolute_args, git_revision
 
 THREAD_VARIABLES = ("PADMMIRNN_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
                     "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
@@ -41,7 +42,7 @@ def run_points(directory: str, only: str | None = None, mpiexec: str | None = No
     (a workstation, or inside an interactive allocation), each under ``timeout``;
     ``say`` gets one line per finished point. Returns the closing lines."""
     root = Path(directory).resolve()
-    points = _points(_read_manifest(root))
+    points = manifest_points(read_manifest(root))
     if only:
         wanted = {n.strip() for n in only.split(",") if n.strip()}
         unknown = wanted - {p.name for p in points}
