@@ -9,6 +9,8 @@
                the default digits cut into T = 1 ... 28 steps (issue 15)
     network    time to 85% on 2 ranks over a simulated interconnect of latency alpha:
                SP, AP (both staleness kinds), local steps, data-parallel Adam (issue 16)
+    cells      time per pass of mini-batch ADMM and Adam for the Elman, GRU and LSTM
+               cells, and their ratios (issue 26)
 """
 
 import sys
@@ -24,7 +26,7 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 
 def main() -> int:
-    names = ("parallel", "kernels", "baselines", "lengths", "network")
+    names = ("parallel", "kernels", "baselines", "lengths", "network", "cells")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(__doc__)
         return 2
@@ -37,6 +39,8 @@ def main() -> int:
         from benchmarks.lengths import main as run
     elif name == "network":
         from benchmarks.network import main as run
+    elif name == "cells":
+        from benchmarks.cells import main as run
     else:
         from benchmarks.kernels import main as run
     return run()

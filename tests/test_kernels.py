@@ -218,3 +218,94 @@ def test_loss_sums_perplexity_inputs():
     # all-zero weights give uniform predictions: loss log K per output row, perplexity K
     assert count == 20
     assert total / count == pytest.approx(np.log(6), rel=1e-14)
+
+
+# ---------------------------------------------------------------- the gated cells' steps
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _blocks(rng, gates, h, n, dtype, strided):
+    """A pre-activation block ``[G h, n]`` (a strided view when ``strided``: one step of a
+    trace whose steps lie side by side) and ``[h, n]`` states."""
+    if strided:
+        P = rng.standard_normal((gates * h, 3, n)).astype(dtype)[:, 1]
+    else:
+        P = rng.standard_normal((gates * h, n)).astype(dtype)
+    return P, *(rng.standard_normal((h, n)).astype(dtype) for _ in range(4))
+
+
+TOL = {np.float64: {"rtol": 1e-12, "atol": 1e-12}, np.float32: {"rtol": 2e-5, "atol": 2e-6}}
+CASES = [(np.float64, False), (np.float64, True), (np.float32, False)]
+
+
+@pytest.mark.parametrize("dtype,strided", CASES)
+def test_lstm_steps_match_numpy(dtype, strided):
+    """lstm_forward_step against sigma(P) and c = f c_prev + i g; lstm_backward_step
+    against the adjoint equations of nn/cells/lstm.py, with and without a seed."""
+    rng = np.random.default_rng(12)
+    h, n = 5, 7
+    P, c_prev, ds, seed, dc = _blocks(rng, 4, h, n, dtype, strided)
+    i, f, g, o = (P[k * h:(k + 1) * h].astype(np.float64) for k in range(4))
+    i, f, g, o = _sig(i), _sig(f), np.tanh(g), _sig(o)
+    c_ref = f * c_prev + i * g
+    gates = P.copy()
+    gates[:h], gates[h:2 * h], gates[3 * h:] = (np.tanh(P[k * h:(k + 1) * h] / 2)
+                                               for k in (0, 1, 3))
+    gates[2 * h:3 * h] = np.tanh(P[2 * h:3 * h])
+    c = np.empty_like(c_prev)
+    kernels.lstm_forward_step(gates, c_prev, c)
+    np.testing.assert_allclose(gates, np.concatenate([i, f, g, o]), **TOL[dtype])
+    np.testing.assert_allclose(c, c_ref, **TOL[dtype])
+    tc = np.tanh(c)
+    for with_seed in (True, False):
+        d = ds + seed if with_seed else ds
+        dct = dc + d * o * (1 - tc ** 2)
+        want = np.concatenate([dct * g * i * (1 - i), dct * c_prev * f * (1 - f),
+                               dct * i * (1 - g ** 2), d * tc * o * (1 - o)])
+        G, carry = np.array(np.concatenate([i, f, g, o]), dtype), dc.copy()
+        kernels.lstm_backward_step(G, c_prev, tc, ds, seed if with_seed else
+                                   np.empty((0, 0), dtype), carry)
+        np.testing.assert_allclose(G, want, **TOL[dtype])
+        np.testing.assert_allclose(carry, dct * f, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,strided", CASES)
+def test_gru_steps_match_numpy(dtype, strided):
+    """gru_forward_gates / gru_forward_state against PyTorch's GRU equations
+    (linear_before_reset); gru_backward_step against the adjoint of nn/cells/gru.py, with
+    every optional term present and absent."""
+    rng = np.random.default_rng(13)
+    h, n = 6, 4
+    P, s_prev, Wns, ds, dn = _blocks(rng, 3, h, n, dtype, strided)
+    seed, carry0 = (rng.standard_normal((h, n)).astype(dtype) for _ in range(2))
+    bh = rng.standard_normal(h).astype(dtype)
+    r, z = _sig(P[:h].astype(np.float64)), _sig(P[h:2 * h].astype(np.float64))
+    hn = Wns + bh[:, None]
+    c = np.tanh(P[2 * h:] + r * hn)
+    s_ref = (1 - z) * c + z * s_prev
+    gates = P.copy()
+    gates[:2 * h] = np.tanh(P[:2 * h] / 2)
+    HN = Wns.copy()
+    kernels.gru_forward_gates(gates, HN, bh)
+    np.testing.assert_allclose(gates[:2 * h], np.concatenate([r, z]), **TOL[dtype])
+    np.testing.assert_allclose(HN, hn, **TOL[dtype])
+    np.testing.assert_allclose(gates[2 * h:], P[2 * h:] + r * hn, **TOL[dtype])
+    gates[2 * h:] = np.tanh(gates[2 * h:])
+    s = np.empty_like(s_prev)
+    kernels.gru_forward_state(gates, s_prev, s)
+    np.testing.assert_allclose(s, s_ref, **TOL[dtype])
+    none = np.empty((0, 0), dtype)
+    for use_dn, use_seed in ((True, True), (False, True), (True, False), (False, False)):
+        d = ds + carry0 + (dn if use_dn else 0) + (seed if use_seed else 0)
+        a_n = d * (1 - z) * (1 - c ** 2)
+        want = np.concatenate([a_n * hn * r * (1 - r), d * (s_prev - c) * z * (1 - z), a_n])
+        G = np.array(np.concatenate([r, z, c]), dtype)
+        H, carry = np.array(hn, dtype), carry0.copy()
+        kernels.gru_backward_step(G, H, s_prev, ds, dn if use_dn else none,
+                                  seed if use_seed else none, carry)
+        np.testing.assert_allclose(G, want, **TOL[dtype])
+        np.testing.assert_allclose(H, r * a_n, **TOL[dtype])
+        np.testing.assert_allclose(carry, z * d, **TOL[dtype])

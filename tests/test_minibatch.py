@@ -125,3 +125,78 @@ def test_evaluation_in_blocks_equals_one_forward_pass(monkeypatch):
     blocks = net.loss_sums(p, data, "ce")
     np.testing.assert_allclose(blocks, whole, rtol=1e-13)
     assert blocks[2] == whole[2] == 50 * 6
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
+def test_kkt_statistics_are_minus_the_bptt_gradient_sums(cell, layers, kind, m2m):
+    """The KKT multipliers of a forward pass equal the adjoint: per layer, the mini-batch
+    statistics D = sum lambda z^T of batch_statistics (its token block Dx, a GRU's
+    candidate bias sum bh) and the output block's are minus the BPTT gradient of the
+    mean loss times the output rows, for every cell and a stacked network."""
+    from padmmirnn.admm.minibatch import batch_statistics
+    from padmmirnn.nn import Network, layer_name
+
+    data = make_local(kind, m2m, n=9, steps=4, dim=5, classes=3, seed=6)
+    net = Network.build(cell, "tanh", layers)
+    p = net.init_params(5, 6, 3, 1, "gaussian", 1.0)
+    rng = np.random.default_rng(2)
+    p = p.map(lambda a: a + 0.2 * rng.standard_normal(a.shape))  # nonzero biases
+    st = batch_statistics(net, p, data, "ce", np.dtype(np.float64))
+    res = gradients(p, data, "tanh", "ce")
+    g, rows = res.grads, res.rows
+    assert st["counts"][2] == rows
+    assert st["counts"][0] / rows == pytest.approx(res.loss, rel=1e-13)
+    tol = {"rtol": 1e-11, "atol": 1e-12}
+    for l in range(layers):
+        D = st[f"l{l}.D"]
+        dx = 0 if (kind == "tokens" and l == 0) else g.layer(l).U.shape[1]
+        np.testing.assert_allclose(D[:, dx + 1:], -rows * getattr(g, layer_name("W", l)),
+                                   **tol)
+        np.testing.assert_allclose(D[:, dx], -rows * getattr(g, layer_name("b", l)), **tol)
+        dU = st["l0.Dx"] if dx == 0 else D[:, :dx]
+        np.testing.assert_allclose(dU, -rows * getattr(g, layer_name("U", l)), **tol)
+        if cell == "gru":
+            np.testing.assert_allclose(st[f"l{l}.bh"], -rows * getattr(g, layer_name("bh", l)),
+                                       **tol)
+    h = p.hidden
+    np.testing.assert_allclose(st["out.D"][:, :h], -rows * g.V, **tol)
+    np.testing.assert_allclose(st["out.D"][:, h], -rows * g.c, **tol)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
+def test_the_memory_estimate_covers_a_step(cell, layers, kind, m2m):
+    """Network.bytes_per_sample (the memory check's and the evaluation blocks' figure)
+    against the peak of NumPy's allocations (tracemalloc) in a mini-batch ADMM step's
+    statistics and a BPTT gradient: every layer's state and the cell's trace (the gated
+    cells' gates, cell states, candidate products), the outputs and the seeds; within
+    6% above (the cells' [h, n] temporaries) and 15% below."""
+    import tracemalloc
+
+    from padmmirnn.admm.minibatch import batch_statistics
+    from padmmirnn.nn import Network
+
+    n, h = 100, 16
+    data = make_local(kind, m2m, n=n, steps=20, dim=12, classes=5, seed=3)
+    net = Network.build(cell, "tanh", layers)
+    p = net.init_params(12, h, 5, 0, "gaussian", 1.0)
+    estimate = net.bytes_per_sample(data.info, h, 8) * n
+
+    def stats():
+        batch_statistics(net, p, data, "ce", np.dtype(np.float64))
+
+    def grads():
+        net.gradients(p, data, "ce")
+
+    for run in (stats, grads):
+        run()  # compiled kernels loaded before measuring
+        tracemalloc.start()
+        try:
+            run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert 0.85 * estimate <= peak <= 1.06 * estimate, (run.__name__, peak / estimate)

@@ -277,13 +277,18 @@ class Network:
         return Gradients(total / rows, Params({k: grads[k] for k in p.names()}), norms, rows)
 
     def bytes_per_sample(self, info: DatasetInfo, h: int, itemsize: int) -> int:
-        """Bytes of one sample's forward pass and adjoint: every layer's stacked state
-        ``[T + 1, d_l + 1 + h]`` and trace (``Cell.trace_blocks`` blocks of ``[T, h]``),
-        and the outputs ``[|O|, K]``."""
+        """Bytes of one sample's forward pass and adjoint (the most a mini-batch step or
+        a BPTT gradient holds at once): every layer's stacked state ``[T + 1, d_l + 1 +
+        h]`` and trace (``Cell.trace_blocks`` blocks of ``[T, h]``: the gated cells'
+        activated gates, an LSTM's cell states and their tanh, a GRU's recurrent
+        candidate product), the outputs ``[|O|, K]`` and a copy of their adjoints, the
+        head's seeds ``V^T delta`` ``[|O|, h]`` and, above one layer, the seeds ``U^T
+        delta_in`` ``[T, h]`` of the layer below (two alive while the next is formed)."""
         outs = info.steps if info.many_to_many else 1
         rows = (input_rows(info) + 1 + h) + (self.layers - 1) * (2 * h + 1)
         trace = info.steps * self.cell.trace_blocks * h * self.layers
-        return ((info.steps + 1) * rows + trace + outs * info.classes) * itemsize
+        seeds = outs * h + info.steps * h * min(self.layers - 1, 2)
+        return ((info.steps + 1) * rows + trace + 2 * outs * info.classes + seeds) * itemsize
 
     def eval_block(self, info: DatasetInfo, h: int, itemsize: int) -> int:
         """Samples per forward pass of an evaluation: at most :data:`EVAL_BLOCK`, and at

@@ -57,6 +57,13 @@ def side_by_side(a: np.ndarray) -> np.ndarray:
     return a.transpose(1, 0, 2).reshape(q, steps * n)
 
 
+def gate_scale(h: int, dtype: np.dtype, gates: str = "ifgo") -> np.ndarray:
+    """``[G h]`` row factors of the gate-stacked weights: 1/2 on the sigmoid gates (every
+    gate but ``g`` of an LSTM, ``n`` of a GRU), 1 on the tanh ones; exact in binary
+    floating point, so ``tanh`` of the scaled product is ``tanh(P / 2)`` to the bit."""
+    return np.repeat(np.array([1.0 if g in "gn" else 0.5 for g in gates], dtype), h)
+
+
 class Trace:
     """What one layer's forward pass keeps for its adjoint (a cell's own arrays), and
     the adjoint outputs ``delta_in`` / ``delta_hh`` ``[T, G h, n]``; ``cells`` the cell

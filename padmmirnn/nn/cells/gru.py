@@ -25,8 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.nn.cells.base import Cell, Trace, scratch, stacked_weights
-from padmmirnn.nn.cells.lstm import sigmoid
+from padmmirnn.nn.cells.base import Cell, Trace, gate_scale, scratch, stacked_weights
 from padmmirnn.nn.params import Layer
 
 
@@ -54,12 +53,18 @@ class GruCell(Cell):
 
     def forward(self, w: Layer, Z: np.ndarray, dx: int, tokens: np.ndarray | None,
                 trace: GruTrace, zero_start: bool = True) -> None:
+        """Per step: the r, z rows' product (weights scaled by 1/2: ``sigma(x) = (1 +
+        tanh(x/2)) / 2``), the candidate's input part and ``W_n s_{t-1}``; ``tanh`` of the
+        r, z rows, :func:`~padmmirnn.kernels.gru_forward_gates`, ``tanh`` of the candidate,
+        :func:`~padmmirnn.kernels.gru_forward_state`."""
         h = w.W.shape[1]
         tok = tokens is not None
-        rz = stacked_weights(w, tok, slice(0, 2 * h))
+        half = gate_scale(h, w.W.dtype, "rzn")
+        rz = stacked_weights(w, tok, slice(0, 2 * h)) * 0.5
         xn = w.b[2 * h:, None] if tok else np.concatenate([w.U[2 * h:], w.b[2 * h:, None]],
                                                          axis=1)
-        Wn, bh = w.W[2 * h:], w.bh[:, None]
+        U = w.U * half[:, None] if tok else None
+        Wn, bh = w.W[2 * h:], w.bh
         A, HN = trace.gates, trace.hn
         for t in range(A.shape[0]):
             G = A[t]
@@ -67,58 +72,36 @@ class GruCell(Cell):
             np.matmul(rz, Z[t, :dx + 1 + h], out=G[:2 * h])
             if tok:
                 G[2 * h:] = xn
-                kernels.add_columns(w.U, tokens[t], G)
+                kernels.add_columns(U, tokens[t], G)
             else:
                 np.matmul(xn, Z[t, :dx + 1], out=G[2 * h:])
             np.matmul(Wn, s_prev, out=HN[t])
-            HN[t] += bh
-            r, z, n = G[:h], G[h:2 * h], G[2 * h:]
-            sigmoid(G[:2 * h], G[:2 * h])
-            n += r * HN[t]
-            np.tanh(n, out=n)
-            s = Z[t + 1, dx + 1:dx + 1 + h]
-            np.subtract(s_prev, n, out=s)  # s_t = n + z (s_{t-1} - n)
-            s *= z
-            s += n
+            np.tanh(G[:2 * h], out=G[:2 * h])
+            kernels.gru_forward_gates(G, HN[t], bh)
+            np.tanh(G[2 * h:], out=G[2 * h:])
+            kernels.gru_forward_state(G, s_prev, Z[t + 1, dx + 1:dx + 1 + h])
 
     def adjoint(self, w: Layer, Z: np.ndarray, dx: int, trace: GruTrace,
                 seeds: np.ndarray, every_step: bool) -> None:
+        """Per step: ``W_rz^T delta_rz`` and ``W_n^T (r a_n)`` of step t + 1 (two
+        products), then :func:`~padmmirnn.kernels.gru_backward_step` (the sum with the
+        carry and the seed, every gate adjoint)."""
         h = w.W.shape[1]
         WT_rz = np.ascontiguousarray(w.W[:2 * h].T)
         WT_n = np.ascontiguousarray(w.W[2 * h:].T)
         A, HN = trace.gates, trace.hn
         steps = A.shape[0]
         ds = np.empty((h, A.shape[2]), A.dtype)
+        dn = np.empty_like(ds)
         carry = np.zeros_like(ds)  # z_{t+1} ds_{t+1}
-        tmp = np.empty_like(ds)
+        none = np.empty((0, 0), A.dtype)
         for t in range(steps - 1, -1, -1):
+            s_prev = Z[t, dx + 1:dx + 1 + h]
             if t < steps - 1:
                 np.matmul(WT_rz, A[t + 1, :2 * h], out=ds)
-                ds += WT_n @ HN[t + 1]  # HN[t + 1] holds r a_n of step t + 1
-                ds += carry
-                if every_step:
-                    ds += seeds[t]
+                np.matmul(WT_n, HN[t + 1], out=dn)  # HN[t + 1] holds r a_n of step t + 1
+                kernels.gru_backward_step(A[t], HN[t], s_prev, ds, dn,
+                                          seeds[t] if every_step else none, carry)
             else:
-                ds[...] = seeds[t if every_step else 0]
-            G = A[t]
-            r, z, n = G[:h], G[h:2 * h], G[2 * h:]
-            s_prev = Z[t, dx + 1:dx + 1 + h]
-            np.multiply(ds, z, out=carry)
-            # delta_z = ds (s_{t-1} - n) z (1 - z), written after a_n needs z
-            np.subtract(s_prev, n, out=tmp)
-            tmp *= ds
-            # a_n = ds (1 - z) (1 - n^2), written over n
-            np.subtract(ds, carry, out=ds)  # ds (1 - z)
-            np.multiply(n, n, out=n)
-            np.subtract(1.0, n, out=n)
-            n *= ds
-            tmp *= z
-            np.subtract(1.0, z, out=z)
-            z *= tmp
-            # delta_r = a_n hn r (1 - r); the candidate's recurrent adjoint r a_n over hn
-            hn = HN[t]
-            np.multiply(n, hn, out=tmp)
-            tmp *= r
-            np.multiply(r, n, out=hn)
-            np.subtract(1.0, r, out=r)
-            r *= tmp
+                kernels.gru_backward_step(A[t], HN[t], s_prev, seeds[t if every_step else 0],
+                                          none, none, carry)

@@ -21,17 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.nn.cells.base import Cell, Trace, scratch, stacked_weights
+from padmmirnn.nn.cells.base import Cell, Trace, gate_scale, scratch, stacked_weights
 from padmmirnn.nn.params import Layer
-
-
-def sigmoid(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``1 / (1 + exp(-x))`` as ``(1 + tanh(x / 2)) / 2`` (no overflow)."""
-    np.multiply(x, 0.5, out=out)
-    np.tanh(out, out=out)
-    out += 1.0
-    out *= 0.5
-    return out
 
 
 class LstmTrace(Trace):
@@ -65,66 +56,42 @@ class LstmCell(Cell):
 
     def forward(self, w: Layer, Z: np.ndarray, dx: int, tokens: np.ndarray | None,
                 trace: LstmTrace, zero_start: bool = True) -> None:
+        """Per step: ``P_t`` (the i, f, o rows from weights scaled by 1/2, so that one
+        ``tanh`` of the whole block gives every gate: ``sigma(x) = (1 + tanh(x/2)) / 2``),
+        then :func:`~padmmirnn.kernels.lstm_forward_step` (gates, ``c_t``), ``tanh(c_t)``
+        and ``s_t = o tanh(c_t)``."""
         h = w.W.shape[1]
-        theta = stacked_weights(w, tokens is not None)
+        half = gate_scale(h, w.W.dtype)
+        theta = stacked_weights(w, tokens is not None) * half[:, None]
+        U = w.U * half[:, None] if tokens is not None else None
         A, C, TC = trace.gates, trace.cells, trace.tanh_c
         for t in range(A.shape[0]):
             P = A[t]
             np.matmul(theta, Z[t, :dx + 1 + h], out=P)
             if tokens is not None:
-                kernels.add_columns(w.U, tokens[t], P)
-            i, f, g, o = P[:h], P[h:2 * h], P[2 * h:3 * h], P[3 * h:]
-            sigmoid(i, i)
-            sigmoid(f, f)
-            np.tanh(g, out=g)
-            sigmoid(o, o)
-            np.multiply(f, C[t], out=C[t + 1])
-            C[t + 1] += i * g
+                kernels.add_columns(U, tokens[t], P)
+            np.tanh(P, out=P)
+            kernels.lstm_forward_step(P, C[t], C[t + 1])
             np.tanh(C[t + 1], out=TC[t])
-            np.multiply(o, TC[t], out=Z[t + 1, dx + 1:dx + 1 + h])
+            np.multiply(P[3 * h:], TC[t], out=Z[t + 1, dx + 1:dx + 1 + h])
 
     def adjoint(self, w: Layer, Z: np.ndarray, dx: int, trace: LstmTrace,
                 seeds: np.ndarray, every_step: bool) -> None:
+        """Per step: ``ds = W^T delta_{t+1}`` (one product), then
+        :func:`~padmmirnn.kernels.lstm_backward_step` (the seed, the cell carry and the
+        four gate adjoints, over the gates)."""
         h = w.W.shape[1]
         WT = np.ascontiguousarray(w.W.T)
         A, C, TC = trace.gates, trace.cells, trace.tanh_c
         steps = A.shape[0]
         ds = np.empty((h, A.shape[2]), A.dtype)
         dc = np.zeros_like(ds)
-        tmp = np.empty_like(ds)
+        none = np.empty((0, 0), A.dtype)
         for t in range(steps - 1, -1, -1):
             if t < steps - 1:
                 np.matmul(WT, A[t + 1], out=ds)  # A[t + 1] holds delta_{t + 1}
-                if every_step:
-                    ds += seeds[t]
+                kernels.lstm_backward_step(A[t], C[t], TC[t], ds,
+                                           seeds[t] if every_step else none, dc)
             else:
-                ds[...] = seeds[t if every_step else 0]
-            G = A[t]
-            i, f, g, o = G[:h], G[h:2 * h], G[2 * h:3 * h], G[3 * h:]
-            tc = TC[t]
-            # dc_t = dc_{t+1} f_{t+1} (already in dc) + ds o (1 - tc^2)
-            np.multiply(tc, tc, out=tmp)
-            np.subtract(1.0, tmp, out=tmp)
-            tmp *= o
-            tmp *= ds
-            dc += tmp
-            # delta_o = ds tc o (1 - o), written over o
-            np.multiply(ds, tc, out=tmp)
-            tmp *= o
-            np.subtract(1.0, o, out=o)
-            o *= tmp
-            # delta_i = dc g i (1 - i), delta_g = dc i (1 - g^2): i and g both needed
-            np.multiply(dc, g, out=tmp)  # dc g
-            np.multiply(dc, i, out=ds)  # dc i (ds is free now)
-            tmp *= i
-            np.subtract(1.0, i, out=i)
-            i *= tmp
-            np.multiply(g, g, out=tmp)
-            np.subtract(1.0, tmp, out=tmp)
-            np.multiply(ds, tmp, out=g)
-            # delta_f = dc c_{t-1} f (1 - f); then the carry dc_{t-1} = dc_t f_t
-            np.multiply(dc, C[t], out=tmp)
-            tmp *= f
-            dc *= f
-            np.subtract(1.0, f, out=f)
-            f *= tmp
+                kernels.lstm_backward_step(A[t], C[t], TC[t], seeds[t if every_step else 0],
+                                           none, dc)
