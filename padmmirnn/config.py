@@ -186,6 +186,14 @@ class AdmmConfig:
     trust_radius: float = opt(0.25, "mini-batch: cap of each block's change per step "
                               "(Frobenius norm), times sqrt(|O|) with a label per step "
                               "(0: none)", low=0.0)
+    output_factor: float = opt(0.0, "mini-batch: the output-side Kronecker factor: each "
+                               "block's direction is also left-solved with the running Gram "
+                               "S of its adjoints per output row, plus this times mean(diag "
+                               "S) (0: off; a two-sided, K-FAC-like step)", low=0.0)
+    block_momentum: float = opt(0.0, "mini-batch: heavy-ball mu on each block's change, "
+                                "v <- mu v + step, in [0, 1) (0: off)", low=0.0)
+    output_trust: float = opt(1.0, "mini-batch: the output block's trust radius, a multiple "
+                              "of the input blocks'", low=0.0, strict=True)
     consensus: str = opt("auto", "mini-batch: none: every mini-batch is global (one "
                          "reduction each; equals the serial run); average, duals or outer: "
                          "each (virtual) rank takes local steps on batch_size / ranks of its "
@@ -214,6 +222,9 @@ class AdmmConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"config key 'admm.momentum' must be in [0, 1); "
                               f"got {self.momentum!r}")
+        if not 0.0 <= self.block_momentum < 1.0:
+            raise ConfigError(f"config key 'admm.block_momentum' must be in [0, 1); "
+                              f"got {self.block_momentum!r}")
         if not 0.0 <= self.outer_momentum < 1.0:
             raise ConfigError(f"config key 'admm.outer_momentum' must be in [0, 1); "
                               f"got {self.outer_momentum!r}")

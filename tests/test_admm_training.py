@@ -77,8 +77,9 @@ def test_recommended_configuration_trains():
 
 
 def test_defaults_are_the_recommended_configuration():
-    """The default is mini-batch ADMM; the fullbatch preset is the full-batch hybrid
-    (the recommended block options, backtracking, also in async runs on a local loss)."""
+    """The default is mini-batch ADMM (also under AP, as consensus); the fullbatch preset
+    is the full-batch hybrid (the recommended block options, backtracking, also in async
+    runs on a local loss)."""
     assert build_config().admm.batch_size > 0
     cfg = load_config("fullbatch")
     assert cfg.admm.batch_size == 0
@@ -88,8 +89,11 @@ def test_defaults_are_the_recommended_configuration():
     assert cfg.backtracking()
     assert load_config("fullbatch", {"train.parallel": "async"}).backtracking()  # local loss
     assert not build_config(overrides=FAITHFUL).backtracking()
-    with pytest.raises(ConfigError, match="--config fullbatch"):
-        build_config(overrides={"train.parallel": "async"})
+    # AP runs the default: mini-batch consensus by averaging, one join per pass
+    ap = build_config(overrides={"train.parallel": "async"})
+    assert ap.admm.batch_size > 0 and ap.consensus() == "average"
+    with pytest.raises(ConfigError, match="one join per pass"):
+        build_config(overrides={"train.parallel": "async", "admm.sync_every": 3})
 
 
 def test_faithful_default_trains_less():

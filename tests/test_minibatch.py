@@ -135,7 +135,7 @@ def test_kkt_statistics_are_minus_the_bptt_gradient_sums(cell, layers, kind, m2m
     statistics D = sum lambda z^T of batch_statistics (its token block Dx, a GRU's
     candidate bias sum bh) and the output block's are minus the BPTT gradient of the
     mean loss times the output rows, for every cell and a stacked network."""
-    from padmmirnn.admm.minibatch import batch_statistics
+    from padmmirnn.admm.blockstep import batch_statistics
     from padmmirnn.nn import Network, layer_name
 
     data = make_local(kind, m2m, n=9, steps=4, dim=5, classes=3, seed=6)
@@ -176,7 +176,7 @@ def test_the_memory_estimate_covers_a_step(cell, layers, kind, m2m):
     6% above (the cells' [h, n] temporaries) and 15% below."""
     import tracemalloc
 
-    from padmmirnn.admm.minibatch import batch_statistics
+    from padmmirnn.admm.blockstep import batch_statistics
     from padmmirnn.nn import Network
 
     n, h = 100, 16

@@ -36,14 +36,14 @@ matrix is formed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from padmmirnn import kernels
 from padmmirnn.admm.packed import Field, Layout
 from padmmirnn.config import AdmmConfig
-from padmmirnn.nn import LOSSES, Network, Params, outputs
+from padmmirnn.nn import LOSSES, Network, Params, layer_name, outputs
 from padmmirnn.nn.cells.base import side_by_side
 from padmmirnn.samples import DatasetInfo, LocalData
 
@@ -116,11 +116,13 @@ def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ b.T).astype(np.float64, copy=False)
 
 
-def batch_layout(net: Network, dz: int, vocab: int, h: int, classes: int) -> Layout:
+def batch_layout(net: Network, dz: int, vocab: int, h: int, classes: int,
+                 output_factor: bool = False) -> Layout:
     """The packed statistics of one mini-batch (one reduction): per layer ``l`` the Gram
     blocks of its regressors ``z_t = [x_t; 1; s_{t-1}]`` and ``D = sum delta z^T`` (the
     first layer's token blocks; a GRU's candidate bias sum), the output block's, the
-    loss sum and the two row counts."""
+    loss sum and the two row counts; with ``output_factor`` also every block's adjoint
+    Gram ``S = sum lambda lambda^T`` (the output-side Kronecker factor)."""
     G = net.cell.gates
     fields = []
     for l in range(net.layers):
@@ -133,13 +135,17 @@ def batch_layout(net: Network, dz: int, vocab: int, h: int, classes: int) -> Lay
                        Field("l0.Dx", (G * h, vocab))]
         if net.cell.extra_bias:
             fields.append(Field(f"l{l}.bh", (h,)))
+        if output_factor:
+            fields.append(Field(f"l{l}.S", (G * h, G * h), symmetric=True))
     fields += [Field("out.rest", (h + 1, h + 1), symmetric=True),
                Field("out.D", (classes, h + 1)), Field("counts", (3,))]
+    if output_factor:
+        fields.append(Field("out.S", (classes, classes), symmetric=True))
     return Layout(fields)
 
 
 def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
-                     dtype: np.dtype) -> dict[str, np.ndarray]:
+                     dtype: np.dtype, output_factor: bool = False) -> dict[str, np.ndarray]:
     """Forward pass, KKT multipliers and the Gram statistics of one (local) batch, as
     the fields of :func:`batch_layout` (``counts`` = [loss sum, input rows, output
     rows]); ``p`` in ``dtype``."""
@@ -165,6 +171,9 @@ def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
         out[f"l{l}.D"] = sums["D"]
         if "bh" in sums:
             out[f"l{l}.bh"] = sums["bh"]
+        if output_factor:
+            d_in = side_by_side(fwd.traces[l].delta_in)
+            out[f"l{l}.S"] = _gram(d_in, d_in)
         if l == 0 and fwd.tokens is not None:
             out["l0.diag"] = kernels.token_counts(batch.inputs.reshape(-1), info.dim)
             out["l0.cross"] = kernels.segment_sum_columns(batch.inputs, zs, info.dim)
@@ -181,6 +190,8 @@ def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
     D_out[:, h] = lam_rows.sum(axis=0, dtype=np.float64)
     out.update({"out.rest": G_out, "out.D": D_out,
                 "counts": np.array([total, float(steps * n), float(rows)])})
+    if output_factor:
+        out["out.S"] = _gram(lam_rows.T, lam_rows.T)
     return out
 
 
@@ -191,21 +202,27 @@ def _gram_name(layer: int) -> str:
 
 @dataclass
 class BlockState:
-    """What one (virtual) rank steps: the weights and every block's running Gram."""
+    """What one (virtual) rank steps: the weights, every block's running Gram and the
+    optional extras of the step (``extra``: the running output-side factors ``S.l{l}``,
+    ``S.out`` and the block momentum's velocity ``v.{weight}``)."""
 
     params: Params
     grams: list[RunningGram]
     gram_out: RunningGram
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def _grams(self) -> list[RunningGram]:
         return [*self.grams, self.gram_out]
 
+    def _tail(self) -> list[np.ndarray]:
+        """The arrays after the weights in :meth:`flat`, in order."""
+        arrays = [a for gram in self._grams() for a in gram.state("").values()]
+        return arrays + [self.extra[k] for k in sorted(self.extra)]
+
     def flat(self) -> np.ndarray:
-        """The weights and the running Gram estimates in one float64 vector."""
-        parts = [self.params.flat()]
-        for gram in self._grams():
-            parts += [a.ravel() for a in gram.state("").values()]
-        return np.concatenate(parts)
+        """The weights, the running Gram estimates and the extras in one float64
+        vector (a consensus join averages it)."""
+        return np.concatenate([self.params.flat()] + [a.ravel() for a in self._tail()])
 
     def load_flat(self, flat: np.ndarray) -> None:
         """The inverse of :meth:`flat` (in place)."""
@@ -214,29 +231,31 @@ class BlockState:
         self.load_grams(flat[n:])
 
     def load_grams(self, flat: np.ndarray) -> None:
-        """The running Grams from the tail of :meth:`flat`."""
+        """The running Grams and extras from the tail of :meth:`flat`."""
         lo = 0
-        for gram in self._grams():
-            for a in gram.state("").values():
-                a[...] = flat[lo:lo + a.size].reshape(a.shape)
-                lo += a.size
+        for a in self._tail():
+            a[...] = flat[lo:lo + a.size].reshape(a.shape)
+            lo += a.size
 
     def state(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """The running Grams as checkpoint arrays (the weights are stored apart)."""
+        """The running Grams and extras as checkpoint arrays (the weights are stored
+        apart)."""
         out = self.gram_out.state(f"{prefix}gram_out")
         for l, gram in enumerate(self.grams):
             out.update(gram.state(prefix + _gram_name(l)))
+        out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
         return out
 
     def load(self, arrays: dict, prefix: str = "") -> None:
         for l, gram in enumerate(self.grams):
             gram.load(arrays, prefix + _gram_name(l))
         self.gram_out.load(arrays, f"{prefix}gram_out")
+        for k, v in self.extra.items():
+            v[...] = arrays[f"{prefix}{k}"]
 
     def copy(self) -> BlockState:
-        out = BlockState(self.params.copy(), [g.copy() for g in self.grams],
-                         self.gram_out.copy())
-        return out
+        return BlockState(self.params.copy(), [g.copy() for g in self.grams],
+                          self.gram_out.copy(), {k: v.copy() for k, v in self.extra.items()})
 
 
 class BlockStep:
@@ -251,21 +270,31 @@ class BlockStep:
         self.vocab = info.dim if info.kind == "tokens" else 0
         self.h = h
         self.out_scale = float(np.sqrt(info.steps if info.many_to_many else 1))
-        self.layout = batch_layout(net, self.dz, self.vocab, h, info.classes)
+        self.factored = a.output_factor > 0
+        self.layout = batch_layout(net, self.dz, self.vocab, h, info.classes,
+                                   self.factored)
+        self.classes = info.classes
 
     def initial(self, params: Params) -> BlockState:
-        """``params`` with every running Gram at the identity."""
-        h = self.h
+        """``params`` with every running Gram at the identity (the output-side factors,
+        if used, start from the first batch's; the velocity at 0)."""
+        h, G = self.h, self.net.cell.gates
         grams = [RunningGram((self.vocab or self.dz) + 1 + h, self.vocab) if l == 0
                  else RunningGram(2 * h + 1) for l in range(self.net.layers)]
-        return BlockState(params, grams, RunningGram(h + 1))
+        extra = {}
+        if self.factored:
+            extra.update({f"S.l{l}": np.zeros((G * h, G * h)) for l in range(self.net.layers)})
+            extra["S.out"] = np.zeros((self.classes, self.classes))
+        if self.a.block_momentum:
+            extra.update({f"v.{k}": np.zeros_like(v) for k, v in params.arrays().items()})
+        return BlockState(params, grams, RunningGram(h + 1), extra)
 
     def statistics(self, params: Params, batch: LocalData) -> dict[str, np.ndarray]:
         """The statistics of the samples of ``batch`` (zeros if it has none)."""
         if not batch.n:
             return self.layout.unpack(np.zeros(self.layout.size))
         return batch_statistics(self.net, params.astype(self.dtype), batch, self.loss,
-                                self.dtype)
+                                self.dtype, self.factored)
 
     def apply(self, state: BlockState, st: dict[str, np.ndarray], scale: float,
               anchor: Params | None = None, rho_c: float = 0.0) -> float:
@@ -285,11 +314,43 @@ class BlockStep:
         if anchor is not None:
             grad[:, :h] -= rho_c * (p.V - anchor.V)
             grad[:, h] -= rho_c * (p.c - anchor.c)
-        step = state.gram_out.solve(grad, a.damping)
-        factor = self._factor([step], a.rho3, scale)
-        p.V = p.V + factor * step[:, :h]
-        p.c = p.c + factor * step[:, h]
+        step = self._left(state, "S.out", st.get("out.S"), out_rows,
+                          state.gram_out.solve(grad, a.damping))
+        factor = self._factor([step], a.rho3, scale, a.output_trust)
+        self._move(state, "V", factor * step[:, :h])
+        self._move(state, "c", factor * step[:, h])
         return float(loss_sum / out_rows)
+
+    def _left(self, state: BlockState, name: str, batch_S: np.ndarray | None,
+              out_rows: float, step: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """The output-side Kronecker factor (``admm.output_factor`` > 0): ``(S + k
+        mean(diag S) I)^-1 step``, ``S`` the running Gram of the block's adjoints per
+        output row (``S.l{l}``, ``S.out``, updated by the batch's ``batch_S``; the first
+        batch's to start), ``k`` the relative damping ``admm.output_factor``; ``rows``
+        the factor's rows and columns to use. Identity when off."""
+        if not self.factored:
+            return step
+        S = state.extra[name]
+        if batch_S is not None:
+            new = batch_S / out_rows
+            if np.any(S):
+                S *= self.a.cov_decay
+                S += (1.0 - self.a.cov_decay) * new
+            else:
+                S[...] = new
+        sub = S[rows, rows]
+        lam = self.a.output_factor * max(float(np.trace(sub)) / sub.shape[0], 1e-12)
+        return np.linalg.solve(sub + lam * np.eye(sub.shape[0]), step)
+
+    def _move(self, state: BlockState, name: str, delta: np.ndarray) -> None:
+        """Add ``delta`` to weight ``name``, through the heavy-ball velocity ``v <- mu v
+        + delta`` when ``admm.block_momentum`` = mu > 0."""
+        if self.a.block_momentum:
+            v = state.extra[f"v.{name}"]
+            v *= self.a.block_momentum
+            v += delta
+            delta = v
+        setattr(state.params, name, getattr(state.params, name) + delta)
 
     def _layer_step(self, state: BlockState, l: int, st: dict[str, np.ndarray],
                     out_rows: float, scale: float, anchor, rho_c: float) -> None:
@@ -331,23 +392,30 @@ class BlockStep:
                                 a.damping, dx, None, vocab=False)
             step[split, X + 1:] = hidden[:, 1:]
             parts.append(hidden[:, :1])
+        S_batch = st.get(f"l{l}.S")
+        step = self._left(state, f"S.l{l}", S_batch, out_rows, step)
+        parts[0] = step
+        if split is not None:  # the candidate's recurrent bias: its rows of the factor
+            parts[1] = self._left(state, f"S.l{l}", None, out_rows, parts[1], split)
         factor = self._factor(parts, a.rho1, scale)
-        w.U = w.U + factor * step[:, :X]
-        w.b = w.b + factor * step[:, X]
-        w.W = w.W + factor * step[:, X + 1:]
+        names = {k: layer_name(k, l) for k in ("U", "b", "W", "bh")}
+        self._move(state, names["U"], factor * step[:, :X])
+        self._move(state, names["b"], factor * step[:, X])
+        self._move(state, names["W"], factor * step[:, X + 1:])
         if split is not None:
-            w.bh = w.bh + factor * parts[1][:, 0]
-        p.set_layer(l, w)
+            self._move(state, names["bh"], factor * parts[1][:, 0])
 
-    def _factor(self, steps: list[np.ndarray], rho: float, scale: float) -> float:
+    def _factor(self, steps: list[np.ndarray], rho: float, scale: float,
+                trust: float = 1.0) -> float:
         """The factor of a block's solved direction: ``1 / (rho scale)``, lowered so that
         the change stays within the trust radius, ``trust_radius sqrt(|O|) / scale``: a
         sample with a label per step carries |O| targets, and its batch's step direction
         is correspondingly less noisy (measured: 0.25 fits one label per sequence, about
-        2.5 a character model with 100 labels per sequence)."""
+        2.5 a character model with 100 labels per sequence); ``trust`` multiplies the
+        radius (``admm.output_trust`` for the output block)."""
         factor = 1.0 / rho
         norm = factor * float(np.sqrt(sum(np.vdot(s, s) for s in steps)))
-        radius = self.a.trust_radius * self.out_scale
+        radius = self.a.trust_radius * self.out_scale * trust
         if radius and norm > radius:
             factor *= radius / norm
         return factor / scale
