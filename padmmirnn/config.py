@@ -21,12 +21,41 @@ from padmmirnn.errors import ConfigError
 
 
 def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
-        low: float | None = None, strict: bool = False) -> Any:
+        low: float | None = None, strict: bool = False, auto: bool = False) -> Any:
     """A config option: its default, one line of documentation, and its allowed
-    values (``choices``, or a lower bound ``low``, exclusive when ``strict``). The CLI
-    help (``padmmirnn config options``) and docs/options.md are generated from these."""
+    values (``choices``, or a lower bound ``low``, exclusive when ``strict``). ``auto``:
+    a float that may also be ``"auto"`` (its value then follows from other options by a
+    documented rule, e.g. :func:`batch_rule`). The CLI help (``padmmirnn config
+    options``) and docs/options.md are generated from these."""
     return field(default=default, metadata={"doc": doc, "choices": choices, "low": low,
-                                            "strict": strict})
+                                            "strict": strict, "auto": auto})
+
+
+BATCH_RULE_REFERENCE = 64  # the global batch the mini-batch defaults were tuned at
+
+
+def batch_rule(batch: int) -> dict[str, float]:
+    """The mini-batch ADMM settings that follow from the global batch ``B`` (the
+    ``auto`` values of ``admm.cov_decay``, ``trust_radius``, ``output_factor`` and
+    ``block_momentum``, ``output_trust``; docs/admm-convergence.md, "Large batches", has the sweep they
+    come from). With ``r = max(1, B / 64)``:
+
+        cov_decay      = max(0.3, 0.95^r)          the running Gram keeps ~20 batches
+                                                   of 64 samples, however they are
+                                                   grouped, and at least 30% of the
+                                                   last estimate
+        trust_radius   = min(0.5, 0.25 sqrt(r))    the cap grows as the batch's noise
+                                                   falls, up to 0.5
+        output_factor  = 1 if B > 64 else 0        the two-sided (K-FAC-like) step
+        block_momentum = 0.5 if B > 64 else 0      heavy ball on the block step
+        output_trust   = 2 if B >= 2048 else 1     the output block's larger cap
+
+    At B <= 64 these are the defaults tuned at 64 (0.95, 0.25, off, off, 1)."""
+    r = max(1.0, batch / BATCH_RULE_REFERENCE)
+    large = batch > BATCH_RULE_REFERENCE
+    return {"cov_decay": max(0.3, 0.95 ** r), "trust_radius": min(0.5, 0.25 * r ** 0.5),
+            "output_factor": 1.0 if large else 0.0, "block_momentum": 0.5 if large else 0.0,
+            "output_trust": 2.0 if batch >= 32 * BATCH_RULE_REFERENCE else 1.0}
 
 
 @dataclass(frozen=True)
@@ -180,20 +209,26 @@ class AdmmConfig:
     batch_size: int = opt(64, "mini-batch ADMM: samples per global mini-batch, several weight "
                           "solves per pass (0: one full-batch solve per iteration, the "
                           "fullbatch preset)", low=0)
-    cov_decay: float = opt(0.95, "mini-batch: C <- decay C + (1 - decay) G / rows, the running "
-                           "Gram estimate of each weight block", low=0.0)
+    cov_decay: float | str = opt("auto", "mini-batch: C <- decay C + (1 - decay) G / rows, the "
+                                 "running Gram estimate of each weight block (auto: the "
+                                 "batch rule, 0.95 at batch 64)", low=0.0, auto=True)
     damping: float = opt(0.01, "mini-batch: the solve uses C + damping I", low=0.0)
-    trust_radius: float = opt(0.25, "mini-batch: cap of each block's change per step "
-                              "(Frobenius norm), times sqrt(|O|) with a label per step "
-                              "(0: none)", low=0.0)
-    output_factor: float = opt(0.0, "mini-batch: the output-side Kronecker factor: each "
-                               "block's direction is also left-solved with the running Gram "
-                               "S of its adjoints per output row, plus this times mean(diag "
-                               "S) (0: off; a two-sided, K-FAC-like step)", low=0.0)
-    block_momentum: float = opt(0.0, "mini-batch: heavy-ball mu on each block's change, "
-                                "v <- mu v + step, in [0, 1) (0: off)", low=0.0)
-    output_trust: float = opt(1.0, "mini-batch: the output block's trust radius, a multiple "
-                              "of the input blocks'", low=0.0, strict=True)
+    trust_radius: float | str = opt("auto", "mini-batch: cap of each block's change per step "
+                                    "(Frobenius norm), times sqrt(|O|) with a label per "
+                                    "step (0: none; auto: the batch rule, 0.25 at batch 64)",
+                                    low=0.0, auto=True)
+    output_factor: float | str = opt("auto", "mini-batch: the output-side Kronecker factor: "
+                                     "each block's direction is also left-solved with the "
+                                     "running Gram S of its adjoints per output row, plus "
+                                     "this times mean(diag S) (0: off; a two-sided, "
+                                     "K-FAC-like step; auto: the batch rule, off at batch 64)",
+                                     low=0.0, auto=True)
+    block_momentum: float | str = opt("auto", "mini-batch: heavy-ball mu on each block's "
+                                      "change, v <- mu v + step, in [0, 1) (0: off; auto: "
+                                      "the batch rule, off at batch 64)", low=0.0, auto=True)
+    output_trust: float | str = opt("auto", "mini-batch: the output block's trust radius, a "
+                                    "multiple of the input blocks' (auto: the batch rule, "
+                                    "1 at batch 64)", low=0.0, strict=True, auto=True)
     consensus: str = opt("auto", "mini-batch: none: every mini-batch is global (one "
                          "reduction each; equals the serial run); average, duals or outer: "
                          "each (virtual) rank takes local steps on batch_size / ranks of its "
@@ -222,7 +257,7 @@ class AdmmConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"config key 'admm.momentum' must be in [0, 1); "
                               f"got {self.momentum!r}")
-        if not 0.0 <= self.block_momentum < 1.0:
+        if self.block_momentum != "auto" and not 0.0 <= self.block_momentum < 1.0:
             raise ConfigError(f"config key 'admm.block_momentum' must be in [0, 1); "
                               f"got {self.block_momentum!r}")
         if not 0.0 <= self.outer_momentum < 1.0:
@@ -231,6 +266,14 @@ class AdmmConfig:
         if not 0.0 < self.dual_step <= 2.0:
             raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
                               f"got {self.dual_step!r}")
+
+    def for_batch(self, n_train: int) -> AdmmConfig:
+        """These settings with every ``auto`` replaced by :func:`batch_rule` for the
+        global batch ``min(batch_size, n_train)`` (a batch is at most the training
+        set)."""
+        rule = batch_rule(min(self.batch_size, n_train) if self.batch_size else n_train)
+        return dataclasses.replace(self, **{k: v for k, v in rule.items()
+                                            if getattr(self, k) == "auto"})
 
 
 @dataclass(frozen=True)
@@ -343,8 +386,10 @@ def _sections() -> dict[str, type]:
             for f in fields(Config)}
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    kind = type(default)
+def _coerce(key: str, value: Any, default: Any, auto: bool = False) -> Any:
+    if auto and value == "auto":
+        return value
+    kind = float if auto else type(default)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -357,9 +402,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(
-        f"config key '{key}' must be of type {kind.__name__}, got {type(value).__name__} {value!r}"
-    )
+    either = " or 'auto'" if auto else ""
+    raise ConfigError(f"config key '{key}' must be of type {kind.__name__}{either}, got "
+                      f"{type(value).__name__} {value!r}")
 
 
 def options() -> list[tuple[str, Any, dict]]:
@@ -380,6 +425,8 @@ def describe_options(markdown: bool = False) -> str:
             allowed = ", ".join(meta["choices"])
         elif meta["low"] is not None:
             allowed = f"{'>' if meta['strict'] else '>='} {meta['low']:g}"
+            if meta["auto"]:
+                allowed = f"auto or {allowed}"
         else:
             allowed = type(default).__name__
         rows.append((key, _toml_value(default), allowed, meta["doc"]))
@@ -470,6 +517,8 @@ def _validate(cfg: Config) -> None:
             continue
         section, name = key.split(".")
         v = d[section][name]
+        if v == "auto":
+            continue
         if v != v or (v <= low if strict else v < low):
             rel = ">" if strict else ">="
             raise ConfigError(f"config key '{key}' must be {rel} {low}; got {v!r}")
@@ -572,6 +621,7 @@ def build_config(
             )
         defaults = sections[section]()
         known = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+        autos = {f.name for f in fields(defaults) if f.metadata.get("auto")}
         kwargs = {}
         for name, value in values.items():
             if name not in known:
@@ -579,7 +629,7 @@ def build_config(
                     f"unknown config key '{section}.{name}' (known in [{section}]: "
                     f"{', '.join(known)})"
                 )
-            kwargs[name] = _coerce(f"{section}.{name}", value, known[name])
+            kwargs[name] = _coerce(f"{section}.{name}", value, known[name], name in autos)
         built[section] = sections[section](**kwargs)
     cfg = Config(**built)
     _validate(cfg)

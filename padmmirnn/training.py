@@ -262,6 +262,14 @@ class TrainingRun:
                       if val else "",
                       f"; test: {test.info.path} ({test.info.n})" if test else
                       "; no test split")
+        a = self.cfg.admm
+        if self.cfg.train.algo == "admm" and a.batch_size:
+            rule = a.for_batch(info.n)
+            self.log.info("mini-batch ADMM at global batch %d: cov_decay %.3g, trust_radius "
+                          "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g "
+                          "(auto: the batch rule)", min(a.batch_size, info.n), rule.cov_decay,
+                          rule.trust_radius, rule.output_factor, rule.block_momentum,
+                          rule.output_trust)
 
     def _build(self, saved: tuple | None):
         """The trainer and its control, from the checkpoint's contents when resuming."""

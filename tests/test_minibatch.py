@@ -200,3 +200,87 @@ def test_the_memory_estimate_covers_a_step(cell, layers, kind, m2m):
         finally:
             tracemalloc.stop()
         assert 0.85 * estimate <= peak <= 1.06 * estimate, (run.__name__, peak / estimate)
+
+
+def test_the_batch_rule_keeps_the_tuned_defaults_at_64_and_yields_to_set_values():
+    """``auto`` settings follow :func:`batch_rule` of the global batch (capped at the
+    training set): the tuned defaults at and below 64; a longer Gram memory per step,
+    a wider trust radius, the two-sided step and momentum above; a value set by hand
+    wins; only the rule's keys accept ``auto``."""
+    from padmmirnn.config import batch_rule
+    from padmmirnn.errors import ConfigError
+
+    tuned = {"cov_decay": 0.95, "trust_radius": 0.25, "output_factor": 0.0,
+             "block_momentum": 0.0, "output_trust": 1.0}
+    assert batch_rule(64) == tuned and batch_rule(16) == tuned
+    rules = [batch_rule(b) for b in (64, 128, 256, 1024, 4000, 16384)]
+    for small, big in zip(rules, rules[1:], strict=False):
+        assert big["cov_decay"] <= small["cov_decay"] and big["cov_decay"] >= 0.3
+        assert big["trust_radius"] >= small["trust_radius"]
+    assert batch_rule(1024)["output_factor"] > 0 and batch_rule(1024)["block_momentum"] > 0
+    a = build_config(overrides={"admm.batch_size": 1024, "admm.cov_decay": 0.9}).admm
+    assert a.cov_decay == 0.9 and a.trust_radius == "auto"
+    resolved = a.for_batch(4000)
+    assert resolved.cov_decay == 0.9 and resolved.trust_radius == batch_rule(1024)["trust_radius"]
+    assert a.for_batch(500).block_momentum == batch_rule(500)["block_momentum"]  # B <= N
+    with pytest.raises(ConfigError, match="admm.damping' must be of type float, got str"):
+        build_config(overrides={"admm.damping": "auto"})
+    with pytest.raises(ConfigError, match="admm.cov_decay' must be of type float or 'auto'"):
+        build_config(overrides={"admm.cov_decay": "fast"})
+
+
+def _one_batch_step(data, **admm):
+    """A block step and its state for ``data`` as one batch, with the statistics of
+    the initial weights (no trust radius, no decay: the step is linear in them)."""
+    cfg = build_config(overrides={"model.hidden": 6, "admm.batch_size": data.n,
+                                  "admm.trust_radius": 0.0, "admm.cov_decay": 0.0,
+                                  "admm.nu": 0.0, "admm.rho_schedule": "constant",
+                                  **{f"admm.{k}": v for k, v in admm.items()}})
+    tr = MinibatchAdmm(cfg, data, data.n, SerialComm())
+    return tr.block, tr.state, tr.block.statistics(tr.state.params, data)
+
+
+def test_the_output_factor_left_solves_the_step_with_the_adjoint_gram():
+    """With ``admm.output_factor`` = k the output block's change is ``(S + k mean(diag
+    S) I)^-1 D/R (C + damping I)^-1 / rho3``, S the adjoint Gram per output row, C
+    the batch's Gram per row (decay 0): the two-sided (Kronecker-factored) step; S is
+    positive semi-definite."""
+    data = make_local("dense", False, n=20, steps=4, dim=5, classes=3, seed=8)
+    k = 0.5
+    block, state, st = _one_batch_step(data, output_factor=k, block_momentum=0.0)
+    V0, c0 = state.params.V.copy(), state.params.c.copy()
+    block.apply(state, st, 1.0)
+    R = st["counts"][2]
+    h = V0.shape[1]
+    rest = st["out.rest"]
+    C = rest / R + block.a.damping * np.eye(h + 1)
+    S = st["out.S"] / R
+    left = S + k * np.trace(S) / S.shape[0] * np.eye(S.shape[0])
+    expect = np.linalg.solve(left, np.linalg.solve(C, (st["out.D"] / R).T).T) / block.a.rho3
+    np.testing.assert_allclose(np.c_[state.params.V - V0, state.params.c - c0], expect,
+                               rtol=1e-9, atol=1e-12)
+    assert np.all(np.linalg.eigvalsh(S) > -1e-12)
+
+
+def test_block_momentum_adds_mu_times_the_last_change():
+    """With ``admm.block_momentum`` = mu and the same statistics twice, the second
+    change is mu times the first plus the plain step's second change (the steps are
+    linear in the statistics with no trust radius and no weight decay)."""
+    data = make_local("dense", False, n=20, steps=4, dim=5, classes=3, seed=9)
+    mu = 0.5
+    plain, s0, st = _one_batch_step(data, block_momentum=0.0, output_factor=0.0)
+    heavy, s1, _ = _one_batch_step(data, block_momentum=mu, output_factor=0.0)
+    start = s0.params.copy()
+    changes = []
+    for block, state in ((plain, s0), (heavy, s1)):
+        seen = [state.params.copy()]
+        for _ in range(2):
+            block.apply(state, {k: v.copy() for k, v in st.items()}, 1.0)
+            seen.append(state.params.copy())
+        changes.append([{k: b - a for (k, a), b in zip(x.arrays().items(),
+                                                       y.arrays().values(), strict=True)}
+                        for x, y in zip(seen, seen[1:], strict=False)])
+    (p1, p2), (h1, h2) = changes
+    for key in start.arrays():
+        np.testing.assert_allclose(h1[key], p1[key], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(h2[key], mu * p1[key] + p2[key], rtol=1e-9, atol=1e-13)

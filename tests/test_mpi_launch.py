@@ -374,7 +374,7 @@ def test_a_lost_rank_ends_an_async_consensus_job_under_a_launcher_that_keeps_sur
     assert proc.returncode != 0 and seconds < 45, (proc.returncode, seconds, proc.stderr)
     line = "[rank 0/2] padmmirnn: rank 1 has given no heartbeat in the window for 4 s"
     assert line in proc.stderr or (fault == "kill" and "signal 9" in proc.stdout
-                                   + proc.stderr), proc.stderr
+                                   + proc.stderr), (proc.returncode, proc.stdout, proc.stderr)
     from padmmirnn.checkpoint import find_latest, verify_checkpoint
 
     latest = find_latest(tmp_path / "o" / "checkpoints")

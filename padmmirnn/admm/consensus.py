@@ -68,11 +68,11 @@ class ConsensusAdmm:
                  params: Params | None = None, ranks: VirtualRanks | None = None):
         """``ranks``: the (virtual) ranks and their reduction, or in asynchronous runs the
         window exchange offering the same ``size``, ``local`` and ``allreduce_sum``."""
-        self.cfg, self.a = cfg, cfg.admm
+        self.cfg, self.a = cfg, cfg.admm.for_batch(n_global)
         self.data, self.n_global, self.comm = data, n_global, comm
         self.ranks = ranks or VirtualRanks(comm, comm.size)
         info = data.info
-        self.net, self.block, params = self.model(cfg, info, params)
+        self.net, self.block, params = self.model(cfg, info, n_global, params)
         self.mode = cfg.consensus()
         P = self.ranks.size
         self.global_state = self.block.initial(params)  # z (duals), theta (outer, average)
@@ -96,19 +96,21 @@ class ConsensusAdmm:
         self.last: dict = {}
 
     @staticmethod
-    def model(cfg: Config, info, params: Params | None = None):
-        """The network, its block step and the (initial) weights."""
+    def model(cfg: Config, info, n_global: int, params: Params | None = None):
+        """The network, its block step (the batch rule for ``n_global`` training
+        samples) and the (initial) weights."""
         m = cfg.model
         net = Network.build(m.cell, m.activation, m.layers)
         if params is None:
             params = net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                      m.w_init, m.init_scale)
-        return net, BlockStep(cfg.admm, net, info, m.hidden, m.loss, cfg.train.dtype), params
+        return net, BlockStep(cfg.admm.for_batch(n_global), net, info, m.hidden, m.loss,
+                              cfg.train.dtype), params
 
     @staticmethod
-    def buffer_size(cfg: Config, info) -> int:
+    def buffer_size(cfg: Config, info, n_global: int) -> int:
         """The float64 words one rank contributes to a join (:meth:`_buffer`)."""
-        _, block, params = ConsensusAdmm.model(cfg, info)
+        _, block, params = ConsensusAdmm.model(cfg, info, n_global)
         return block.initial(params).flat().size
 
     @property

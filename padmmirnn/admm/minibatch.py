@@ -53,7 +53,7 @@ class MinibatchAdmm:
     def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
                  params: Params | None = None, parts: list[LocalData] | None = None,
                  ranks: VirtualRanks | None = None):
-        self.cfg, self.a = cfg, cfg.admm
+        self.cfg, self.a = cfg, cfg.admm.for_batch(n_global)
         self.data, self.n_global, self.comm = data, n_global, comm
         self.ranks = ranks or VirtualRanks(comm, comm.size)
         self.ordered = cfg.train.reduction == "deterministic"
