@@ -204,7 +204,7 @@ def _scaling_parser(sub) -> None:
     splan.add_argument("--out", required=True, help="study folder")
     sacc = splan.add_argument_group("--kind accuracy")
     sacc.add_argument("--target", type=float, default=0.85, help="test accuracy to reach")
-    sacc.add_argument("--admm-batches", default="16,32,64", metavar="B1,...",
+    sacc.add_argument("--admm-batches", default="16,32,64,128,256,1024,0", metavar="B1,...",
                       help="ADMM global batches, one process each (the step cost against "
                       "the per-rank batch)")
     sacc.add_argument("--adam-batches", default="64,128,256,1024,0", metavar="B1,...",
@@ -471,7 +471,7 @@ def _scaling(args, comm) -> int:
             partition=args.partition, account=args.account, overcommit=args.overcommit,
             launcher=args.launcher, slurm_dir=args.slurm_dir, out=args.out,
             target=args.target,
-            admm_batches=tuple(parse_int_list(args.admm_batches, "--admm-batches")),
+            admm_batches=tuple(parse_int_list(args.admm_batches, "--admm-batches", low=0)),
             adam_batches=tuple(parse_int_list(args.adam_batches, "--adam-batches", low=0)),
             adam_lr_scaling=args.adam_lr_scaling,
             validate_latency_us=tuple(parse_float_list(args.validate_latency_us,

@@ -35,10 +35,10 @@ BATCH_RULE_REFERENCE = 64  # the global batch the mini-batch defaults were tuned
 
 
 def batch_rule(batch: int) -> dict[str, float]:
-    """The mini-batch ADMM settings that follow from the global batch ``B`` (the
-    ``auto`` values of ``admm.cov_decay``, ``trust_radius``, ``output_factor`` and
-    ``block_momentum``, ``output_trust``; docs/admm-convergence.md, "Large batches", has the sweep they
-    come from). With ``r = max(1, B / 64)``:
+    """The mini-batch ADMM settings that follow from the batch ``B`` of one block step
+    (the ``auto`` values of ``admm.cov_decay``, ``trust_radius``, ``output_factor``,
+    ``block_momentum`` and ``output_trust``; docs/admm-convergence.md, "Large batches",
+    has the sweep they come from). With ``r = max(1, B / 64)``:
 
         cov_decay      = max(0.3, 0.95^r)          the running Gram keeps ~20 batches
                                                    of 64 samples, however they are
@@ -267,11 +267,13 @@ class AdmmConfig:
             raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
                               f"got {self.dual_step!r}")
 
-    def for_batch(self, n_train: int) -> AdmmConfig:
+    def for_batch(self, n_train: int, ranks: int = 1) -> AdmmConfig:
         """These settings with every ``auto`` replaced by :func:`batch_rule` for the
-        global batch ``min(batch_size, n_train)`` (a batch is at most the training
-        set)."""
-        rule = batch_rule(min(self.batch_size, n_train) if self.batch_size else n_train)
+        samples of one block step: the global batch ``min(batch_size, n_train)`` (a batch
+        is at most the training set), divided by ``ranks`` for the local steps of the
+        consensus modes."""
+        batch = min(self.batch_size, n_train) if self.batch_size else n_train
+        rule = batch_rule(max(1, batch // ranks))
         return dataclasses.replace(self, **{k: v for k, v in rule.items()
                                             if getattr(self, k) == "auto"})
 

@@ -264,10 +264,12 @@ class TrainingRun:
                       "; no test split")
         a = self.cfg.admm
         if self.cfg.train.algo == "admm" and a.batch_size:
-            rule = a.for_batch(info.n)
-            self.log.info("mini-batch ADMM at global batch %d: cov_decay %.3g, trust_radius "
+            local = self.ranks.size if self.cfg.consensus() != "none" else 1
+            rule = a.for_batch(info.n, local)
+            self.log.info("mini-batch ADMM at global batch %d%s: cov_decay %.3g, trust_radius "
                           "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g "
-                          "(auto: the batch rule)", min(a.batch_size, info.n), rule.cov_decay,
+                          "(auto: the batch rule)", min(a.batch_size, info.n),
+                          f" ({local} ranks' local steps)" if local > 1 else "", rule.cov_decay,
                           rule.trust_radius, rule.output_factor, rule.block_momentum,
                           rule.output_trust)
 

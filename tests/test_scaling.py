@@ -283,6 +283,6 @@ def test_accuracy_study_projects_time_to_target(tmp_path, capsys):
     assert {r["fabric"] for r in rows} == {"2 us / 100 Gb/s", "50 us / 10 Gb/s",
                                            "5000 us / 1 Gb/s"}
     assert set(model["crossovers"]) == {r["fabric"] for r in rows}
-    assert {r["method"] for r in rows} == {"ADMM mini-batch", "Adam, global batch 64 P",
-                                           "Adam, global batch 64"}
+    assert {r["method"] for r in rows} == {"ADMM, global batch 64 P", "ADMM, global batch 64",
+                                           "Adam, global batch 64 P", "Adam, global batch 64"}
     assert "crossover" in text

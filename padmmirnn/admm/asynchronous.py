@@ -37,7 +37,7 @@ def build(cfg: Config, parts: list[LocalData], n_global: int, comm,
     t = cfg.train
     info = parts[0].info
     if cfg.admm.batch_size:
-        size = ConsensusAdmm.buffer_size(cfg, info, n_global)
+        size = ConsensusAdmm.buffer_size(cfg, info, n_global, comm.size)
     else:
         h = cfg.model.hidden
         size = input_layout(info.dim, h).size + output_layout(h, info.classes).size

@@ -68,11 +68,12 @@ class ConsensusAdmm:
                  params: Params | None = None, ranks: VirtualRanks | None = None):
         """``ranks``: the (virtual) ranks and their reduction, or in asynchronous runs the
         window exchange offering the same ``size``, ``local`` and ``allreduce_sum``."""
-        self.cfg, self.a = cfg, cfg.admm.for_batch(n_global)
-        self.data, self.n_global, self.comm = data, n_global, comm
         self.ranks = ranks or VirtualRanks(comm, comm.size)
+        self.cfg, self.a = cfg, cfg.admm.for_batch(n_global, self.ranks.size)
+        self.data, self.n_global, self.comm = data, n_global, comm
         info = data.info
-        self.net, self.block, params = self.model(cfg, info, n_global, params)
+        self.net, self.block, params = self.model(cfg, info, n_global, self.ranks.size,
+                                                  params)
         self.mode = cfg.consensus()
         P = self.ranks.size
         self.global_state = self.block.initial(params)  # z (duals), theta (outer, average)
@@ -96,21 +97,21 @@ class ConsensusAdmm:
         self.last: dict = {}
 
     @staticmethod
-    def model(cfg: Config, info, n_global: int, params: Params | None = None):
-        """The network, its block step (the batch rule for ``n_global`` training
-        samples) and the (initial) weights."""
+    def model(cfg: Config, info, n_global: int, ranks: int, params: Params | None = None):
+        """The network, its block step (the batch rule for the local steps of ``ranks``
+        ranks on ``n_global`` training samples) and the (initial) weights."""
         m = cfg.model
         net = Network.build(m.cell, m.activation, m.layers)
         if params is None:
             params = net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                      m.w_init, m.init_scale)
-        return net, BlockStep(cfg.admm.for_batch(n_global), net, info, m.hidden, m.loss,
+        return net, BlockStep(cfg.admm.for_batch(n_global, ranks), net, info, m.hidden, m.loss,
                               cfg.train.dtype), params
 
     @staticmethod
-    def buffer_size(cfg: Config, info, n_global: int) -> int:
+    def buffer_size(cfg: Config, info, n_global: int, ranks: int) -> int:
         """The float64 words one rank contributes to a join (:meth:`_buffer`)."""
-        _, block, params = ConsensusAdmm.model(cfg, info, n_global)
+        _, block, params = ConsensusAdmm.model(cfg, info, n_global, ranks)
         return block.initial(params).flat().size
 
     @property

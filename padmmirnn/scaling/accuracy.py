@@ -3,9 +3,10 @@
 ``padmmirnn scaling plan --kind accuracy`` writes points that train to a target test
 accuracy (``train.target_accuracy``) on the real dataset with its test split:
 
-* ``accuracy-admm-b{b}``: mini-batch ADMM at global batch b, one process. SP equals
-  serial, so the passes it needs do not depend on the rank count; the batches other
-  than the default time a step at smaller per-rank batches.
+* ``accuracy-admm-b{b}``: mini-batch ADMM at global batch b (0: the whole set), one
+  process, its batch-dependent settings from the batch rule (``config.batch_rule``).
+  SP equals serial, so the passes it needs at a global batch do not depend on the rank
+  count: ADMM on P ranks with 64 samples per rank is ADMM at global batch 64 P.
 * ``accuracy-adam-b{B}``: Adam at global batch B, one process, learning rate scaled with
   the batch (``--adam-lr-scaling``). Data-parallel Adam on P ranks with per-rank batch
   64 *is* Adam at global batch 64 P (the gradient of one global batch, averaged), so
@@ -21,7 +22,7 @@ ADMM, the optimiser update of Adam) and projects::
     allreduce(P, bytes) = alpha * ceil(log2 P) + 2 (P - 1) / P * bytes / bandwidth
 
 with s the start-up (what a run's first unit takes beyond the others), B the global
-batch (ADMM: its default, fixed; Adam: 64 P, or fixed at 64), units
+batch (each method at 64 P, or fixed at its default 64), units
 (B) the passes or epochs to the target measured at B (log-log interpolation between
 measured batches), ``E[max_r n_r]`` the expected largest share of one random batch on a
 rank (a batch is drawn from all samples; each rank holds a contiguous N / P of them)
@@ -220,12 +221,15 @@ def fit_method(points: list[Reached], algo: str) -> Method | None:
 def project(admm: Method, adam: Method, admm_batch: int, adam_batch: int,
             fabrics: list[Fabric], max_ranks: int) -> list[dict]:
     """Rows (fabric, ranks, method, global batch, units, seconds) for P = 1, 2, 4, ...:
-    ADMM at its fixed global batch, Adam at 64 P (``adam_batch * P``) and at 64."""
+    each method at global batch 64 P (its default batch per rank: ``admm_batch * P``,
+    ``adam_batch * P``) and fixed at its default."""
     rows = []
     for fabric in fabrics:
         ranks = 1
         while ranks <= max_ranks:
-            for method, label, batch in ((admm, "ADMM mini-batch", admm_batch),
+            for method, label, batch in ((admm, "ADMM, global batch 64 P",
+                                          admm_batch * ranks),
+                                         (admm, "ADMM, global batch 64", admm_batch),
                                          (adam, "Adam, global batch 64 P",
                                           adam_batch * ranks),
                                          (adam, "Adam, global batch 64", adam_batch)):
@@ -239,11 +243,12 @@ def project(admm: Method, adam: Method, admm_batch: int, adam_batch: int,
 
 
 def crossovers(rows: list[dict]) -> dict[str, str]:
-    """Per fabric: where the faster of ADMM and Adam (global batch 64 P) changes."""
+    """Per fabric: where the faster of ADMM and Adam, both at global batch 64 P, changes."""
     out = {}
     for fabric in dict.fromkeys(r["fabric"] for r in rows):
         winners = []
-        for r in (r for r in rows if r["fabric"] == fabric and r["method"] == "ADMM mini-batch"):
+        for r in (r for r in rows if r["fabric"] == fabric
+                  and r["method"] == "ADMM, global batch 64 P"):
             adam = next(x for x in rows if x["fabric"] == fabric and x["ranks"] == r["ranks"]
                         and x["method"] == "Adam, global batch 64 P")
             if r["seconds"] is None or adam["seconds"] is None:
@@ -325,7 +330,7 @@ def report_accuracy(root: Path, points: list[Point], settings: dict, fabrics: li
                          f"{_fmt(cells[0]['units'], '.3g')} units) | "
                          + " | ".join(_fmt(c["seconds"], ".3g") + " s" if c["seconds"]
                                       is not None else "n/a" for c in cells) + " |")
-    lines += ["", "crossover (ADMM against Adam at global batch 64 P):"]
+    lines += ["", "crossover (ADMM against Adam, both at global batch 64 P):"]
     lines += [f"  - {f}: {text}" for f, text in cross.items()]
     lines += ["", "| point | ranks | fabric | units measured / projected | seconds measured "
               "/ projected | error |", "|---|---|---|---|---|---|"]
@@ -366,7 +371,8 @@ def accuracy_runs(opts, cfg, samples: int) -> list[tuple[str, int, list[str]]]:
         return ["--algo", "adam", "--set", f"optim.batch_size={batch}",
                 "--set", f"optim.lr={lr:.6g}", *common]
 
-    runs = [(f"accuracy-admm-b{b}", 1, admm(b)) for b in sorted(set(opts.admm_batches))]
+    admm_batches = sorted({min(b, samples) if b else samples for b in opts.admm_batches})
+    runs = [(f"accuracy-admm-b{b}", 1, admm(b)) for b in admm_batches]
     adam_batches = sorted({min(b, samples) if b else samples for b in opts.adam_batches})
     runs += [(f"accuracy-adam-b{b}", 1, adam(b)) for b in adam_batches]
     for alpha in opts.validate_latency_us:

@@ -99,7 +99,7 @@ class PlanOptions:
     out: str
     # --kind accuracy (padmmirnn.scaling.accuracy)
     target: float = 0.85
-    admm_batches: tuple[int, ...] = (16, 32, 64)
+    admm_batches: tuple[int, ...] = (16, 32, 64, 128, 256, 1024, 0)
     adam_batches: tuple[int, ...] = (64, 128, 256, 1024, 0)
     adam_lr_scaling: str = "sqrt"
     validate_latency_us: tuple[float, ...] = (0.0, 5000.0)
@@ -130,9 +130,9 @@ class PlanOptions:
             if self.adam_lr_scaling not in ("none", "sqrt", "linear"):
                 raise PadmmError("--adam-lr-scaling must be none, sqrt or linear, got "
                                  f"{self.adam_lr_scaling!r}")
-            if (min(self.admm_batches, default=0) < 1 or min(self.adam_batches, default=-1) < 0
+            if (min(self.admm_batches, default=-1) < 0 or min(self.adam_batches, default=-1) < 0
                     or min(self.validate_latency_us, default=0) < 0 or self.max_units < 1):
-                raise PadmmError("--admm-batches must be positive, --adam-batches not negative "
+                raise PadmmError("--admm-batches and --adam-batches must not be negative "
                                  "(0: the whole dataset), --validate-latency-us not negative "
                                  "and --max-units positive")
         if self.kind == "weak" and not self.samples_per_rank:
