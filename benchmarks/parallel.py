@@ -9,6 +9,12 @@
   SP and AP (tau = 1, 2, 4) in the full-batch configuration (AP's), without and with
   ``--straggler 1:2``; AP's throughput under the straggler relative to its own
   throughput without one.
+* Consensus under stragglers (issue 24): time to a test accuracy for SP (the default),
+  SP with rebalancing (``train.rebalance``), SP consensus (``admm.consensus =
+  average``, one join per pass) and AP consensus at tau = 1, 2, 4, each without a
+  straggler, with rank 1 slowed 2x for the whole run (``1:2``) and for one pass of
+  three (``1:2:2-2``, a transient straggler); every run stops at the target
+  (``train.target_accuracy``), evaluated after every pass (AP: rank 0's snapshot).
 """
 
 from __future__ import annotations
@@ -93,6 +99,52 @@ def ap_straggler(out: Path, hidden: int, lengths: list[int], taus: list[int],
     return rows, runs
 
 
+STRAGGLERS = {"none": "", "persistent": "1:2", "transient": "1:2:2-2"}
+
+
+def _time_to_target(folder: Path, summary: dict) -> float | None:
+    """Wall seconds at the evaluation that reached the target (None: not reached)."""
+    k = summary.get("target_reached_at")
+    if k is None:
+        return None
+    return next(r["wall_time_s"] for r in read_jsonl(folder / "metrics.jsonl")
+                if r["iteration"] == k)
+
+
+def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: int,
+                        dataset: str | None = None, repeats: int = 1) -> list[dict]:
+    """Time to ``target`` on 2 ranks for each mode and straggler scenario (the median
+    of ``repeats`` runs), one row each, with its ratio to SP's time without a
+    straggler and, for the straggler scenarios, to SP's under the same straggler."""
+    modes = [("SP", ["--parallel", "sync"]),
+             ("SP rebalance", ["--parallel", "sync", "--set", "train.rebalance=true"]),
+             ("SP consensus", ["--parallel", "sync", "--set", "admm.consensus=average"])]
+    modes += [(f"AP tau {t}", ["--parallel", "async", "--staleness", str(t)]) for t in taus]
+    common = ["--iterations", str(max_passes), "--set", f"train.target_accuracy={target:g}",
+              "--set", "train.eval_every=1", *(["--dataset", dataset] if dataset else [])]
+    rows = []
+    for scenario, spec in STRAGGLERS.items():
+        for label, args in modes:
+            times, passes = [], []
+            for rep_ in range(repeats):
+                folder = out / f"{label.replace(' ', '-')}-{scenario}-{rep_}"
+                extra = ["--straggler", spec] if spec else []
+                summary = run_job([*common, *args, *extra], 2, folder)
+                times.append(_time_to_target(folder, summary))
+                passes.append(summary.get("target_reached_at"))
+            reached = [t for t in times if t is not None]
+            rows.append({"mode": label, "straggler": scenario,
+                         "passes": "/".join("-" if p is None else str(p) for p in passes),
+                         "time_s": statistics.median(reached) if reached else None})
+    base = {(r["mode"], r["straggler"]): r["time_s"] for r in rows}
+    for r in rows:
+        sp_even, sp_same = base[("SP", "none")], base[("SP", r["straggler"])]
+        r["vs_SP_no_straggler"] = r["time_s"] / sp_even if r["time_s"] and sp_even else None
+        r["vs_SP_same_straggler"] = (r["time_s"] / sp_same if r["time_s"] and sp_same
+                                     else None)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks parallel")
     p.add_argument("--out", default="runs/bench-parallel")
@@ -104,10 +156,23 @@ def main() -> int:
     p.add_argument("--taus", default="1,2,4")
     p.add_argument("--skip-sp", action="store_true")
     p.add_argument("--skip-ap", action="store_true")
+    p.add_argument("--consensus", action="store_true",
+                   help="run only the consensus straggler study (issue 24)")
+    p.add_argument("--target", type=float, default=0.85)
+    p.add_argument("--max-passes", type=int, default=12)
+    p.add_argument("--dataset", default=None, help="consensus study: another training file")
+    p.add_argument("--repeats", type=int, default=3, help="consensus study: runs per cell")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {}
+    if a.consensus:
+        result["consensus"] = consensus_straggler(
+            out, a.target, [int(t) for t in a.taus.split(",")], a.max_passes, a.dataset,
+            a.repeats)
+        print(table(result["consensus"]))
+        (out / "consensus.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if not a.skip_sp:
         result["sp"] = [sp_speedup(out, a.hidden, a.iterations, preset)
                         for preset in ("fullbatch", None)]
