@@ -71,8 +71,7 @@ def project_pass(local, n: int, algo: str, dtype: str, repeats: int) -> float:
 
 
 def main() -> int:
-    from benchmarks.common import table
-    from padmmirnn import datafiles
+    from benchmarks.common import default_training_set, table
 
     p = argparse.ArgumentParser(prog="python -m benchmarks baselines")
     p.add_argument("--out", default="runs/bench-baselines")
@@ -81,17 +80,15 @@ def main() -> int:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, _ = datafiles.resolve("default")
-    info = datafiles.read_info(train)
-    local = datafiles.read_slice(info, 0, info.n, np.float64)
+    local = default_training_set()
     rows = []
     for algo, dtype in (("adam", "float64"), ("adam", "float32"), ("admm", "float64"),
                         ("admm", "float32")):
         rows.append({"method": f"padmmirnn {algo} (mini-batch)" if algo == "admm"
                      else f"padmmirnn {algo}", "dtype": dtype,
-                     "pass_s": project_pass(local, info.n, algo, dtype, a.repeats)})
+                     "pass_s": project_pass(local, local.n, algo, dtype, a.repeats)})
     if a.torch_python:
-        proc = subprocess.run([a.torch_python, "-c", TORCH_SCRIPT, train, "64", "64",
+        proc = subprocess.run([a.torch_python, "-c", TORCH_SCRIPT, local.info.path, "64", "64",
                                str(a.repeats)], capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise SystemExit(f"the PyTorch reference failed:\n{proc.stderr[-2000:]}")

@@ -15,8 +15,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 CELLS = ("rnn", "gru", "lstm")
 ALGOS = ("admm", "adam")
 
@@ -48,8 +46,7 @@ def measure(local, n: int, layers: int, repeats: int) -> dict[tuple[str, str], f
 
 
 def main() -> int:
-    from benchmarks.common import table
-    from padmmirnn import datafiles
+    from benchmarks.common import default_training_set, table
 
     p = argparse.ArgumentParser(prog="python -m benchmarks cells")
     p.add_argument("--out", default="runs/bench-cells")
@@ -58,10 +55,8 @@ def main() -> int:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, _ = datafiles.resolve("default")
-    info = datafiles.read_info(train)
-    local = datafiles.read_slice(info, 0, info.n, np.float64)
-    t = measure(local, info.n, a.layers, a.repeats)
+    local = default_training_set()
+    t = measure(local, local.n, a.layers, a.repeats)
     rows = [{"cell": c, "admm_pass_s": t[c, "admm"], "adam_epoch_s": t[c, "adam"],
              "admm_over_adam": t[c, "admm"] / t[c, "adam"],
              "admm_over_rnn_admm": t[c, "admm"] / t["rnn", "admm"],

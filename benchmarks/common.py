@@ -28,6 +28,17 @@ def run_job(args: list[str], ranks: int, out: Path, timeout: float = 1800) -> di
     return json.loads((out / "summary.json").read_text())
 
 
+def default_training_set():
+    """The embedded default dataset's whole training split, in float64 (``LocalData``)."""
+    import numpy as np
+
+    from padmmirnn import datafiles
+
+    train, _ = datafiles.resolve("default")
+    info = datafiles.read_info(train)
+    return datafiles.read_slice(info, 0, info.n, np.float64)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
