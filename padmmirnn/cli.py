@@ -205,8 +205,8 @@ def _scaling_parser(sub) -> None:
     sacc = splan.add_argument_group("--kind accuracy")
     sacc.add_argument("--target", type=float, default=0.85, help="test accuracy to reach")
     sacc.add_argument("--admm-batches", default="16,32,64,128,256,1024,0", metavar="B1,...",
-                      help="ADMM global batches, one process each (the step cost against "
-                      "the per-rank batch)")
+                      help="ADMM global batches, one process each, at the batch rule's "
+                      "settings (0: the whole dataset)")
     sacc.add_argument("--adam-batches", default="64,128,256,1024,0", metavar="B1,...",
                       help="Adam global batches, one process each (0: the whole dataset)")
     sacc.add_argument("--adam-lr-scaling", default="sqrt", choices=("none", "sqrt", "linear"),

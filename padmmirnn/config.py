@@ -31,29 +31,30 @@ def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
                                             "strict": strict, "auto": auto})
 
 
-BATCH_RULE_REFERENCE = 64  # the global batch the mini-batch defaults were tuned at
+BATCH_RULE_REFERENCE = 64  # the batch the mini-batch defaults were tuned at
 
 
-def batch_rule(batch: int) -> dict[str, float]:
+def batch_rule(batch: int, n_train: int) -> dict[str, float]:
     """The mini-batch ADMM settings that follow from the batch ``B`` of one block step
-    (the ``auto`` values of ``admm.cov_decay``, ``trust_radius``, ``output_factor``,
-    ``block_momentum`` and ``output_trust``; docs/admm-convergence.md, "Large batches",
-    has the sweep they come from). With ``r = max(1, B / 64)``:
+    and the ``N`` samples it is drawn from (the ``auto`` values of ``admm.cov_decay``,
+    ``trust_radius``, ``output_factor``, ``block_momentum`` and ``output_trust``;
+    docs/admm-convergence.md, "Large batches", has the sweeps they come from). With
+    ``k = max(1, N / B)`` the steps per pass:
 
-        cov_decay      = max(0.3, 0.95^r)          the running Gram keeps ~20 batches
-                                                   of 64 samples, however they are
-                                                   grouped, and at least 30% of the
-                                                   last estimate
-        trust_radius   = min(0.5, 0.25 sqrt(r))    the cap grows as the batch's noise
-                                                   falls, up to 0.5
-        output_factor  = 1 if B > 64 else 0        the two-sided (K-FAC-like) step
-        block_momentum = 0.5 if B > 64 else 0      heavy ball on the block step
-        output_trust   = 2 if B >= 2048 else 1     the output block's larger cap
+        cov_decay      = min(0.95, max(0.3, 1 - 3 / k))   the running Gram remembers
+                                                          about a third of a pass
+        trust_radius   = min(0.5, max(0.25, 0.25 sqrt(16 / k)))   the cap widens
+                                                          when a pass has few steps
+        output_factor  = 1 if B > 64 else 0               the two-sided (K-FAC-like) step
+        block_momentum = 0.5 if B > 64 else 0             heavy ball on the block step
+        output_trust   = 2 if B >= 2048 else 1            the output block's larger cap
 
-    At B <= 64 these are the defaults tuned at 64 (0.95, 0.25, off, off, 1)."""
-    r = max(1.0, batch / BATCH_RULE_REFERENCE)
+    With B = 64 and N >= 4000 these are the defaults tuned there (0.95, 0.25, off, off,
+    1)."""
+    k = max(1.0, n_train / max(batch, 1))
     large = batch > BATCH_RULE_REFERENCE
-    return {"cov_decay": max(0.3, 0.95 ** r), "trust_radius": min(0.5, 0.25 * r ** 0.5),
+    return {"cov_decay": min(0.95, max(0.3, 1.0 - 3.0 / k)),
+            "trust_radius": min(0.5, max(0.25, 0.25 * (16.0 / k) ** 0.5)),
             "output_factor": 1.0 if large else 0.0, "block_momentum": 0.5 if large else 0.0,
             "output_trust": 2.0 if batch >= 32 * BATCH_RULE_REFERENCE else 1.0}
 
@@ -270,10 +271,10 @@ class AdmmConfig:
     def for_batch(self, n_train: int, ranks: int = 1) -> AdmmConfig:
         """These settings with every ``auto`` replaced by :func:`batch_rule` for the
         samples of one block step: the global batch ``min(batch_size, n_train)`` (a batch
-        is at most the training set), divided by ``ranks`` for the local steps of the
-        consensus modes."""
+        is at most the training set) from the ``n_train`` samples, both divided by
+        ``ranks`` for the local steps of the consensus modes."""
         batch = min(self.batch_size, n_train) if self.batch_size else n_train
-        rule = batch_rule(max(1, batch // ranks))
+        rule = batch_rule(max(1, batch // ranks), max(1, n_train // ranks))
         return dataclasses.replace(self, **{k: v for k, v in rule.items()
                                             if getattr(self, k) == "auto"})
 

@@ -203,26 +203,32 @@ def test_the_memory_estimate_covers_a_step(cell, layers, kind, m2m):
 
 
 def test_the_batch_rule_keeps_the_tuned_defaults_at_64_and_yields_to_set_values():
-    """``auto`` settings follow :func:`batch_rule` of the global batch (capped at the
-    training set): the tuned defaults at and below 64; a longer Gram memory per step,
-    a wider trust radius, the two-sided step and momentum above; a value set by hand
-    wins; only the rule's keys accept ``auto``."""
+    """``auto`` settings follow :func:`batch_rule` of the batch of one step (capped at
+    the training set) and the steps per pass: the tuned defaults at batch 64 of a few
+    thousand samples or more; a shorter Gram memory and a wider cap as a pass has
+    fewer steps, the two-sided step and momentum above 64; a value set by hand wins;
+    only the rule's keys accept ``auto``."""
     from padmmirnn.config import batch_rule
     from padmmirnn.errors import ConfigError
 
     tuned = {"cov_decay": 0.95, "trust_radius": 0.25, "output_factor": 0.0,
              "block_momentum": 0.0, "output_trust": 1.0}
-    assert batch_rule(64) == tuned and batch_rule(16) == tuned
-    rules = [batch_rule(b) for b in (64, 128, 256, 1024, 4000, 16384)]
+    for b, n in ((64, 4000), (64, 60000), (16, 60000)):
+        assert batch_rule(b, n) == tuned
+    rules = [batch_rule(b, 60000) for b in (64, 128, 1024, 4096, 16384, 60000)]
     for small, big in zip(rules, rules[1:], strict=False):
-        assert big["cov_decay"] <= small["cov_decay"] and big["cov_decay"] >= 0.3
-        assert big["trust_radius"] >= small["trust_radius"]
-    assert batch_rule(1024)["output_factor"] > 0 and batch_rule(1024)["block_momentum"] > 0
+        assert 0.3 <= big["cov_decay"] <= small["cov_decay"]
+        assert small["trust_radius"] <= big["trust_radius"] <= 0.5
+    assert batch_rule(4000, 4000) == batch_rule(60000, 60000)  # one step per pass
+    assert batch_rule(1024, 4000)["output_factor"] > 0
+    assert batch_rule(1024, 4000)["block_momentum"] > 0
     a = build_config(overrides={"admm.batch_size": 1024, "admm.cov_decay": 0.9}).admm
     assert a.cov_decay == 0.9 and a.trust_radius == "auto"
     resolved = a.for_batch(4000)
-    assert resolved.cov_decay == 0.9 and resolved.trust_radius == batch_rule(1024)["trust_radius"]
-    assert a.for_batch(500).block_momentum == batch_rule(500)["block_momentum"]  # B <= N
+    assert resolved.cov_decay == 0.9
+    assert resolved.trust_radius == batch_rule(1024, 4000)["trust_radius"]
+    assert a.for_batch(500).trust_radius == batch_rule(500, 500)["trust_radius"]  # B <= N
+    assert a.for_batch(4000, ranks=4).trust_radius == batch_rule(256, 1000)["trust_radius"]
     with pytest.raises(ConfigError, match="admm.damping' must be of type float, got str"):
         build_config(overrides={"admm.damping": "auto"})
     with pytest.raises(ConfigError, match="admm.cov_decay' must be of type float or 'auto'"):
