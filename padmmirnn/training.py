@@ -24,6 +24,7 @@ from padmmirnn import balance, datafiles
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine, asynchronous
 from padmmirnn.admm.consensus import ConsensusAdmm
+from padmmirnn.admm.fullbatch import refuse_lengths
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.checkpoint import (
     find_latest,
@@ -103,6 +104,8 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
         return GradientTrainer(cfg, train.local, train.info.n, comm, params,
                                lengths=train.lengths), \
             SyncControl(cfg, comm)
+    if not cfg.admm.batch_size:
+        refuse_lengths(train.info, train.lengths)
     if cfg.train.parallel == "async" and comm.size > 1:
         return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
     if cfg.consensus() != "none":
@@ -110,7 +113,7 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
             SyncControl(cfg, comm)
     if cfg.admm.batch_size:
         return MinibatchAdmm(cfg, train.local, train.info.n, comm, params, train.parts,
-                             ranks), SyncControl(cfg, comm)
+                             ranks, train.lengths), SyncControl(cfg, comm)
     return AdmmEngine(cfg, train.parts, train.info.n, comm, params), SyncControl(cfg, comm)
 
 
@@ -255,8 +258,8 @@ class TrainingRun:
         self.log.info("data: %s (%d samples, T=%d, %s input size %d, %d classes%s%s)%s%s",
                       info.path, info.n, info.steps, info.kind, info.dim, info.classes,
                       ", many-to-many" if info.many_to_many else "",
-                      ", with lengths (not used by the network yet: every sample runs to "
-                      "T)" if info.has_lengths else "",
+                      ", with lengths (the passes skip padded steps)" if info.has_lengths
+                      else "",
                       f"; validation: {val.info.path} ({val.info.n}"
                       f"{', held out of the training file' if val.info.path == info.path else ''})"
                       if val else "",
