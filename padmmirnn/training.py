@@ -104,8 +104,6 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
         return GradientTrainer(cfg, train.local, train.info.n, comm, params,
                                lengths=train.lengths), \
             SyncControl(cfg, comm)
-    if not cfg.admm.batch_size:
-        refuse_lengths(train.info, train.lengths)
     if cfg.train.parallel == "async" and comm.size > 1:
         return asynchronous.build(cfg, train.parts, train.info.n, comm, params)
     if cfg.consensus() != "none":
@@ -211,6 +209,8 @@ class TrainingRun:
         if self.ranks.size > self.train.info.n:
             raise PadmmError(f"train.virtual_ranks = {self.ranks.size} is more than the "
                              f"{self.train.info.n} training samples (every rank needs one)")
+        if cfg.train.algo == "admm" and not cfg.admm.batch_size:  # the same on every rank
+            refuse_lengths(self.train.info, self.train.lengths)
         # the best evaluation on the validation split, early stopping
         self.best = BestSoFar(cfg.train.monitor, cfg.train.early_stopping) if self.val \
             else None

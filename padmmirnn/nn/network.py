@@ -225,6 +225,19 @@ class Gradients(NamedTuple):
     rows: int
 
 
+def _input_seeds(U: np.ndarray, delta_in: np.ndarray, active: list[int] | None
+                 ) -> np.ndarray:
+    """``U^T delta_in_t`` ``[T, d, n]``, the seeds of the layer below, on the active
+    columns of every step (the others are never read)."""
+    UT = np.ascontiguousarray(U.T)
+    if active is None:
+        return np.matmul(UT, delta_in)
+    seeds = np.empty((delta_in.shape[0], UT.shape[0], delta_in.shape[2]), delta_in.dtype)
+    for t, a in enumerate(active):
+        np.matmul(UT, delta_in[t, :, :a], out=seeds[t, :, :a])
+    return seeds
+
+
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a b^T`` in float64 (float32 operands: their product, in float64)."""
     return (a @ b.T).astype(np.float64, copy=False)
@@ -314,7 +327,7 @@ class Network:
             self.cell.adjoint(p.layer(l), fwd.Z[l], fwd.dx[l], trace, seeds, every,
                               fwd.active)
             if l:  # the seeds of the layer below: U_l^T delta_in_t, for every step
-                seeds = np.matmul(np.ascontiguousarray(p.layer(l).U.T), trace.delta_in)
+                seeds = _input_seeds(p.layer(l).U, trace.delta_in, fwd.active)
                 every = True
 
     def layer_sums(self, fwd: Forward, l: int, vocab: int = 0) -> dict[str, np.ndarray]:
