@@ -219,3 +219,27 @@ def test_minibatch_sp_with_lengths_matches_serial(comm, cell, kind, m2m):
         sp.step()
         for name, value in serial.params.arrays().items():
             np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
+
+
+def test_a_post_padded_classifier_reads_raw_texts_at_their_last_word(tmp_path):
+    """A classifier trained on post-padded texts (with lengths) reads raw strings as its
+    training data were read: the output at each text's last real token, the same as the
+    text's ids cut to its length (the padding after it changes nothing)."""
+    import padmmirnn
+
+    texts = ["good fun film", "bad dull film ever made", "fun", "dull bad plot"] * 10
+    labels = ["fresh", "rotten", "fresh", "rotten"] * 10
+    (tmp_path / "r.csv").write_text("text,label\n" + "".join(
+        f"{t},{lab}\n" for t, lab in zip(texts, labels, strict=True)))
+    assert main(["data", "prepare", "csv", "--source", str(tmp_path / "r.csv"),
+                 "--out", str(tmp_path / "r_train.h5"), "--steps", "7",
+                 "--test-fraction", "0"]) == 0
+    assert main(["train", "--dataset", str(tmp_path / "r_train.h5"), "--iterations", "2",
+                 "--set", "model.hidden=8", "--out", str(tmp_path / "run")]) == 0
+    model = padmmirnn.load(tmp_path / "run" / "weights.h5")
+    assert model.prepared["padding"] == "post"
+    got = model.logits(texts[:4])
+    for i, t in enumerate(texts[:4]):
+        ids = model.encode(t)[:, :len(t.split())]
+        np.testing.assert_allclose(got[i], model.logits(ids)[0], rtol=1e-12, atol=1e-14)
+    assert not np.allclose(got[2], model.logits(model.encode(texts[2]))[0])  # read at T
