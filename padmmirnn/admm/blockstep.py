@@ -178,7 +178,7 @@ def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
         if l == 0 and fwd.tokens is not None:
             tokens = fwd.packed(fwd.tokens)
             out["l0.diag"] = kernels.token_counts(tokens, info.dim)
-            out["l0.cross"] = kernels.segment_sum_columns(tokens[None], zc[None], info.dim)
+            out["l0.cross"] = kernels.segment_sum_columns(tokens[None], zc[None], info.dim).T
             out["l0.Dx"] = sums["Dx"]
     # many-to-many: the states and lambda3 of the padded rows are zero
     sc = side_by_side(readout(fwd.states, m2m, batch.lengths))

@@ -350,7 +350,7 @@ class Network:
             out["bh"] = d_hh.sum(axis=1, dtype=np.float64)
         if l == 0 and fwd.tokens is not None:
             out["Dx"] = kernels.segment_sum_columns(fwd.packed(fwd.tokens)[None], d_in[None],
-                                                    vocab).T
+                                                    vocab)
         return out
 
     def gradients(self, p: Params, batch: LocalData, loss: str,
