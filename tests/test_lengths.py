@@ -264,3 +264,22 @@ def test_consensus_local_batches_are_bucketed_within_each_rank():
     tr.step()
     after = tr.net.loss_sums(tr.params, data, "ce")
     assert after[0] / after[2] < before[0] / before[2]
+
+
+@pytest.mark.mpi
+def test_fullbatch_refusal_stops_every_rank_alike(comm, tmp_path):
+    """Under mpiexec -n 2 every rank holds the split's lengths and refuses the same way,
+    before the engine's first collective (no rank waits on another)."""
+    from padmmirnn.config import load_config
+    from padmmirnn.errors import ConfigError
+    from padmmirnn.training import run_training
+
+    path = tmp_path / "t_train.h5"
+    if comm.rank == 0:
+        _split(path)
+    path = comm.allgather(str(path) if comm.rank == 0 else None)[0]
+    cfg = load_config("fullbatch", {"data.dataset": path,
+                                     "output.dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="admm.batch_size > 0"):
+        run_training(cfg, comm)
+    comm.barrier()
