@@ -166,9 +166,9 @@ def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
     net.adjoint(p, fwd, lam3, m2m)  # seeds -dl/do: the multipliers lambda1 = -dl/dP
     out = {}
     for l in range(net.layers):
+        sums = net.layer_sums(fwd, l, info.dim)  # before zc: one packed copy at a time
         zc = fwd.packed(fwd.regressors(l))
         out[f"l{l}.rest"] = _gram(zc, zc)
-        sums = net.layer_sums(fwd, l, info.dim)
         out[f"l{l}.D"] = sums["D"]
         if "bh" in sums:
             out[f"l{l}.bh"] = sums["bh"]

@@ -404,12 +404,22 @@ class Network:
         activated gates, an LSTM's cell states and their tanh, a GRU's recurrent
         candidate product), the outputs ``[|O|, K]`` and a copy of their adjoints, the
         head's seeds ``V^T delta`` ``[|O|, h]`` and, above one layer, the seeds ``U^T
-        delta_in`` ``[T, h]`` of the layer below (two alive while the next is formed)."""
+        delta_in`` ``[T, h]`` of the layer below (two alive while the next is formed).
+        With lengths (at most T real steps each) also :func:`by_length`'s reordered
+        inputs and the packed copies of a layer's regressors and adjoints
+        (:func:`packed`)."""
         outs = info.steps if info.many_to_many else 1
-        rows = (input_rows(info) + 1 + h) + (self.layers - 1) * (2 * h + 1)
+        dz = input_rows(info)
+        rows = (dz + 1 + h) + (self.layers - 1) * (2 * h + 1)
         trace = info.steps * self.cell.trace_blocks * h * self.layers
         seeds = outs * h + info.steps * h * min(self.layers - 1, 2)
-        return ((info.steps + 1) * rows + trace + 2 * outs * info.classes + seeds) * itemsize
+        packed = 0
+        if info.has_lengths:
+            width = max(dz + 1 + h, 2 * h + 1 if self.layers > 1 else 0)
+            adjoints = (self.cell.gates + (self.cell.split_rows is not None)) * h
+            packed = info.steps * (max(dz, 1) + width + adjoints)
+        return ((info.steps + 1) * rows + trace + 2 * outs * info.classes + seeds
+                + packed) * itemsize
 
     def eval_block(self, info: DatasetInfo, h: int, itemsize: int) -> int:
         """Samples per forward pass of an evaluation: at most :data:`EVAL_BLOCK`, and at
