@@ -204,6 +204,13 @@ def test_a_gated_model_loads_predicts_and_generates(gated, cell, tmp_path):
         "To be", 20, temperature=0, seed=9)
     assert main(["export", "--weights", str(gated[cell]), "--format", "onnx",
                  "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", "--weights", str(gated[cell]), "--format", "onnx", "--lengths",
+                 "--out", str(tmp_path / "l.onnx")]) == 0
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(tmp_path / "l.onnx")).graph
+    assert [i.name for i in graph.input] == ["inputs", "lengths"]
+    with pytest.raises(ValueError, match="--lengths is for --format onnx"):
+        export(model, "torch", tmp_path / "t.safetensors", lengths=True)
 
 
 @pytest.mark.parametrize("cell", ("gru", "lstm"))
