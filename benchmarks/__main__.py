@@ -11,6 +11,8 @@
                SP, AP (both staleness kinds), local steps, data-parallel Adam (issue 16)
     cells      time per pass of mini-batch ADMM and Adam for the Elman, GRU and LSTM
                cells, and their ratios (issue 26)
+    padding    time per pass and test accuracy on the Rotten Tomatoes snippets with
+               lengths against the same data padded to T = 200 (issue 25)
 """
 
 import sys
@@ -26,7 +28,7 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 
 def main() -> int:
-    names = ("parallel", "kernels", "baselines", "lengths", "network", "cells")
+    names = ("parallel", "kernels", "baselines", "lengths", "network", "cells", "padding")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(__doc__)
         return 2
@@ -41,6 +43,8 @@ def main() -> int:
         from benchmarks.network import main as run
     elif name == "cells":
         from benchmarks.cells import main as run
+    elif name == "padding":
+        from benchmarks.padding import main as run
     else:
         from benchmarks.kernels import main as run
     return run()

@@ -7,10 +7,12 @@ import numpy as np
 
 @nb.njit(cache=True)
 def segment_sum_columns(tokens, values, vocab):
-    """``out[j] = sum of values[t, :, i] over (t, i) with tokens[t, i] == j`` (float64):
-    sum over samples of x z^T for one-hot x, feature-major.
+    """``out[:, j] = sum of values[t, :, i] over (t, i) with tokens[t, i] == j``
+    (float64): sum over samples of z x^T for one-hot x, feature-major.
 
-    ``tokens`` is ``[T, n]`` integer, ``values`` is ``[T, h, n]``; returns ``[vocab, h]``.
+    ``tokens`` is ``[T, n]`` integer, ``values`` is ``[T, h, n]``; returns ``[h, vocab]``
+    (the accumulator itself: a transposed copy in Numba cost 25 ms at h = 65, vocab =
+    18,962, five times the sums; callers that need ``[vocab, h]`` take NumPy's ``.T``).
     """
     steps, h, n = values.shape
     acc = np.zeros((h, vocab))  # row k stays in cache while the samples stream by
@@ -18,7 +20,7 @@ def segment_sum_columns(tokens, values, vocab):
         for k in range(h):
             for i in range(n):
                 acc[k, tokens[t, i]] += values[t, k, i]
-    return acc.T.copy()
+    return acc
 
 
 @nb.njit(cache=True)

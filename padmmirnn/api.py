@@ -23,7 +23,7 @@ import numpy as np
 
 from padmmirnn.checkpoint import load_weights
 from padmmirnn.errors import PadmmError
-from padmmirnn.nn import Network, Params, outputs
+from padmmirnn.nn import Network, Params, by_length, outputs
 from padmmirnn.samples import DatasetInfo, LocalData
 
 PAD, UNK = "<pad>", "<unk>"
@@ -163,10 +163,21 @@ class Model:
         return np.stack([encode(t, self._index, steps, padding, truncating) for t in lists])
 
     def _data(self, inputs) -> LocalData:
-        """Check ``inputs`` and lay them out time-major for the forward pass."""
+        """Check ``inputs`` and lay them out time-major for the forward pass. Strings
+        for a classifier trained on post-padded texts (real tokens first) carry their
+        lengths, as its training data did: the output is read at the last real token."""
+        lengths = None
         if isinstance(inputs, str) or (isinstance(inputs, list | tuple) and inputs
                                        and isinstance(inputs[0], str)):
-            inputs = self.encode(inputs)
+            texts = inputs
+            inputs = self.encode(texts)
+            if not self.many_to_many and self.prepared.get("padding", "pre") == "post":
+                from padmmirnn.converters import tokenize
+
+                level = self.prepared.get("level", "char")
+                texts = [texts] if isinstance(texts, str) else texts
+                lengths = np.array([min(max(len(tokenize(t, level)), 1), inputs.shape[1])
+                                    for t in texts], np.int32)
         x = np.asarray(inputs)
         if self.input_kind == "tokens":
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
@@ -191,7 +202,7 @@ class Model:
         info = DatasetInfo(self.source, n, steps, self.input_dim, self.classes,
                            self.input_kind, self.many_to_many)
         targets = np.zeros((steps if self.many_to_many else 1, n), np.int32)
-        return LocalData(info, x, targets, 0, n)
+        return LocalData(info, x, targets, 0, n, lengths)
 
     # -- outputs -------------------------------------------------------------------------
 
@@ -199,6 +210,11 @@ class Model:
         """``o_t = V s_t + c``: ``[N, K]`` (many-to-one) or ``[N, T, K]``."""
         data = self._data(inputs)
         p = self.params.astype(np.dtype(dtype))
+        if data.lengths is not None:  # many-to-one: o at each sequence's last real step
+            o = self.net.forward(p, by_length(data)).outputs(p, False)[0]
+            out = np.empty_like(o)
+            out[np.argsort(-data.lengths, kind="stable")] = o
+            return out
         o = outputs(p, self.net.forward(p, data).states, self.many_to_many)  # [|O|, N, K]
         return o.transpose(1, 0, 2) if self.many_to_many else o[0]
 

@@ -274,6 +274,9 @@ def _model_tools_parsers(sub) -> None:
     ex.add_argument("--weights", required=True, help="weights.h5 or a checkpoint")
     ex.add_argument("--format", required=True, choices=("onnx", "torch"))
     ex.add_argument("--out", required=True, help="the file to write")
+    ex.add_argument("--lengths", action="store_true",
+                    help="onnx: a second input 'lengths' (int32 [N]), every recurrent "
+                         "operator's sequence_lens (padded sequences)")
 
 
 FLAG_KEYS = {"dataset": "data.dataset", "algo": "train.algo", "iterations": "train.iterations",
@@ -440,7 +443,7 @@ def _export(args, comm) -> int:
     model = _model(args.weights)
     if comm.rank == 0:
         try:
-            export(model, args.format, args.out)
+            export(model, args.format, args.out, args.lengths)
         except ValueError as exc:
             raise PadmmError(str(exc)) from None
         print(f"wrote {args.out} ({args.format})")

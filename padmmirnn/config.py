@@ -151,10 +151,12 @@ class TrainConfig:
                        choices=("val_loss", "val_accuracy"))
     restore_best: bool = opt(True, "with a validation split, weights.h5 holds the weights "
                              "of the best evaluation by train.monitor (false: the last)")
-    bucket: bool = opt(True, "gradient baselines, data with lengths: mini-batches of "
-                       "sequences of similar length (each window of bucket_window batches "
-                       "of the seeded permutation sorted by length; the same for any rank "
-                       "count); ADMM's batches are unchanged")
+    bucket: bool = opt(True, "data with lengths: mini-batches of sequences of similar "
+                       "length (each window of bucket_window batches of the seeded "
+                       "permutation sorted by length; the same for any rank count), for "
+                       "the gradient baselines and the mini-batch ADMM (consensus: within "
+                       "each rank's samples; not the fixed chunks of reduction = "
+                       "deterministic)")
     bucket_window: int = opt(50, "batches per window of the bucketed permutation", low=1)
 
 

@@ -26,6 +26,11 @@ number of layers; padmmirnn holds each layer's weights gate-stacked in PyTorch's
   Inputs as :meth:`Model.predict` takes them: float ``[N, T, d]``, or int64 ids ``[N,
   T]``, for which a ``Gather`` of ``U^T`` (gate blocks permuted) feeds the first layer
   with an identity input matrix; the batch size and the sequence length are dynamic.
+  With ``lengths`` a second input ``lengths`` (int32 ``[N]``, each in [1, T]) feeds every
+  recurrent operator's ``sequence_lens``: the operators stop each sequence at its
+  length, ``Y_h`` is its last real state (the many-to-one output, as padmmirnn reads it
+  with lengths) and ``Y`` is zero past it (a many-to-many model's rows there are not
+  outputs: padmmirnn masks them).
 """
 
 from __future__ import annotations
@@ -97,10 +102,11 @@ def onnx_gates(a: np.ndarray, cell: str, h: int) -> np.ndarray:
     return np.concatenate([a[g * h:(g + 1) * h] for g in ONNX_GATES[cell]], axis=0)
 
 
-def onnx_model(model: Model, opset: int = 17):
+def onnx_model(model: Model, opset: int = 17, lengths: bool = False):
     """The ONNX graph of ``model`` (an ``onnx.ModelProto``, checked): one recurrent
     operator per layer in ONNX's gate order (:func:`onnx_gates`), then ``V s + c`` and,
-    for cross-entropy models, a softmax."""
+    for cross-entropy models, a softmax; ``lengths``: the second input ``lengths``, every
+    operator's ``sequence_lens``."""
     onnx = _need("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -127,13 +133,17 @@ def onnx_model(model: Model, opset: int = 17):
         attrs["activations"] = ["Tanh" if model.activation == "tanh" else "Relu"]
     elif cell == "gru":
         attrs["linear_before_reset"] = 1
+    inputs = [x_in]
+    if lengths:
+        inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]))
     for k in range(p.layers):
         w = p.layer(k)
         init[f"W{k}"] = (first if k == 0 else onnx_gates(w.U, cell, h))[None].astype(f32)
         init[f"R{k}"] = onnx_gates(w.W, cell, h)[None].astype(f32)
         init[f"B{k}"] = np.concatenate([onnx_gates(w.b, cell, h),
                                         onnx_gates(_bias_hh(model, k), cell, h)])[None].astype(f32)
-        nodes.append(helper.make_node(ONNX_OPS[cell], [f"x{k}", f"W{k}", f"R{k}", f"B{k}"],
+        nodes.append(helper.make_node(ONNX_OPS[cell], [f"x{k}", f"W{k}", f"R{k}", f"B{k}",
+                                                       *(["lengths"] if lengths else [])],
                                       [f"Y{k}", f"Y_h{k}"], **attrs))
         if k + 1 < p.layers or model.many_to_many:  # Y [T, 1, N, h] -> [T, N, h]
             nodes.append(helper.make_node("Squeeze", [f"Y{k}", "axis1"], [f"x{k + 1}"]))
@@ -152,7 +162,7 @@ def onnx_model(model: Model, opset: int = 17):
     name = "probabilities" if ce else "logits"
     nodes[-1].output[0] = name
     out = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-    graph = helper.make_graph(nodes, f"padmmirnn_{cell}", [x_in], [out],
+    graph = helper.make_graph(nodes, f"padmmirnn_{cell}", inputs, [out],
                               [numpy_helper.from_array(v, k) for k, v in init.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="padmmirnn")
@@ -160,17 +170,24 @@ def onnx_model(model: Model, opset: int = 17):
     return proto
 
 
-def to_onnx(model: Model, path: str | Path) -> None:
+def to_onnx(model: Model, path: str | Path, lengths: bool = False) -> None:
     """Write :func:`onnx_model` to ``path``."""
     onnx = _need("onnx")
-    onnx.save(onnx_model(model), str(path))
+    onnx.save(onnx_model(model, lengths=lengths), str(path))
 
 
-def export(model: Model, fmt: str, path: str | Path) -> None:
-    """Write ``model`` in ``fmt`` (``onnx`` or ``torch``) to ``path``, atomically."""
+def export(model: Model, fmt: str, path: str | Path, lengths: bool = False) -> None:
+    """Write ``model`` in ``fmt`` (``onnx`` or ``torch``) to ``path``, atomically;
+    ``lengths``: the ONNX graph takes sequence lengths (:func:`onnx_model`)."""
     from padmmirnn.atomic import atomic_path
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if lengths and fmt != "onnx":
+        raise ValueError("--lengths is for --format onnx (PyTorch takes lengths through "
+                         "torch.nn.utils.rnn.pack_padded_sequence)")
     with atomic_path(path) as tmp:
-        (to_onnx if fmt == "onnx" else to_torch)(model, tmp)
+        if fmt == "onnx":
+            to_onnx(model, tmp, lengths)
+        else:
+            to_torch(model, tmp)

@@ -35,8 +35,8 @@ class LocalData:
     ``inputs`` is ``[T, n, d]`` (dense) or ``[T, n]`` int32 (tokens); ``targets``
     is ``[1, n]`` for many-to-one (the output step is t = T) or ``[T, n]``;
     ``lengths`` is ``[n]`` int32 with values in [1, T] (steps ``0 .. L_i - 1`` real,
-    the rest padding) or ``None`` (all T). The network does not read it yet: every
-    sample still runs to T.
+    the rest padding) or ``None`` (all T); the network's passes skip the padded steps
+    (:func:`padmmirnn.nn.network.by_length`).
     """
 
     info: DatasetInfo

@@ -24,6 +24,7 @@ from padmmirnn import balance, datafiles
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine, asynchronous
 from padmmirnn.admm.consensus import ConsensusAdmm
+from padmmirnn.admm.fullbatch import refuse_lengths
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.checkpoint import (
     find_latest,
@@ -110,7 +111,7 @@ def build_trainer(cfg: Config, train: Split, comm, params: Params | None = None,
             SyncControl(cfg, comm)
     if cfg.admm.batch_size:
         return MinibatchAdmm(cfg, train.local, train.info.n, comm, params, train.parts,
-                             ranks), SyncControl(cfg, comm)
+                             ranks, train.lengths), SyncControl(cfg, comm)
     return AdmmEngine(cfg, train.parts, train.info.n, comm, params), SyncControl(cfg, comm)
 
 
@@ -208,6 +209,8 @@ class TrainingRun:
         if self.ranks.size > self.train.info.n:
             raise PadmmError(f"train.virtual_ranks = {self.ranks.size} is more than the "
                              f"{self.train.info.n} training samples (every rank needs one)")
+        if cfg.train.algo == "admm" and not cfg.admm.batch_size:  # the same on every rank
+            refuse_lengths(self.train.info, self.train.lengths)
         # the best evaluation on the validation split, early stopping
         self.best = BestSoFar(cfg.train.monitor, cfg.train.early_stopping) if self.val \
             else None
@@ -255,8 +258,8 @@ class TrainingRun:
         self.log.info("data: %s (%d samples, T=%d, %s input size %d, %d classes%s%s)%s%s",
                       info.path, info.n, info.steps, info.kind, info.dim, info.classes,
                       ", many-to-many" if info.many_to_many else "",
-                      ", with lengths (not used by the network yet: every sample runs to "
-                      "T)" if info.has_lengths else "",
+                      ", with lengths (the passes skip padded steps)" if info.has_lengths
+                      else "",
                       f"; validation: {val.info.path} ({val.info.n}"
                       f"{', held out of the training file' if val.info.path == info.path else ''})"
                       if val else "",

@@ -204,6 +204,13 @@ def test_a_gated_model_loads_predicts_and_generates(gated, cell, tmp_path):
         "To be", 20, temperature=0, seed=9)
     assert main(["export", "--weights", str(gated[cell]), "--format", "onnx",
                  "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", "--weights", str(gated[cell]), "--format", "onnx", "--lengths",
+                 "--out", str(tmp_path / "l.onnx")]) == 0
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(tmp_path / "l.onnx")).graph
+    assert [i.name for i in graph.input] == ["inputs", "lengths"]
+    with pytest.raises(ValueError, match="--lengths is for --format onnx"):
+        export(model, "torch", tmp_path / "t.safetensors", lengths=True)
 
 
 @pytest.mark.parametrize("cell", ("gru", "lstm"))
@@ -232,3 +239,50 @@ def test_reading_a_prompt_token_by_token_equals_one_pass(gated, cell):
 def test_export_refuses_an_unknown_format(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown export format"):
         export(make_model("lstm", 1, "dense", False), "tflite", tmp_path / "m")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", (1, 2))
+@pytest.mark.parametrize("kind,many", LAYOUTS)
+def test_onnx_sequence_lens_gives_the_masked_forward(cell, layers, kind, many, tmp_path):
+    """Exported with lengths, ONNX Runtime on padded data (random padding) gives the
+    probabilities of padmmirnn's forward pass with lengths: the many-to-one output at
+    each sequence's last real step, the many-to-many rows at its real steps."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from padmmirnn.nn.network import by_length
+    from padmmirnn.samples import DatasetInfo, LocalData
+
+    model = make_model(cell, layers, kind, many, seed=3)
+    export(model, "onnx", tmp_path / "m.onnx", lengths=True)
+    n = 9
+    x = make_inputs(kind, n)
+    lengths = np.random.default_rng(4).integers(1, T + 1, n).astype(np.int32)
+    feed = x.astype(np.int64) if kind == "tokens" else x.astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(
+        None, {"inputs": feed, "lengths": lengths})[0]
+    info = DatasetInfo("memory", n, T, D, K, kind, many)
+    inputs = x.T.astype(np.int32) if kind == "tokens" else x.transpose(1, 0, 2)
+    targets = np.zeros((T if many else 1, n), np.int32)
+    data = by_length(LocalData(info, np.ascontiguousarray(inputs), targets, 0, n, lengths))
+    o = model.net.forward(model.params, data).outputs(model.params, many)  # [|O|, n, K]
+    e = np.exp(o - o.max(axis=-1, keepdims=True))
+    want = np.zeros((n, T, K) if many else (n, K))
+    for j, i in enumerate(np.argsort(-lengths, kind="stable")):
+        if many:
+            want[i, :lengths[i]] = (e / e.sum(axis=-1, keepdims=True))[:lengths[i], j]
+        else:
+            want[i] = (e / e.sum(axis=-1, keepdims=True))[0, j]
+    if many:  # rows past a sequence's length are not outputs
+        got = got * (np.arange(T)[None, :, None] < lengths[:, None, None])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # and the padding changes nothing: a different filling, the same outputs
+    x2 = make_inputs(kind, n, seed=8)
+    pad = np.arange(T)[None, :] >= lengths[:, None]
+    x2[~pad] = x[~pad]
+    feed2 = x2.astype(np.int64) if kind == "tokens" else x2.astype(np.float32)
+    got2 = ort.InferenceSession(str(tmp_path / "m.onnx")).run(
+        None, {"inputs": feed2, "lengths": lengths})[0]
+    if many:
+        got2 = got2 * (np.arange(T)[None, :, None] < lengths[:, None, None])
+    np.testing.assert_allclose(got2, got, atol=1e-6, rtol=0)

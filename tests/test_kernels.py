@@ -160,7 +160,7 @@ def test_token_kernels():
     np.add.at(ref, tok, vals)
     # feature-major [T, h, n] values over tokens [T, n] (here T = 4, n = 25)
     fm = vals.reshape(4, 25, 3).transpose(0, 2, 1)
-    np.testing.assert_allclose(kernels.segment_sum_columns(tok.reshape(4, 25), fm, 9), ref,
+    np.testing.assert_allclose(kernels.segment_sum_columns(tok.reshape(4, 25), fm, 9), ref.T,
                                rtol=1e-13)
     np.testing.assert_array_equal(kernels.token_counts(tok, 9), np.bincount(tok, minlength=9))
     table = rng.standard_normal((9, 3))

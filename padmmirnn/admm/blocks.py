@@ -133,7 +133,8 @@ def constant_stats(data: LocalData) -> dict[str, np.ndarray]:
 
 def _token_sums(data: LocalData, values: np.ndarray) -> np.ndarray:
     """sum over samples and steps of x_t v_t^T for one-hot x (``values`` ``[T, h, n]``)."""
-    return kernels.segment_sum_columns(data.inputs, values, data.info.dim)
+    return np.ascontiguousarray(kernels.segment_sum_columns(data.inputs, values,
+                                                            data.info.dim).T)
 
 
 def _split(G: np.ndarray, dz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

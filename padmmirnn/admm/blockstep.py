@@ -43,8 +43,9 @@ import numpy as np
 from padmmirnn import kernels
 from padmmirnn.admm.packed import Field, Layout
 from padmmirnn.config import AdmmConfig
-from padmmirnn.nn import LOSSES, Network, Params, layer_name, outputs
+from padmmirnn.nn import Network, Params, layer_name
 from padmmirnn.nn.cells.base import side_by_side
+from padmmirnn.nn.network import by_length, loss_delta, readout, real_rows
 from padmmirnn.samples import DatasetInfo, LocalData
 
 
@@ -148,48 +149,50 @@ def batch_statistics(net: Network, p: Params, batch: LocalData, loss: str,
                      dtype: np.dtype, output_factor: bool = False) -> dict[str, np.ndarray]:
     """Forward pass, KKT multipliers and the Gram statistics of one (local) batch, as
     the fields of :func:`batch_layout` (``counts`` = [loss sum, input rows, output
-    rows]); ``p`` in ``dtype``."""
+    rows]); ``p`` in ``dtype``. With lengths every sum runs over the real steps: the
+    input rows are ``sum_i L_i``, the output rows those of :func:`real_rows`."""
     info = batch.info
+    batch = by_length(batch)
     steps, n = batch.inputs.shape[:2]
     h = p.hidden
     m2m = info.many_to_many
     # steps side by side in memory ([rows, T, n]): the sums over steps and samples
     # below are single products of [rows, T n] views
     fwd = net.forward(p, batch, side_by_side_layout=True, dtype=dtype)
-    S = fwd.states
-    lam3 = outputs(p, S, m2m)  # o, then lambda3 = -dl/do, rows [|O|, n, K]
-    rows = lam3.shape[0] * lam3.shape[1]
-    total = kernels.output_delta(lam3.reshape(rows, -1), batch.targets.reshape(-1),
-                                 LOSSES[loss], -1.0)
+    lam3 = fwd.outputs(p, m2m)  # o, then lambda3 = -dl/do, rows [|O|, n, K]
+    mask = real_rows(batch.lengths, m2m, steps)
+    rows = lam3.shape[0] * lam3.shape[1] if mask is None else int(mask.sum())
+    total = loss_delta(lam3, batch.targets, loss, -1.0, mask)
     net.adjoint(p, fwd, lam3, m2m)  # seeds -dl/do: the multipliers lambda1 = -dl/dP
     out = {}
     for l in range(net.layers):
-        zs = fwd.regressors(l)
-        zc = side_by_side(zs)
+        sums = net.layer_sums(fwd, l, info.dim)  # before zc: one packed copy at a time
+        zc = fwd.packed(fwd.regressors(l))
         out[f"l{l}.rest"] = _gram(zc, zc)
-        sums = net.layer_sums(fwd, l, info.dim)
         out[f"l{l}.D"] = sums["D"]
         if "bh" in sums:
             out[f"l{l}.bh"] = sums["bh"]
         if output_factor:
-            d_in = side_by_side(fwd.traces[l].delta_in)
+            d_in = fwd.packed(fwd.traces[l].delta_in)
             out[f"l{l}.S"] = _gram(d_in, d_in)
         if l == 0 and fwd.tokens is not None:
-            out["l0.diag"] = kernels.token_counts(batch.inputs.reshape(-1), info.dim)
-            out["l0.cross"] = kernels.segment_sum_columns(batch.inputs, zs, info.dim)
+            tokens = fwd.packed(fwd.tokens)
+            out["l0.diag"] = kernels.token_counts(tokens, info.dim)
+            out["l0.cross"] = kernels.segment_sum_columns(tokens[None], zc[None], info.dim).T
             out["l0.Dx"] = sums["Dx"]
-    s_out = S[1:] if m2m else S[-1:]
-    sc = side_by_side(s_out)
+    # many-to-many: the states and lambda3 of the padded rows are zero
+    sc = side_by_side(readout(fwd.states, m2m, batch.lengths))
     ss = _gram(sc, sc)
     s_sum = sc.sum(axis=1, dtype=np.float64)
     G_out = np.empty((h + 1, h + 1))
     G_out[:h, :h], G_out[:h, h], G_out[h, :h], G_out[h, h] = ss, s_sum, s_sum, rows
-    lam_rows = lam3.reshape(rows, -1)
+    lam_rows = lam3.reshape(-1, lam3.shape[-1])
     D_out = np.empty((lam3.shape[-1], h + 1))
     D_out[:, :h] = _gram(side_by_side(lam3.transpose(0, 2, 1)), sc)
     D_out[:, h] = lam_rows.sum(axis=0, dtype=np.float64)
+    inputs = float(steps * n) if batch.lengths is None else float(batch.lengths.sum())
     out.update({"out.rest": G_out, "out.D": D_out,
-                "counts": np.array([total, float(steps * n), float(rows)])})
+                "counts": np.array([total, inputs, float(rows)])})
     if output_factor:
         out["out.S"] = _gram(lam_rows.T, lam_rows.T)
     return out

@@ -6,7 +6,10 @@ Rank ``r`` of ``P`` holds the samples ``[r N / P, (r + 1) N / P)``, its weights
 ``theta_r`` and its running Gram estimates, and steps through its samples in local
 mini-batches of ``max(1, floor(B / P))`` (``B = admm.batch_size``, the global batch), in
 an order keyed by (seed, pass, its first sample); every rank takes the local steps of
-the largest slice (smaller slices wrap). The running Grams are averaged at every join.
+the largest slice (smaller slices wrap). With sequence lengths (and ``train.bucket``)
+a rank's local batches are bucketed within its order
+(:func:`padmmirnn.samples.bucketed_batches`), so each holds sequences of similar
+length. The running Grams are averaged at every join.
 ``admm.consensus`` says how the weights are joined:
 
 * ``average``: ``theta_r <- mean_r theta_r`` (local SGD's averaging; no correction of
@@ -42,7 +45,7 @@ from padmmirnn.admm.minibatch import ceil_div, penalty_scale
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
 from padmmirnn.nn import Network, Params
-from padmmirnn.samples import LocalData, partition
+from padmmirnn.samples import LocalData, bucketed_batches, partition
 from padmmirnn.trainer import TrainerState
 
 
@@ -81,8 +84,9 @@ class ConsensusAdmm:
         self.workers = []
         for v in self.ranks.local:
             lo, hi = partition(n_global, P, v)
-            shard = LocalData(info, data.inputs[:, lo - data.start:hi - data.start],
-                              data.targets[:, lo - data.start:hi - data.start], lo, hi)
+            cut = slice(lo - data.start, hi - data.start)
+            shard = LocalData(info, data.inputs[:, cut], data.targets[:, cut], lo, hi,
+                              None if data.lengths is None else data.lengths[cut])
             self.workers.append(Worker(shard, lo, self.global_state.copy(),
                                        np.zeros(params.size) if self.mode == "duals"
                                        else None))
@@ -166,14 +170,12 @@ class ConsensusAdmm:
         """One pass: every rank's local steps over its samples, joined every
         ``sync_every`` steps and at the end."""
         scale = penalty_scale(self.a, self.iteration)
-        B = self.local_batch
-        orders = [np.random.default_rng([self.cfg.train.seed, self.iteration, w.start])
-                  .permutation(w.data.n) for w in self.workers]
+        orders = [self._local_batches(w) for w in self.workers]
         anchors = self._anchors()
         losses = []
         for k in range(self.local_steps):
             for w, order in zip(self.workers, orders, strict=True):
-                idx = np.take(order, np.arange(k * B, (k + 1) * B) % w.data.n)
+                idx = order[k % len(order)]
                 stats = self.block.statistics(w.state.params, w.data.take(idx))
                 anchor = anchors.get(id(w))
                 losses.append(self.block.apply(w.state, stats, scale, anchor,
@@ -184,6 +186,21 @@ class ConsensusAdmm:
                 anchors = self._anchors()
         self.iteration += 1
         self.last = {"batch_loss": float(np.mean(losses))}
+
+    def _local_batches(self, w: Worker) -> list[np.ndarray]:
+        """Rank ``w``'s local batches in this pass (local positions), from an order of its
+        samples keyed by (seed, pass, its first sample): consecutive slices of it,
+        wrapping, or with lengths (and ``train.bucket``) bucketed within it (windows of
+        ``train.bucket_window`` batches; taken in turn, wrapping)."""
+        key = [self.cfg.train.seed, self.iteration, w.start]
+        order = np.random.default_rng(key).permutation(w.data.n)
+        B = self.local_batch
+        if w.data.lengths is None or not self.cfg.train.bucket:
+            return [np.take(order, np.arange(k * B, (k + 1) * B) % w.data.n)
+                    for k in range(self.local_steps)]
+        return bucketed_batches(order, w.data.lengths, self.local_batch,
+                                self.cfg.train.bucket_window,
+                                np.random.default_rng([*key, 0x42]))
 
     def _anchors(self) -> dict[int, Params]:
         """Per rank, the proximal point ``z - u_r`` of its local steps (duals only)."""

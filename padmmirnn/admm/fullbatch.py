@@ -42,6 +42,7 @@ from padmmirnn.admm.blocks import forward_into
 from padmmirnn.admm.packed import Layout, constant_layout, input_layout, output_layout
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
+from padmmirnn.errors import ConfigError
 from padmmirnn.nn import (
     LOSSES,
     Params,
@@ -51,8 +52,21 @@ from padmmirnn.nn import (
     stacked_state,
     states_of,
 )
-from padmmirnn.samples import LocalData
+from padmmirnn.samples import DatasetInfo, LocalData
 from padmmirnn.trainer import TrainerState
+
+
+def refuse_lengths(info: DatasetInfo, lengths: np.ndarray | None) -> None:
+    """The full-batch engine keeps per-sample auxiliaries of all T steps and has no
+    masked form: refuse a training split with sequences shorter than T (``lengths``, the
+    split's global lengths, the same on every rank, so every rank refuses alike)."""
+    if lengths is None or not np.any(lengths < info.steps):
+        return
+    short = int(np.count_nonzero(lengths < info.steps))
+    raise ConfigError(f"{info.path}: {short} of {len(lengths)} sequences are shorter than "
+                      f"T = {info.steps} (lengths), and the full-batch ADMM (admm.batch_size "
+                      "= 0) runs every sequence over all T steps: use the mini-batch ADMM "
+                      "(admm.batch_size > 0, the default), whose passes skip padded steps")
 
 
 def _loss_only(loss: float) -> np.ndarray:

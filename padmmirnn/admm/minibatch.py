@@ -5,13 +5,18 @@ rank count equals the serial one (docs/design.md, section 5).
 One iteration is one pass over the training set in global mini-batches of
 ``admm.batch_size`` samples (any size up to the whole set), drawn from the permutation
 of the global sample indices keyed by (seed, pass), as the data-parallel gradient
-baselines draw theirs. Each rank forms the statistics of the batch's samples it holds;
+baselines draw theirs. With sequence lengths (and ``train.bucket``) the batches are
+bucketed as theirs are (:func:`padmmirnn.samples.bucketed_batches`: windows of the
+permutation sorted by length, from the global lengths every rank holds), so a batch
+holds sequences of similar length, runs to its own longest one, and the batches still
+do not depend on the rank count. Each rank forms the statistics of the batch's samples it holds;
 one reduction sums them; every rank takes the same step.
 
 With ``train.reduction = deterministic`` a mini-batch is a group of whole chunks of
 ``train.chunk`` samples (chosen by a permutation of the chunk indices): each chunk is
 processed by the rank that holds it, and the chunks' statistics are added in global
-chunk order, so the run is bitwise the same on any rank count.
+chunk order, so the run is bitwise the same on any rank count (the chunks are fixed:
+no bucketing; each chunk's passes still skip its padded steps).
 
 With ``train.virtual_ranks = P`` the reductions are those of ``P`` ranks (counted in the
 ledger as such); a batch's statistics are sums over its samples, so each process forms
@@ -26,7 +31,7 @@ from padmmirnn.admm.blockstep import BlockStep
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
 from padmmirnn.nn import Network, Params
-from padmmirnn.samples import LocalData
+from padmmirnn.samples import LocalData, bucketed_batches
 from padmmirnn.trainer import TrainerState
 
 
@@ -46,14 +51,16 @@ class MinibatchAdmm:
     """Mini-batch hybrid ADMM on this rank's slice ``[data.start, data.stop)`` of
     ``n_global`` samples, a :class:`~padmmirnn.trainer.Trainer`; one reduction of the
     packed batch statistics per mini-batch over ``comm`` (``ranks``: the virtual ranks
-    the reductions are counted for)."""
+    the reductions are counted for; ``lengths``: the ``[n_global]`` lengths of the whole
+    training split in its global order, identical on every rank, None: all T)."""
 
     unit = "iteration"
 
     def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
                  params: Params | None = None, parts: list[LocalData] | None = None,
-                 ranks: VirtualRanks | None = None):
+                 ranks: VirtualRanks | None = None, lengths: np.ndarray | None = None):
         self.cfg, self.a = cfg, cfg.admm.for_batch(n_global)
+        self.lengths = lengths if cfg.train.bucket else None
         self.data, self.n_global, self.comm = data, n_global, comm
         self.ranks = ranks or VirtualRanks(comm, comm.size)
         self.ordered = cfg.train.reduction == "deterministic"
@@ -77,16 +84,25 @@ class MinibatchAdmm:
     def params(self) -> Params:
         return self.state.params
 
+    def batches(self, order: np.ndarray) -> list[np.ndarray]:
+        """The pass's global mini-batches (global sample indices) from its permutation
+        ``order``: consecutive slices of ``admm.batch_size``, or with lengths bucketed
+        (windows of ``train.bucket_window`` batches sorted by decreasing length, the
+        batches of a window in an order seeded by (seed, pass))."""
+        B = self.a.batch_size
+        if self.lengths is None:
+            return [order[lo:lo + B] for lo in range(0, len(order), B)]
+        rng = np.random.default_rng([self.cfg.train.seed, self.iteration, 0x42])
+        return bucketed_batches(order, self.lengths, B, self.cfg.train.bucket_window, rng)
+
     def _batches(self, rng: np.random.Generator):
         """Every global mini-batch's statistics, one reduction each (none when serial):
         of the samples of a permutation of the global order, or (deterministic) of
         groups of whole chunks, added in global chunk order."""
         block, layout = self.block, self.layout
         if not self.ordered:
-            order = rng.permutation(self.n_global)
             d = self.data
-            for lo in range(0, self.n_global, self.a.batch_size):
-                idx = order[lo:lo + self.a.batch_size]
+            for idx in self.batches(rng.permutation(self.n_global)):
                 stats = block.statistics(self.params, d.take(
                     idx[(idx >= d.start) & (idx < d.stop)] - d.start))
                 if self.ranks.size == 1:

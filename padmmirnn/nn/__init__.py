@@ -16,6 +16,7 @@ from padmmirnn.nn.network import (
     Forward,
     Gradients,
     Network,
+    by_length,
     head_seeds,
     input_rows,
     outputs,
@@ -55,6 +56,6 @@ def gradients(params: Params, batch: LocalData, activation: str, loss: str,
 
 __all__ = [
     "CELLS", "LOSSES", "Cell", "Forward", "Gradients", "Layer", "Network", "Params",
-    "cell_name", "forward", "gradients", "head_seeds", "init_params", "input_rows",
+    "by_length", "cell_name", "forward", "gradients", "head_seeds", "init_params", "input_rows",
     "layer_name", "loss_sums", "outputs", "stacked_state", "states_of",
 ]

@@ -4,7 +4,15 @@
     layer l:    s^l_t = cell(s^{l-1}_t, s^l_{t-1})
     head:       o_t = V s^{L-1}_t + c                       (t in O)
 
-with ``O = {T}`` (many-to-one) or ``{1..T}`` (many-to-many). Arrays are time-major and
+with ``O = {T}`` (many-to-one) or ``{1..T}`` (many-to-many). With sequence lengths
+``L_i`` (:attr:`LocalData.lengths`) the compute follows the real steps only: a block's
+samples are ordered by decreasing length (:func:`by_length`), so the samples still
+running at step t are the prefix of ``n_t = #{i: L_i > t}`` columns, step t computes
+those columns only and the block runs to its longest sequence; a many-to-one output is
+read at each sequence's last real step, ``o_i = V s_{L_i} + c``, and the padded targets
+of a many-to-many model (t > L_i) are masked out of the loss, its adjoint and the
+counts. Every sum over steps (gradients, Gram statistics) is then over the real steps
+only. Arrays are time-major and
 feature-major (samples as columns): a state block is ``[h, n]``; outputs are rows
 ``[|O|, n, K]`` (the loss kernels work per row). Each layer keeps its stacked state
 ``Z_l`` ``[T + 1, d_l + 1 + h, n]`` with ``Z_l[t] = [x_t; 1; s_{t-1}]``
@@ -29,7 +37,7 @@ import numpy as np
 
 from padmmirnn import kernels
 from padmmirnn.nn.cells import CELLS, Cell, cell_name
-from padmmirnn.nn.cells.base import Trace, side_by_side
+from padmmirnn.nn.cells.base import Trace, side_by_side, spans
 from padmmirnn.nn.params import Layer, Params, layer_name
 from padmmirnn.samples import DatasetInfo, LocalData
 
@@ -77,11 +85,22 @@ def states_of(Z: np.ndarray, dz: int, h: int) -> np.ndarray:
     return Z[:, dz + 1:dz + 1 + h]
 
 
+def readout(states: np.ndarray, many_to_many: bool,
+            lengths: np.ndarray | None = None) -> np.ndarray:
+    """The top states at the output steps, ``[|O|, h, n]``: ``s_1..s_T`` (many-to-many),
+    else ``s_T``, or with ``lengths`` each sample's last real state ``s_{L_i}``."""
+    if many_to_many:
+        return states[1:]
+    if lengths is None:
+        return states[-1:]
+    return states[lengths, :, np.arange(len(lengths))].T[None]
+
+
 def outputs(params: Params, states: np.ndarray, many_to_many: bool,
-            out: np.ndarray | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, lengths: np.ndarray | None = None) -> np.ndarray:
     """``o_t = V s_t + c`` for t in O, in rows ``[|O|, n, K]`` (``states`` feature-major
-    ``[T + 1, h, n]``, the top layer's)."""
-    s_out = states[1:] if many_to_many else states[-1:]
+    ``[T + 1, h, n]``, the top layer's; :func:`readout`)."""
+    s_out = readout(states, many_to_many, lengths)
     V = params.V.astype(states.dtype)
     o = np.matmul(s_out.transpose(0, 2, 1), V.T, out=out)
     o += params.c.astype(states.dtype)
@@ -95,16 +114,78 @@ def head_seeds(V: np.ndarray, delta: np.ndarray) -> np.ndarray:
                      delta.transpose(0, 2, 1))
 
 
+def by_length(data: LocalData) -> LocalData:
+    """``data`` with its samples ordered by decreasing length (stable; unchanged when
+    they already are, or without lengths) and its steps cut to the longest sequence:
+    the layout the passes with lengths need (the active samples of a step are a prefix
+    of the columns). Sums over samples do not depend on the order."""
+    L = data.lengths
+    if L is None or not len(L):
+        return data
+    steps = int(L.max())
+    inputs = data.inputs[:steps]
+    targets = data.targets[:steps] if data.info.many_to_many else data.targets
+    if np.any(L[1:] > L[:-1]):
+        order = np.argsort(-L, kind="stable")
+        inputs, targets, L = (np.take(inputs, order, axis=1), np.take(targets, order, axis=1),
+                              L[order])
+    return LocalData(data.info, inputs, targets, data.start, data.stop, L)
+
+
+def active_counts(lengths: np.ndarray | None, steps: int) -> list[int] | None:
+    """``n_t = #{i: L_i > t}`` for t = 0..steps - 1 (None without lengths)."""
+    if lengths is None:
+        return None
+    return np.count_nonzero(lengths[None, :] > np.arange(steps)[:, None], axis=1).tolist()
+
+
+def real_rows(lengths: np.ndarray | None, many_to_many: bool, steps: int
+              ) -> np.ndarray | None:
+    """``[T, n]`` mask of the real output rows of a many-to-many model with lengths
+    (``t < L_i``); None when every output row is real."""
+    if lengths is None or not many_to_many:
+        return None
+    return np.arange(steps)[:, None] < lengths[None, :]
+
+
+def loss_delta(o: np.ndarray, targets: np.ndarray, loss: str, scale: float,
+               mask: np.ndarray | None = None) -> float:
+    """``o`` (rows ``[|O|, n, K]``) turned into ``scale * dl/do`` in place on the real
+    rows (``mask``, :func:`real_rows`; None: all) and 0 on the padded ones; returns the
+    loss sum over the real rows (float64)."""
+    if mask is None:
+        rows = o.shape[0] * o.shape[1]
+        return kernels.output_delta(o.reshape(rows, -1), targets.reshape(-1), LOSSES[loss],
+                                    scale)
+    real = o[mask]
+    total = kernels.output_delta(real, targets[mask], LOSSES[loss], scale)
+    o[...] = 0.0
+    o[mask] = real
+    return total
+
+
+def packed(a: np.ndarray, active: list[int] | None) -> np.ndarray:
+    """``[T, q, n]`` (or token ids ``[T, n]``) at the active columns of every step as one
+    ``[q, R]`` (``[R]``) array, ``R = sum_t n_t``: sums over real steps become single
+    products. Without lengths the steps side by side (:func:`side_by_side`)."""
+    if active is None:
+        return a.reshape(-1) if a.ndim == 2 else side_by_side(a)
+    return np.concatenate([a[t, ..., :c] for t, c in enumerate(active)], axis=-1)
+
+
 @dataclass
 class Forward:
     """One forward pass: every layer's stacked state, input rows and trace; the
-    token ids of the first layer (None for dense inputs)."""
+    token ids of the first layer (None for dense inputs); the samples' lengths
+    (decreasing) and the active columns ``n_t`` of every step (None without lengths)."""
 
     Z: list[np.ndarray]
     dx: list[int]
     traces: list[Trace]
     tokens: np.ndarray | None
     h: int
+    lengths: np.ndarray | None = None
+    active: list[int] | None = None
 
     @property
     def states(self) -> np.ndarray:
@@ -112,11 +193,21 @@ class Forward:
         return states_of(self.Z[-1], self.dx[-1], self.h)
 
     def final(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Every layer's last state ``s_T`` (and cell state, if the cell has one), to
-        continue from with :meth:`Network.forward`'s ``start``."""
-        return [(states_of(Z, dx, self.h)[-1].copy(),
-                 None if tr.cells is None else tr.cells[-1].copy())
+        """Every layer's last state ``s_T`` (``s_{L_i}`` with lengths; and cell state, if
+        the cell has one), to continue from with :meth:`Network.forward`'s ``start``."""
+        def last(a: np.ndarray) -> np.ndarray:
+            return readout(a, False, self.lengths)[0].copy()
+        return [(last(states_of(Z, dx, self.h)), None if tr.cells is None else last(tr.cells))
                 for Z, dx, tr in zip(self.Z, self.dx, self.traces, strict=True)]
+
+    def outputs(self, params: Params, many_to_many: bool) -> np.ndarray:
+        """The head's rows ``[|O|, n, K]`` (:func:`outputs`, read at the last real step
+        of each sample with lengths)."""
+        return outputs(params, self.states, many_to_many, lengths=self.lengths)
+
+    def packed(self, a: np.ndarray) -> np.ndarray:
+        """``a`` ``[T, q, n]`` at the real steps of the samples as ``[q, R]`` (:func:`packed`)."""
+        return packed(a, self.active)
 
     def regressors(self, layer: int) -> np.ndarray:
         """``z_t`` of ``layer`` for t = 1..T, ``[T, dx + 1 + h, n]``."""
@@ -132,6 +223,19 @@ class Gradients(NamedTuple):
     grads: Params
     step_norms: np.ndarray
     rows: int
+
+
+def _input_seeds(U: np.ndarray, delta_in: np.ndarray, active: list[int] | None
+                 ) -> np.ndarray:
+    """``U^T delta_in_t`` ``[T, d, n]``, the seeds of the layer below, on the active
+    columns of every step (the others are never read)."""
+    UT = np.ascontiguousarray(U.T)
+    if active is None:
+        return np.matmul(UT, delta_in)
+    seeds = np.empty((delta_in.shape[0], UT.shape[0], delta_in.shape[2]), delta_in.dtype)
+    for t, a in enumerate(active):
+        np.matmul(UT, delta_in[t, :, :a], out=seeds[t, :, :a])
+    return seeds
 
 
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -178,11 +282,18 @@ class Network:
         """The forward pass of ``p`` (in the compute dtype) over ``data``;
         ``side_by_side_layout``: stacked states and adjoints laid out so that sums over
         steps are single products (mini-batch statistics, BPTT); ``start``: every
-        layer's initial state (:meth:`Forward.final` of an earlier pass), else 0."""
+        layer's initial state (:meth:`Forward.final` of an earlier pass), else 0. With
+        lengths (``data`` as :func:`by_length` leaves it) step t computes the ``n_t``
+        active columns only."""
+        L = data.lengths
+        if L is not None and (np.any(L[1:] > L[:-1]) or len(L) and L[0] != len(data.inputs)):
+            raise ValueError("a forward pass with lengths needs the samples by decreasing "
+                             "length and the steps cut to the longest (by_length)")
         dtype = np.dtype(dtype or p.W.dtype)
         steps, n = data.inputs.shape[:2]
         h = p.hidden
         tokens = data.inputs if data.info.kind == "tokens" else None
+        active = active_counts(L, steps)
         Zs, dxs, traces = [], [], []
         for l in range(self.layers):
             if l == 0:
@@ -199,22 +310,24 @@ class Network:
                 if trace.cells is not None:
                     trace.cells[0] = start[l][1]
             self.cell.forward(p.layer(l), Z, dx, tokens if l == 0 else None, trace,
-                              zero_start=start is None)
+                              zero_start=start is None, active=active)
             Zs.append(Z)
             dxs.append(dx)
             traces.append(trace)
-        return Forward(Zs, dxs, traces, tokens, h)
+        return Forward(Zs, dxs, traces, tokens, h, L, active)
 
     def adjoint(self, p: Params, fwd: Forward, delta: np.ndarray, many_to_many: bool) -> None:
         """Every layer's ``delta_in``/``delta_hh`` (in its trace) for output seeds
-        ``delta`` (rows ``[|O|, n, K]``, ``dL/do``)."""
+        ``delta`` (rows ``[|O|, n, K]``, ``dL/do``; zero on padded rows), over the real
+        steps of every sample."""
         seeds = head_seeds(p.V, delta)
         every = many_to_many
         for l in range(self.layers - 1, -1, -1):
             trace = fwd.traces[l]
-            self.cell.adjoint(p.layer(l), fwd.Z[l], fwd.dx[l], trace, seeds, every)
+            self.cell.adjoint(p.layer(l), fwd.Z[l], fwd.dx[l], trace, seeds, every,
+                              fwd.active)
             if l:  # the seeds of the layer below: U_l^T delta_in_t, for every step
-                seeds = np.matmul(np.ascontiguousarray(p.layer(l).U.T), trace.delta_in)
+                seeds = _input_seeds(p.layer(l).U, trace.delta_in, fwd.active)
                 every = True
 
     def layer_sums(self, fwd: Forward, l: int, vocab: int = 0) -> dict[str, np.ndarray]:
@@ -223,43 +336,45 @@ class Network:
         ``D`` ``[G h, dx + 1 + h]`` = ``sum_t delta_in_t [x_t; 1]^T`` beside
         ``sum_t delta_hh_t s_{t-1}^T`` (the columns of ``z_t``), i.e. ``[dU db dW]`` (dU
         empty for tokens); ``Dx`` ``[G h, vocab]`` the token segment sums (tokens);
-        ``bh`` the candidate's recurrent bias sum (GRU)."""
+        ``bh`` the candidate's recurrent bias sum (GRU). The sums run over the real
+        steps of every sample (:meth:`Forward.packed`)."""
         trace, h, dx = fwd.traces[l], fwd.h, fwd.dx[l]
-        zs = fwd.regressors(l)
-        zc = side_by_side(zs)
-        d_in = trace.delta_in
-        D = _gram(side_by_side(d_in), zc)
+        zc = fwd.packed(fwd.regressors(l))
+        d_in = fwd.packed(trace.delta_in)
+        D = _gram(d_in, zc)
         out = {"D": D}
         split = self.cell.split(h)
         if split is not None:  # the candidate's recurrent columns from delta_hh
-            d_hh = side_by_side(trace.delta_hh)
+            d_hh = fwd.packed(trace.delta_hh)
             D[split, dx + 1:] = _gram(d_hh, zc[dx + 1:])
             out["bh"] = d_hh.sum(axis=1, dtype=np.float64)
         if l == 0 and fwd.tokens is not None:
-            out["Dx"] = kernels.segment_sum_columns(fwd.tokens, d_in, vocab).T
+            out["Dx"] = kernels.segment_sum_columns(fwd.packed(fwd.tokens)[None], d_in[None],
+                                                    vocab)
         return out
 
     def gradients(self, p: Params, batch: LocalData, loss: str,
                   dtype: np.dtype = np.float64) -> Gradients:
         """Mean loss of ``batch`` and its BPTT gradient with respect to every weight:
-        ``L = 1/R sum`` over the ``R = n |O|`` output rows of ``l(o_t, y_t)``, from one
-        forward pass and one adjoint recursion seeded with ``delta = dL/do``; the weight
-        gradients are :meth:`layer_sums` and ``[dV dc] = sum_{t in O} delta_t [s_t;
-        1]^T``. Computed in ``dtype``, returned in float64."""
+        ``L = 1/R sum`` over the ``R`` real output rows (``n |O|`` without lengths) of
+        ``l(o_t, y_t)``, from one forward pass and one adjoint recursion seeded with
+        ``delta = dL/do``; the weight gradients are :meth:`layer_sums` and ``[dV dc] =
+        sum_{t in O} delta_t [s_t; 1]^T``. Computed in ``dtype``, returned in float64.
+        With lengths, BPTT of every sequence over its own real steps."""
         info = batch.info
+        batch = by_length(batch)
         steps, n = batch.inputs.shape[:2]
         outs = batch.targets.shape[0]
         if outs not in (1, steps) or batch.targets.shape[1] != n:
             raise ValueError(f"targets shape {batch.targets.shape} does not fit inputs "
                              f"{batch.inputs.shape}")
-        many = outs == steps and steps > 1
+        many = outs == steps and steps > 1 or info.many_to_many and batch.lengths is not None
         pc = p.astype(np.dtype(dtype))
         fwd = self.forward(pc, batch, side_by_side_layout=True)
-        states = fwd.states
-        delta = outputs(pc, states, many)
-        rows = delta.shape[0] * delta.shape[1]
-        total = kernels.output_delta(delta.reshape(rows, -1), batch.targets.reshape(-1),
-                                     LOSSES[loss], 1.0 / rows)
+        delta = fwd.outputs(pc, many)
+        mask = real_rows(batch.lengths, many, steps)
+        rows = delta.shape[0] * delta.shape[1] if mask is None else int(mask.sum())
+        total = loss_delta(delta, batch.targets, loss, 1.0 / rows, mask)
         self.adjoint(pc, fwd, delta, many)
         grads = {}
         for l in range(self.layers):
@@ -269,11 +384,17 @@ class Network:
             layer = Layer(np.ascontiguousarray(dU), D[:, dx + 1:].copy(), D[:, dx].copy(),
                           sums.get("bh"))
             grads.update({layer_name(k, l): v for k, v in layer.arrays().items()})
-        s_out = states[1:] if many else states[-1:]
+        s_out = readout(fwd.states, many, batch.lengths)
         grads["V"] = _gram(side_by_side(delta.transpose(0, 2, 1)), side_by_side(s_out))
-        grads["c"] = delta.reshape(rows, -1).sum(axis=0, dtype=np.float64)
+        grads["c"] = delta.reshape(-1, delta.shape[-1]).sum(axis=0, dtype=np.float64)
         d_top = fwd.traces[-1].delta_in
-        norms = np.sqrt(np.einsum("thn,thn->tn", d_top, d_top)).sum(axis=1)
+        if fwd.active is None:
+            norms = np.sqrt(np.einsum("thn,thn->tn", d_top, d_top)).sum(axis=1)
+        else:  # the real steps' columns; 0 past the batch's longest sequence
+            norms = np.zeros(info.steps)
+            for t, (a, _) in enumerate(spans(steps, n, fwd.active)):
+                d = d_top[t, :, :a]
+                norms[t] = np.sqrt(np.einsum("hn,hn->n", d, d)).sum()
         return Gradients(total / rows, Params({k: grads[k] for k in p.names()}), norms, rows)
 
     def bytes_per_sample(self, info: DatasetInfo, h: int, itemsize: int) -> int:
@@ -283,12 +404,22 @@ class Network:
         activated gates, an LSTM's cell states and their tanh, a GRU's recurrent
         candidate product), the outputs ``[|O|, K]`` and a copy of their adjoints, the
         head's seeds ``V^T delta`` ``[|O|, h]`` and, above one layer, the seeds ``U^T
-        delta_in`` ``[T, h]`` of the layer below (two alive while the next is formed)."""
+        delta_in`` ``[T, h]`` of the layer below (two alive while the next is formed).
+        With lengths (at most T real steps each) also :func:`by_length`'s reordered
+        inputs and the packed copies of a layer's regressors and adjoints
+        (:func:`packed`)."""
         outs = info.steps if info.many_to_many else 1
-        rows = (input_rows(info) + 1 + h) + (self.layers - 1) * (2 * h + 1)
+        dz = input_rows(info)
+        rows = (dz + 1 + h) + (self.layers - 1) * (2 * h + 1)
         trace = info.steps * self.cell.trace_blocks * h * self.layers
         seeds = outs * h + info.steps * h * min(self.layers - 1, 2)
-        return ((info.steps + 1) * rows + trace + 2 * outs * info.classes + seeds) * itemsize
+        packed = 0
+        if info.has_lengths:
+            width = max(dz + 1 + h, 2 * h + 1 if self.layers > 1 else 0)
+            adjoints = (self.cell.gates + (self.cell.split_rows is not None)) * h
+            packed = info.steps * (max(dz, 1) + width + adjoints)
+        return ((info.steps + 1) * rows + trace + 2 * outs * info.classes + seeds
+                + packed) * itemsize
 
     def eval_block(self, info: DatasetInfo, h: int, itemsize: int) -> int:
         """Samples per forward pass of an evaluation: at most :data:`EVAL_BLOCK`, and at
@@ -297,22 +428,25 @@ class Network:
 
     def loss_sums(self, params: Params, data: LocalData, loss: str,
                   dtype: np.dtype = np.float64) -> np.ndarray:
-        """Local sums ``[loss, correct, count]`` over this rank's output rows (float64),
-        ready to be reduced; mean loss = loss / count, accuracy = correct / count.
-        Forward passes over blocks of :meth:`eval_block` samples, so evaluating a large
-        split never holds the states of all its samples."""
+        """Local sums ``[loss, correct, count]`` over this rank's real output rows
+        (float64), ready to be reduced; mean loss = loss / count, accuracy = correct /
+        count. Forward passes over blocks of :meth:`eval_block` samples, so evaluating a
+        large split never holds the states of all its samples."""
         n = data.inputs.shape[1]
         p = params.astype(np.dtype(dtype))
         size = self.eval_block(data.info, params.hidden, np.dtype(dtype).itemsize)
+        many = data.info.many_to_many
         out = np.zeros(3)
         for lo in range(0, n, size):
             block = data if n <= size else LocalData(
                 data.info, data.inputs[:, lo:lo + size], data.targets[:, lo:lo + size], 0,
-                min(n - lo, size))
-            fwd = self.forward(p, block)
-            o = outputs(p, fwd.states, data.info.many_to_many)
-            rows = o.shape[0] * o.shape[1]
-            total, correct = kernels.loss_and_correct(o.reshape(rows, -1),
-                                                      block.targets.reshape(-1), LOSSES[loss])
-            out += (total, float(correct), float(rows))
+                min(n - lo, size), None if data.lengths is None else data.lengths[lo:lo + size])
+            block = by_length(block)
+            o = self.forward(p, block).outputs(p, many)
+            y = block.targets
+            mask = real_rows(block.lengths, many, o.shape[0])
+            o, y = (o.reshape(-1, o.shape[-1]), y.reshape(-1)) if mask is None else (o[mask],
+                                                                                   y[mask])
+            total, correct = kernels.loss_and_correct(o, y, LOSSES[loss])
+            out += (total, float(correct), float(o.shape[0]))
         return out

@@ -35,6 +35,7 @@ a separate recurrent adjoint (:attr:`Cell.split_rows`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -55,6 +56,15 @@ def side_by_side(a: np.ndarray) -> np.ndarray:
     of a row are adjacent in memory, as :func:`scratch` lays them out)."""
     steps, q, n = a.shape
     return a.transpose(1, 0, 2).reshape(q, steps * n)
+
+
+def spans(steps: int, n: int, active: Sequence[int] | None) -> list[tuple[int, int]]:
+    """Per step t, ``(a_t, b_t)``: the columns ``[:a_t]`` are active at step t and
+    ``[:b_t]`` also at t + 1 (``b_{T-1} = 0``), so ``[b_t:a_t]`` end at t. ``active``:
+    ``n_t`` = the samples with ``L_i > t`` when they are ordered by decreasing length
+    (a prefix of the columns), None: every column at every step."""
+    counts = [n] * steps if active is None else list(active)
+    return [(counts[t], counts[t + 1] if t + 1 < steps else 0) for t in range(steps)]
 
 
 def gate_scale(h: int, dtype: np.dtype, gates: str = "ifgo") -> np.ndarray:
@@ -128,19 +138,25 @@ class Cell(ABC):
 
     @abstractmethod
     def forward(self, w: Layer, Z: np.ndarray, dx: int, tokens: np.ndarray | None,
-                trace: Trace, zero_start: bool = True) -> None:
+                trace: Trace, zero_start: bool = True,
+                active: Sequence[int] | None = None) -> None:
         """The layer's forward pass in place: ``Z[t + 1, dx + 1:] = s_t`` for t = 1..T
         from ``Z``'s inputs (``dx`` rows; ``tokens`` ``[T, n]`` ids when the inputs are
         tokens, ``dx = 0``) and the initial state ``Z[0, dx + 1:]`` (zero when
         ``zero_start``, which a cell may exploit), keeping in ``trace`` what
-        :meth:`adjoint` needs. ``w`` in ``Z``'s dtype."""
+        :meth:`adjoint` needs. ``w`` in ``Z``'s dtype. ``active``: step t computes the
+        columns ``[:n_t]`` only (:func:`spans`); the states of the others stay as they
+        are (zero) and their trace columns are undefined."""
 
     @abstractmethod
     def adjoint(self, w: Layer, Z: np.ndarray, dx: int, trace: Trace, seeds: np.ndarray,
-                every_step: bool) -> None:
+                every_step: bool, active: Sequence[int] | None = None) -> None:
         """The backward recursion: ``trace.delta_in``/``delta_hh`` from the seeds
-        ``dL/ds_t`` (``seeds`` ``[T, h, n]`` if ``every_step``, else ``[1, h, n]`` at the
-        last step only)."""
+        ``dL/ds_t`` (``seeds`` ``[T, h, n]`` if ``every_step``, else ``[1, h, n]`` at each
+        sample's last step: t = T, or with ``active`` the step where its column leaves
+        the active prefix, ``t = L_i``). With ``active``, step t computes the columns
+        ``[:a_t]``; those that end there (``[b_t:a_t]``) start the recursion with no
+        recurrent term (:func:`spans`)."""
 
 
 def stacked_weights(w: Layer, tokens: bool, rows: slice = slice(None)) -> np.ndarray:

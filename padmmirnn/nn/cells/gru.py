@@ -22,10 +22,12 @@ Kronecker input factor of each linear map (docs/design.md, section 5).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.nn.cells.base import Cell, Trace, gate_scale, scratch, stacked_weights
+from padmmirnn.nn.cells.base import Cell, Trace, gate_scale, scratch, spans, stacked_weights
 from padmmirnn.nn.params import Layer
 
 
@@ -52,10 +54,12 @@ class GruCell(Cell):
                         scratch(steps, h, n, dtype, side_by_side))
 
     def forward(self, w: Layer, Z: np.ndarray, dx: int, tokens: np.ndarray | None,
-                trace: GruTrace, zero_start: bool = True) -> None:
-        """Per step: the r, z rows' product (weights scaled by 1/2: ``sigma(x) = (1 +
-        tanh(x/2)) / 2``), the candidate's input part and ``W_n s_{t-1}``; ``tanh`` of the
-        r, z rows, :func:`~padmmirnn.kernels.gru_forward_gates`, ``tanh`` of the candidate,
+                trace: GruTrace, zero_start: bool = True,
+                active: Sequence[int] | None = None) -> None:
+        """Per step, on the active columns ``[:a_t]``: the r, z rows' product (weights
+        scaled by 1/2: ``sigma(x) = (1 + tanh(x/2)) / 2``), the candidate's input part and
+        ``W_n s_{t-1}``; ``tanh`` of the r, z rows,
+        :func:`~padmmirnn.kernels.gru_forward_gates`, ``tanh`` of the candidate,
         :func:`~padmmirnn.kernels.gru_forward_state`."""
         h = w.W.shape[1]
         tok = tokens is not None
@@ -66,42 +70,47 @@ class GruCell(Cell):
         U = w.U * half[:, None] if tok else None
         Wn, bh = w.W[2 * h:], w.bh
         A, HN = trace.gates, trace.hn
-        for t in range(A.shape[0]):
-            G = A[t]
-            s_prev = Z[t, dx + 1:dx + 1 + h]
-            np.matmul(rz, Z[t, :dx + 1 + h], out=G[:2 * h])
+        for t, (a, _) in enumerate(spans(A.shape[0], A.shape[2], active)):
+            G, hn = A[t, :, :a], HN[t, :, :a]
+            s_prev = Z[t, dx + 1:dx + 1 + h, :a]
+            np.matmul(rz, Z[t, :dx + 1 + h, :a], out=G[:2 * h])
             if tok:
                 G[2 * h:] = xn
-                kernels.add_columns(U, tokens[t], G)
+                kernels.add_columns(U, tokens[t, :a], G)
             else:
-                np.matmul(xn, Z[t, :dx + 1], out=G[2 * h:])
-            np.matmul(Wn, s_prev, out=HN[t])
+                np.matmul(xn, Z[t, :dx + 1, :a], out=G[2 * h:])
+            np.matmul(Wn, s_prev, out=hn)
             np.tanh(G[:2 * h], out=G[:2 * h])
-            kernels.gru_forward_gates(G, HN[t], bh)
+            kernels.gru_forward_gates(G, hn, bh)
             np.tanh(G[2 * h:], out=G[2 * h:])
-            kernels.gru_forward_state(G, s_prev, Z[t + 1, dx + 1:dx + 1 + h])
+            kernels.gru_forward_state(G, s_prev, Z[t + 1, dx + 1:dx + 1 + h, :a])
 
     def adjoint(self, w: Layer, Z: np.ndarray, dx: int, trace: GruTrace,
-                seeds: np.ndarray, every_step: bool) -> None:
+                seeds: np.ndarray, every_step: bool,
+                active: Sequence[int] | None = None) -> None:
         """Per step: ``W_rz^T delta_rz`` and ``W_n^T (r a_n)`` of step t + 1 (two
-        products), then :func:`~padmmirnn.kernels.gru_backward_step` (the sum with the
-        carry and the seed, every gate adjoint)."""
+        products) on the columns that go on to t + 1, then
+        :func:`~padmmirnn.kernels.gru_backward_step` (the sum with the carry and the
+        seed, every gate adjoint); the columns that end at t start from their seed alone
+        (their carry is still zero)."""
         h = w.W.shape[1]
         WT_rz = np.ascontiguousarray(w.W[:2 * h].T)
         WT_n = np.ascontiguousarray(w.W[2 * h:].T)
         A, HN = trace.gates, trace.hn
-        steps = A.shape[0]
         ds = np.empty((h, A.shape[2]), A.dtype)
         dn = np.empty_like(ds)
         carry = np.zeros_like(ds)  # z_{t+1} ds_{t+1}
         none = np.empty((0, 0), A.dtype)
-        for t in range(steps - 1, -1, -1):
+        for t, (a, b) in reversed(list(enumerate(spans(A.shape[0], A.shape[2], active)))):
             s_prev = Z[t, dx + 1:dx + 1 + h]
-            if t < steps - 1:
-                np.matmul(WT_rz, A[t + 1, :2 * h], out=ds)
-                np.matmul(WT_n, HN[t + 1], out=dn)  # HN[t + 1] holds r a_n of step t + 1
-                kernels.gru_backward_step(A[t], HN[t], s_prev, ds, dn,
-                                          seeds[t] if every_step else none, carry)
-            else:
-                kernels.gru_backward_step(A[t], HN[t], s_prev, seeds[t if every_step else 0],
-                                          none, none, carry)
+            if b:
+                np.matmul(WT_rz, A[t + 1, :2 * h, :b], out=ds[:, :b])
+                # HN[t + 1] holds r a_n of step t + 1
+                np.matmul(WT_n, HN[t + 1, :, :b], out=dn[:, :b])
+                kernels.gru_backward_step(A[t, :, :b], HN[t, :, :b], s_prev[:, :b], ds[:, :b],
+                                          dn[:, :b], seeds[t, :, :b] if every_step else none,
+                                          carry[:, :b])
+            if a > b:
+                kernels.gru_backward_step(A[t, :, b:a], HN[t, :, b:a], s_prev[:, b:a],
+                                          seeds[t if every_step else 0, :, b:a], none, none,
+                                          carry[:, b:a])

@@ -18,10 +18,12 @@ step, one Gram matrix for the ADMM block step, ``delta_hh = delta_in``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from padmmirnn import kernels
-from padmmirnn.nn.cells.base import Cell, Trace, gate_scale, scratch, stacked_weights
+from padmmirnn.nn.cells.base import Cell, Trace, gate_scale, scratch, spans, stacked_weights
 from padmmirnn.nn.params import Layer
 
 
@@ -55,43 +57,48 @@ class LstmCell(Cell):
                          np.empty((steps, h, n), dtype))
 
     def forward(self, w: Layer, Z: np.ndarray, dx: int, tokens: np.ndarray | None,
-                trace: LstmTrace, zero_start: bool = True) -> None:
-        """Per step: ``P_t`` (the i, f, o rows from weights scaled by 1/2, so that one
-        ``tanh`` of the whole block gives every gate: ``sigma(x) = (1 + tanh(x/2)) / 2``),
-        then :func:`~padmmirnn.kernels.lstm_forward_step` (gates, ``c_t``), ``tanh(c_t)``
-        and ``s_t = o tanh(c_t)``."""
+                trace: LstmTrace, zero_start: bool = True,
+                active: Sequence[int] | None = None) -> None:
+        """Per step, on the active columns ``[:a_t]``: ``P_t`` (the i, f, o rows from
+        weights scaled by 1/2, so that one ``tanh`` of the whole block gives every gate:
+        ``sigma(x) = (1 + tanh(x/2)) / 2``), then
+        :func:`~padmmirnn.kernels.lstm_forward_step` (gates, ``c_t``), ``tanh(c_t)`` and
+        ``s_t = o tanh(c_t)``."""
         h = w.W.shape[1]
         half = gate_scale(h, w.W.dtype)
         theta = stacked_weights(w, tokens is not None) * half[:, None]
         U = w.U * half[:, None] if tokens is not None else None
         A, C, TC = trace.gates, trace.cells, trace.tanh_c
-        for t in range(A.shape[0]):
-            P = A[t]
-            np.matmul(theta, Z[t, :dx + 1 + h], out=P)
+        for t, (a, _) in enumerate(spans(A.shape[0], A.shape[2], active)):
+            P = A[t, :, :a]
+            np.matmul(theta, Z[t, :dx + 1 + h, :a], out=P)
             if tokens is not None:
-                kernels.add_columns(U, tokens[t], P)
+                kernels.add_columns(U, tokens[t, :a], P)
             np.tanh(P, out=P)
-            kernels.lstm_forward_step(P, C[t], C[t + 1])
-            np.tanh(C[t + 1], out=TC[t])
-            np.multiply(P[3 * h:], TC[t], out=Z[t + 1, dx + 1:dx + 1 + h])
+            kernels.lstm_forward_step(P, C[t, :, :a], C[t + 1, :, :a])
+            np.tanh(C[t + 1, :, :a], out=TC[t, :, :a])
+            np.multiply(P[3 * h:], TC[t, :, :a], out=Z[t + 1, dx + 1:dx + 1 + h, :a])
 
     def adjoint(self, w: Layer, Z: np.ndarray, dx: int, trace: LstmTrace,
-                seeds: np.ndarray, every_step: bool) -> None:
-        """Per step: ``ds = W^T delta_{t+1}`` (one product), then
-        :func:`~padmmirnn.kernels.lstm_backward_step` (the seed, the cell carry and the
-        four gate adjoints, over the gates)."""
+                seeds: np.ndarray, every_step: bool,
+                active: Sequence[int] | None = None) -> None:
+        """Per step: ``ds = W^T delta_{t+1}`` (one product) on the columns that go on to
+        t + 1, then :func:`~padmmirnn.kernels.lstm_backward_step` (the seed, the cell
+        carry and the four gate adjoints, over the gates); the columns that end at t
+        start from their seed alone (their cell carry is still zero)."""
         h = w.W.shape[1]
         WT = np.ascontiguousarray(w.W.T)
         A, C, TC = trace.gates, trace.cells, trace.tanh_c
-        steps = A.shape[0]
         ds = np.empty((h, A.shape[2]), A.dtype)
         dc = np.zeros_like(ds)
         none = np.empty((0, 0), A.dtype)
-        for t in range(steps - 1, -1, -1):
-            if t < steps - 1:
-                np.matmul(WT, A[t + 1], out=ds)  # A[t + 1] holds delta_{t + 1}
-                kernels.lstm_backward_step(A[t], C[t], TC[t], ds,
-                                           seeds[t] if every_step else none, dc)
-            else:
-                kernels.lstm_backward_step(A[t], C[t], TC[t], seeds[t if every_step else 0],
-                                           none, dc)
+        for t, (a, b) in reversed(list(enumerate(spans(A.shape[0], A.shape[2], active)))):
+            if b:
+                np.matmul(WT, A[t + 1, :, :b], out=ds[:, :b])  # A[t + 1] holds delta_{t + 1}
+                kernels.lstm_backward_step(A[t, :, :b], C[t, :, :b], TC[t, :, :b], ds[:, :b],
+                                           seeds[t, :, :b] if every_step else none,
+                                           dc[:, :b])
+            if a > b:
+                kernels.lstm_backward_step(A[t, :, b:a], C[t, :, b:a], TC[t, :, b:a],
+                                           seeds[t if every_step else 0, :, b:a], none,
+                                           dc[:, b:a])
