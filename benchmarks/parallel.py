@@ -122,20 +122,25 @@ def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: i
     modes += [(f"AP tau {t}", ["--parallel", "async", "--staleness", str(t)]) for t in taus]
     common = ["--iterations", str(max_passes), "--set", f"train.target_accuracy={target:g}",
               "--set", "train.eval_every=1", *(["--dataset", dataset] if dataset else [])]
-    rows = []
-    for scenario, spec in STRAGGLERS.items():
-        for label, args in modes:
-            times, passes = [], []
-            for rep_ in range(repeats):
+    times: dict[tuple[str, str], list] = {}
+    passes: dict[tuple[str, str], list] = {}
+    for rep_ in range(repeats):  # rounds over every cell: the machine's noise spreads
+        for scenario, spec in STRAGGLERS.items():
+            for label, args in modes:
                 folder = out / f"{label.replace(' ', '-')}-{scenario}-{rep_}"
                 extra = ["--straggler", spec] if spec else []
                 summary = run_job([*common, *args, *extra], 2, folder)
-                times.append(_time_to_target(folder, summary))
-                passes.append(summary.get("target_reached_at"))
-            reached = [t for t in times if t is not None]
-            rows.append({"mode": label, "straggler": scenario,
-                         "passes": "/".join("-" if p is None else str(p) for p in passes),
-                         "time_s": statistics.median(reached) if reached else None})
+                times.setdefault((label, scenario), []).append(
+                    _time_to_target(folder, summary))
+                passes.setdefault((label, scenario), []).append(
+                    summary.get("target_reached_at"))
+    rows = []
+    for (label, scenario), ts in times.items():
+        reached = [t for t in ts if t is not None]
+        rows.append({"mode": label, "straggler": scenario,
+                     "passes": "/".join("-" if p is None else str(p)
+                                        for p in passes[label, scenario]),
+                     "time_s": statistics.median(reached) if reached else None})
     base = {(r["mode"], r["straggler"]): r["time_s"] for r in rows}
     for r in rows:
         sp_even, sp_same = base[("SP", "none")], base[("SP", r["straggler"])]
