@@ -5,7 +5,10 @@ project), ``torch.nn.RNN`` + Adam on the same files, float32, one thread.
 
 Every method does the same work per pass: h = 64, tanh, batch 64, one pass over the
 4,000 training sequences, no evaluation. The figure is the median over ``--repeats``
-passes after one warm-up pass.
+passes after one warm-up pass. Each row also gives the pass's dense work, counted
+analytically (``benchmarks.kernels.minibatch_flops``, ``adam_flops``; PyTorch's epoch
+as Adam's), and the rate it achieves as a share of this machine's square GEMM rate in
+its dtype, measured in the same run.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def project_pass(local, n: int, algo: str, dtype: str, repeats: int) -> float:
 
 def main() -> int:
     from benchmarks.common import default_training_set, table
+    from benchmarks.kernels import adam_flops, gemm_rate, minibatch_flops
 
     p = argparse.ArgumentParser(prog="python -m benchmarks baselines")
     p.add_argument("--out", default="runs/bench-baselines")
@@ -95,8 +99,16 @@ def main() -> int:
         rows.append({"method": "torch.nn.RNN + Adam", "dtype": "float32",
                      "pass_s": json.loads(proc.stdout.splitlines()[-1])["epoch_s"]})
     base = rows[0]["pass_s"]
+    info = local.info
+    shape = (local.n, info.steps, info.dim, 64, info.classes,
+             info.steps if info.many_to_many else 1, info.kind == "tokens")
+    rates = {dt: gemm_rate(np.dtype(dt)) for dt in ("float64", "float32")}
     for r in rows:
         r["over_padmmirnn_adam_float64"] = r["pass_s"] / base
+        flops = (minibatch_flops(*shape, batch=64) if "admm (" in r["method"]
+                 else adam_flops(*shape))
+        r["gflop"] = flops / 1e9
+        r["achieved_over_gemm"] = flops / r["pass_s"] / rates[r["dtype"]]
     print(table(rows))
     (out / "baselines.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -163,6 +163,41 @@ def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
     return stats + forwards * forward + backward
 
 
+def minibatch_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
+                    tokens: bool, batch: int) -> float:
+    """Dense work of one pass of mini-batch ADMM (Elman cell) over ``n`` samples in
+    batches of ``batch``: per sample the forward pass and the KKT adjoint (as BPTT's,
+    each recurrent product over the T - 1 steps that have one), the statistics (the
+    regressor Gram ``z z^T``, ``z = [x; 1; s_{t-1}]``, as a SYRK, and ``lambda1 z^T``;
+    the output block's), and per batch the two block solves against the running Grams
+    (a Cholesky factorisation and its two triangular solves)."""
+    rows, prev, orows = n * steps, n * (steps - 1), n * out_steps
+    dz = (0 if tokens else d) + 1 + h
+    forward = (0.0 if tokens else 2.0 * rows * d * h) + 2.0 * prev * h * h \
+        + 2.0 * orows * h * k
+    adjoint = 2.0 * prev * h * h + 2.0 * orows * k * h
+    stats = rows * dz * (dz + 1) + 2.0 * rows * h * dz \
+        + orows * (h + 1) * (h + 2) + 2.0 * orows * k * (h + 1)
+    batches = -(-n // batch)
+    solves = batches * (dz ** 3 / 3 + 2.0 * h * dz * dz
+                        + (h + 1) ** 3 / 3 + 2.0 * k * (h + 1) ** 2)
+    return forward + adjoint + stats + solves
+
+
+def adam_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
+               tokens: bool) -> float:
+    """Dense work of one epoch of BPTT + Adam (Elman cell): the forward pass, the
+    backward recursion and the weight gradients ``sum e z^T`` (the optimiser's
+    elementwise update is not counted)."""
+    rows, prev, orows = n * steps, n * (steps - 1), n * out_steps
+    forward = (0.0 if tokens else 2.0 * rows * d * h) + 2.0 * prev * h * h \
+        + 2.0 * orows * h * k
+    backward = 2.0 * prev * h * h + 2.0 * orows * k * h
+    grads = (0.0 if tokens else 2.0 * rows * d * h) + 2.0 * prev * h * h \
+        + 2.0 * orows * h * (k + 1)
+    return forward + backward + grads
+
+
 def _state_bytes(eng) -> float:
     """Bytes of ADMM state per sample: A, the stacked [x; 1; s; lambda1] (which holds S
     and L1), O, the other multipliers and the work buffer."""
