@@ -112,7 +112,8 @@ def _time_to_target(folder: Path, summary: dict) -> float | None:
 
 
 def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: int,
-                        dataset: str | None = None, repeats: int = 1) -> list[dict]:
+                        dataset: str | None = None, repeats: int = 1,
+                        scenarios: tuple[str, ...] = tuple(STRAGGLERS)) -> list[dict]:
     """Time to ``target`` on 2 ranks for each mode and straggler scenario (the median
     of ``repeats`` runs), one row each, with its ratio to SP's time without a
     straggler and, for the straggler scenarios, to SP's under the same straggler."""
@@ -125,7 +126,8 @@ def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: i
     times: dict[tuple[str, str], list] = {}
     passes: dict[tuple[str, str], list] = {}
     for rep_ in range(repeats):  # rounds over every cell: the machine's noise spreads
-        for scenario, spec in STRAGGLERS.items():
+        for scenario in scenarios:
+            spec = STRAGGLERS[scenario]
             for label, args in modes:
                 folder = out / f"{label.replace(' ', '-')}-{scenario}-{rep_}"
                 extra = ["--straggler", spec] if spec else []
@@ -143,7 +145,7 @@ def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: i
                      "time_s": statistics.median(reached) if reached else None})
     base = {(r["mode"], r["straggler"]): r["time_s"] for r in rows}
     for r in rows:
-        sp_even, sp_same = base[("SP", "none")], base[("SP", r["straggler"])]
+        sp_even, sp_same = base.get(("SP", "none")), base.get(("SP", r["straggler"]))
         r["vs_SP_no_straggler"] = r["time_s"] / sp_even if r["time_s"] and sp_even else None
         r["vs_SP_same_straggler"] = (r["time_s"] / sp_same if r["time_s"] and sp_same
                                      else None)
@@ -167,6 +169,8 @@ def main() -> int:
     p.add_argument("--max-passes", type=int, default=12)
     p.add_argument("--dataset", default=None, help="consensus study: another training file")
     p.add_argument("--repeats", type=int, default=3, help="consensus study: runs per cell")
+    p.add_argument("--scenarios", default=",".join(STRAGGLERS),
+                   help="consensus study: stragglers to run (none, persistent, transient)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +178,7 @@ def main() -> int:
     if a.consensus:
         result["consensus"] = consensus_straggler(
             out, a.target, [int(t) for t in a.taus.split(",")], a.max_passes, a.dataset,
-            a.repeats)
+            a.repeats, tuple(a.scenarios.split(",")))
         print(table(result["consensus"]))
         (out / "consensus.json").write_text(json.dumps(result, indent=2) + "\n")
         return 0
