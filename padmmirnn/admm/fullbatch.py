@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import padmmirnn.admm.blocks as up
 from padmmirnn import kernels
-from padmmirnn.admm import blocks as up
 from padmmirnn.admm.blocks import forward_into
 from padmmirnn.admm.packed import Layout, constant_layout, input_layout, output_layout
 from padmmirnn.comm import sum_parts
