@@ -110,18 +110,24 @@ def test_sp_across_two_nodes_equals_serial(cluster, tmp_path):
     assert _weights(tmp_path / "det1") == _weights(tmp_path / "det2")
 
 
-def test_ap_across_two_nodes_matches_one_node(cluster, tmp_path):
-    """AP, staleness 2, the full-batch preset, 60 iterations on the default dataset:
-    at most 1 point below the same job on one host; and rank 1's one-sided reads complete
-    while rank 0 (the window host) computes (its progress thread)."""
-    args = ["--config", "fullbatch", "--parallel", "async", "--staleness", "2",
-            "--iterations", "60"]
+def _on_two_nodes_and_one(cluster, args, tmp_path):
+    """The summaries of one 2-rank job across the two nodes and of the same job with
+    both ranks on one host."""
     two = _train(cluster, args, tmp_path / "two")
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
     proc = cluster.run([mpiexec, "-n", "2", sys.executable, "-P", "-m", "padmmirnn", "train",
                         *args, "--out", str(tmp_path / "one")], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    return two, json.loads((tmp_path / "one" / "summary.json").read_text())
+
+
+def test_ap_across_two_nodes_matches_one_node(cluster, tmp_path):
+    """AP, staleness 2, the full-batch preset, 60 iterations on the default dataset:
+    at most 1 point below the same job on one host; and rank 1's one-sided reads complete
+    while rank 0 (the window host) computes (its progress thread)."""
+    two, one = _on_two_nodes_and_one(cluster, ["--config", "fullbatch", "--parallel",
+                                               "async", "--staleness", "2",
+                                               "--iterations", "60"], tmp_path)
     assert two["parallel"] == "async" and two["iterations"] == 60
     # AP is not deterministic: across runs its accuracy varies by a point or two either
     # way; the nodes must not cost more than 1 point
@@ -136,14 +142,9 @@ def test_ap_consensus_across_two_nodes_matches_one_node(cluster, tmp_path):
     """AP on the default (mini-batch consensus through the window), staleness 2, 3
     passes on the default dataset with rank 0 evaluating the snapshot every pass: at most
     2 points below the same job on one host."""
-    args = ["--parallel", "async", "--staleness", "2", "--iterations", "3",
-            "--set", "train.eval_every=1"]
-    two = _train(cluster, args, tmp_path / "two")
-    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
-    proc = cluster.run([mpiexec, "-n", "2", sys.executable, "-P", "-m", "padmmirnn", "train",
-                        *args, "--out", str(tmp_path / "one")], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two, one = _on_two_nodes_and_one(cluster, ["--parallel", "async", "--staleness", "2",
+                                               "--iterations", "3",
+                                               "--set", "train.eval_every=1"], tmp_path)
     assert two["parallel"] == "async" and two["iterations"] == 3
     assert two["test_accuracy"] >= one["test_accuracy"] - 0.02, (two, one)
 
