@@ -385,11 +385,20 @@ def abort_on_exception(rank: int, size: int) -> None:
     abort_job(size, 1)
 
 
+# Seconds between a rank's last line and its MPI_Abort: the launcher tears the job down
+# on an abort, and Hydra sometimes drops what the aborting rank wrote just before (seen
+# as a job that ended with code 1 and without the line naming its lost peer).
+ABORT_GRACE_S = 1.0
+
+
 def abort_job(size: int, code: int) -> None:
     """End every rank of a multi-rank MPI job now with ``code`` (``MPI_Abort``): after an
     interrupt or an unexpected error, no rank may be left waiting in a collective, on a
-    window or in a collective ``free`` for ranks that will not come."""
+    window or in a collective ``free`` for ranks that will not come. Standard error is
+    flushed and given :data:`ABORT_GRACE_S` to reach the launcher first."""
     if size > 1 and "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(code)
