@@ -52,6 +52,20 @@ def write_random_split(path, kind="dense", many_to_many=False, n=40, steps=6, di
     return x, y
 
 
+def traced_peak(run) -> int:
+    """Peak bytes that Python allocations reach during ``run()`` (tracemalloc), after one
+    call that loads its compiled kernels."""
+    import tracemalloc
+
+    run()
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def pytest_configure(config):
     """Under mpiexec every rank gets its own temporary base directory: ranks sharing
     pytest's default one race to clean it up (a PytestWarning in the MPI stage)."""

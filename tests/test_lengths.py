@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import make_local
+from conftest import make_local, traced_peak
 
 from padmmirnn.admm.blockstep import batch_statistics
 from padmmirnn.admm.minibatch import MinibatchAdmm
@@ -293,7 +293,6 @@ def test_the_memory_estimate_covers_a_step_with_lengths(cell, layers, kind, m2m)
     the regressors and adjoints) against tracemalloc's peak of a mini-batch ADMM step's
     statistics and a BPTT gradient: the peak at most 6% above the estimate, and at least
     70% of it in the worst case (every length T)."""
-    import tracemalloc
 
     n, h = 100, 16
     data = make_local(kind, m2m, n=n, steps=20, dim=12, classes=5, seed=3)
@@ -306,11 +305,5 @@ def test_the_memory_estimate_covers_a_step_with_lengths(cell, layers, kind, m2m)
         d = dataclasses.replace(data, info=info, lengths=lengths.astype(np.int32))
         for run in (lambda d=d: batch_statistics(net, p, d, "ce", np.dtype(np.float64)),
                     lambda d=d: net.gradients(p, d, "ce")):
-            run()  # compiled kernels loaded before measuring
-            tracemalloc.start()
-            try:
-                run()
-                peak = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
+            peak = traced_peak(run)
             assert low * estimate <= peak <= 1.06 * estimate, peak / estimate

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_local
+from conftest import make_local, traced_peak
 
 from padmmirnn.admm.blockstep import RunningGram
 from padmmirnn.admm.minibatch import MinibatchAdmm
@@ -174,7 +174,6 @@ def test_the_memory_estimate_covers_a_step(cell, layers, kind, m2m):
     statistics and a BPTT gradient: every layer's state and the cell's trace (the gated
     cells' gates, cell states, candidate products), the outputs and the seeds; within
     6% above (the cells' [h, n] temporaries) and 15% below."""
-    import tracemalloc
 
     from padmmirnn.admm.blockstep import batch_statistics
     from padmmirnn.nn import Network
@@ -192,13 +191,7 @@ def test_the_memory_estimate_covers_a_step(cell, layers, kind, m2m):
         net.gradients(p, data, "ce")
 
     for run in (stats, grads):
-        run()  # compiled kernels loaded before measuring
-        tracemalloc.start()
-        try:
-            run()
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(run)
         assert 0.85 * estimate <= peak <= 1.06 * estimate, (run.__name__, peak / estimate)
 
 

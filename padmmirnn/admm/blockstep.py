@@ -264,7 +264,7 @@ class BlockState:
 class BlockStep:
     """The step of one mini-batch for ``net`` on data like ``info`` with ``h`` units,
     under the ADMM settings ``a`` (already resolved for the batch size: see
-    :func:`padmmirnn.admm.batchrule.resolve`)."""
+    :meth:`padmmirnn.config.AdmmConfig.for_batch`)."""
 
     def __init__(self, a: AdmmConfig, net: Network, info: DatasetInfo, h: int,
                  loss: str, dtype: np.dtype):
