@@ -164,36 +164,40 @@ def hybrid_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
 
 
 def minibatch_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
-                    tokens: bool, batch: int) -> float:
-    """Dense work of one pass of mini-batch ADMM (Elman cell) over ``n`` samples in
-    batches of ``batch``: per sample the forward pass and the KKT adjoint (as BPTT's,
-    each recurrent product over the T - 1 steps that have one), the statistics (the
-    regressor Gram ``z z^T``, ``z = [x; 1; s_{t-1}]``, as a SYRK, and ``lambda1 z^T``;
-    the output block's), and per batch the two block solves against the running Grams
-    (a Cholesky factorisation and its two triangular solves)."""
+                    tokens: bool, batch: int, gates: int = 1) -> float:
+    """Dense work of one pass of mini-batch ADMM over ``n`` samples in batches of
+    ``batch``, for a cell of ``gates`` gate blocks (1: Elman; 3: GRU; 4: LSTM): per sample
+    the forward pass and the KKT adjoint (as BPTT's, each recurrent product ``[G h, h]``
+    over the T - 1 steps that have one), the statistics (the regressor Gram ``z z^T``,
+    ``z = [x; 1; s_{t-1}]``, as a SYRK, and ``lambda1 z^T`` ``[G h, dz]``; the output
+    block's), and per batch the two block solves against the running Grams (a Cholesky
+    factorisation and its two triangular solves, ``G h`` right-hand sides). The gates'
+    pointwise algebra is not counted."""
     rows, prev, orows = n * steps, n * (steps - 1), n * out_steps
+    gh = gates * h
     dz = (0 if tokens else d) + 1 + h
-    forward = (0.0 if tokens else 2.0 * rows * d * h) + 2.0 * prev * h * h \
+    forward = (0.0 if tokens else 2.0 * rows * d * gh) + 2.0 * prev * gh * h \
         + 2.0 * orows * h * k
-    adjoint = 2.0 * prev * h * h + 2.0 * orows * k * h
-    stats = rows * dz * (dz + 1) + 2.0 * rows * h * dz \
+    adjoint = 2.0 * prev * gh * h + 2.0 * orows * k * h
+    stats = rows * dz * (dz + 1) + 2.0 * rows * gh * dz \
         + orows * (h + 1) * (h + 2) + 2.0 * orows * k * (h + 1)
     batches = -(-n // batch)
-    solves = batches * (dz ** 3 / 3 + 2.0 * h * dz * dz
+    solves = batches * (dz ** 3 / 3 + 2.0 * gh * dz * dz
                         + (h + 1) ** 3 / 3 + 2.0 * k * (h + 1) ** 2)
     return forward + adjoint + stats + solves
 
 
 def adam_flops(n: int, steps: int, d: int, h: int, k: int, out_steps: int,
-               tokens: bool) -> float:
-    """Dense work of one epoch of BPTT + Adam (Elman cell): the forward pass, the
-    backward recursion and the weight gradients ``sum e z^T`` (the optimiser's
-    elementwise update is not counted)."""
+               tokens: bool, gates: int = 1) -> float:
+    """Dense work of one epoch of BPTT + Adam for a cell of ``gates`` gate blocks: the
+    forward pass, the backward recursion and the weight gradients ``sum e z^T`` (the
+    optimiser's elementwise update and the gates' pointwise algebra are not counted)."""
     rows, prev, orows = n * steps, n * (steps - 1), n * out_steps
-    forward = (0.0 if tokens else 2.0 * rows * d * h) + 2.0 * prev * h * h \
+    gh = gates * h
+    forward = (0.0 if tokens else 2.0 * rows * d * gh) + 2.0 * prev * gh * h \
         + 2.0 * orows * h * k
-    backward = 2.0 * prev * h * h + 2.0 * orows * k * h
-    grads = (0.0 if tokens else 2.0 * rows * d * h) + 2.0 * prev * h * h \
+    backward = 2.0 * prev * gh * h + 2.0 * orows * k * h
+    grads = (0.0 if tokens else 2.0 * rows * d * gh) + 2.0 * prev * gh * h \
         + 2.0 * orows * h * (k + 1)
     return forward + backward + grads
 

@@ -10,8 +10,10 @@ the machine's load shifts them alike), their ratios, and the test accuracy of ea
 pass that lengths act on, timed alone over the same batches: the batch statistics of
 the ADMM step (forward pass, KKT multipliers, Gram sums), Adam's BPTT gradients; the
 rest of a pass (the block solves, the optimiser's update, the reductions' packing) costs
-the same per batch with or without padding and grows with the vocabulary (the token
-block ``U`` is ``[h, vocab]``).
+the same per batch with or without padding. ``before`` is the ADMM pass as issue 25
+measured it: padded, and every token column of ``U`` (``[h, vocab]``) solved for at
+every step (``admm.token_step = all``; the default, ``active``, solves for the batch's
+tokens only, so that its cost follows the batch, not the vocabulary).
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def prepare(csv: Path, out: Path, steps: int, padding: str, vocab: int | None) -
     return path
 
 
-def trainer(path: Path, algo: str):
+# the ADMM pass as the issue measured it: padded, every token column solved each step
+BEFORE = ("padded", "admm", {"admm.token_step": "all"})
+
+
+def trainer(path: Path, algo: str, overrides: dict | None = None):
     from padmmirnn import datafiles
     from padmmirnn.admm.minibatch import MinibatchAdmm
     from padmmirnn.comm import SerialComm
@@ -69,7 +75,7 @@ def trainer(path: Path, algo: str):
     info = datafiles.read_info(str(path))
     local = datafiles.read_slice(info, 0, info.n, np.float64)
     lengths = datafiles.read_lengths(info)
-    cfg = build_config(overrides={"train.algo": algo})
+    cfg = build_config(overrides={"train.algo": algo, **(overrides or {})})
     kind = MinibatchAdmm if algo == "admm" else GradientTrainer
     return kind(cfg, local, info.n, SerialComm(), lengths=lengths)
 
@@ -90,6 +96,7 @@ def measure(paths: dict[str, Path], repeats: int) -> dict[tuple[str, str, str], 
     """Median seconds of a pass (``pass``) and of its :func:`compute` (``compute``) of
     every (layout, algo), in interleaved rounds."""
     runs = {(lay, a): trainer(paths[lay], a) for lay in LAYOUTS for a in ALGOS}
+    runs["before", "admm"] = trainer(paths[BEFORE[0]], BEFORE[1], BEFORE[2])
     for tr in runs.values():
         tr.step()  # warm-up: compilation, caches
     times: dict[tuple[str, str, str], list[float]] = {}
@@ -131,10 +138,17 @@ def main() -> int:
                "compute_padded_s": t["padded", algo, "compute"],
                "compute_ratio": t["lengths", algo, "compute"] / t["padded", algo, "compute"],
                "real_steps": float(L.sum() / (len(L) * a.steps))}
-        for lay in LAYOUTS if a.passes else ():
-            test = str(paths[lay]).replace("_train.h5", "_test.h5")
-            summary = run_job(["--dataset", str(paths[lay]), "--set", f"data.test={test}",
-                               "--algo", algo,
+        if algo == "admm":  # against the pass the issue measured
+            row["before_s"] = t["before", algo, "pass"]
+            row["ratio_to_before"] = row["lengths_s"] / row["before_s"]
+        setups = [(lay, paths[lay], []) for lay in LAYOUTS]
+        if algo == "admm":
+            setups.append(("before", paths[BEFORE[0]],
+                           [x for k, v in BEFORE[2].items() for x in ("--set", f"{k}={v}")]))
+        for lay, path, extra in setups if a.passes else ():
+            test = str(path).replace("_train.h5", "_test.h5")
+            summary = run_job(["--dataset", str(path), "--set", f"data.test={test}",
+                               "--algo", algo, *extra,
                                "--iterations", str(a.passes)], 1, out / f"{algo}-{lay}")
             row[f"{lay}_test_accuracy"] = summary["test_accuracy"]
         rows.append(row)

@@ -32,6 +32,21 @@ def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
 
 
 BATCH_RULE_REFERENCE = 64  # the batch the mini-batch defaults were tuned at
+NU_RULE_MAX = 3e-3  # the weight decay of an over-parameterised model (size_rule)
+
+
+def size_rule(weights: int, rows: int) -> float:
+    """The ``auto`` weight decay of ADMM (``admm.nu``) for a model of ``p`` = ``weights``
+    weights trained on ``R`` = ``rows`` output rows (labelled targets):
+
+        nu = 3e-3 min(1, p / R)^2
+
+    The decay is relative to the mean loss per target, so a model with fewer weights
+    than targets memorises little and gets almost none, one with as many or more the
+    full 3e-3 (docs/admm-convergence.md, "Weight decay from the model's size", has the
+    four tasks it comes from: the default digits p/R = 1.6, the review snippets 133,
+    full Fashion-MNIST 0.11, the character model 0.04)."""
+    return NU_RULE_MAX * min(1.0, weights / max(rows, 1)) ** 2
 
 
 def batch_rule(batch: int, n_train: int) -> dict[str, float]:
@@ -175,7 +190,10 @@ class AdmmConfig:
     rho2: float = opt(1.0, "penalty of s_t = f(a_t)", low=0.0, strict=True)
     rho3: float = opt(0.5, "penalty of o_t = V s_t + c (an inverse step size)", low=0.0,
                       strict=True)
-    nu: float = opt(0.0, "weight decay nu/2 (|U|^2 + |W|^2 + |V|^2)", low=0.0)
+    nu: float | str = opt("auto", "weight decay nu/2 (|U|^2 + |W|^2 + |V|^2), relative to "
+                          "the mean loss per target (auto: the size rule, 3e-3 min(1, p / "
+                          "R)^2 for p weights and R training targets; 3e-3 at the default "
+                          "dataset)", low=0.0, auto=True)
     multipliers: str = opt("all", "which constraints carry multipliers (none: pure penalty)",
                            choices=("all", "output", "none"))
     warmup: int = opt(0, "iterations without a multiplier update", low=0)
@@ -216,6 +234,12 @@ class AdmmConfig:
                                  "running Gram estimate of each weight block (auto: the "
                                  "batch rule, 0.95 at batch 64)", low=0.0, auto=True)
     damping: float = opt(0.01, "mini-batch: the solve uses C + damping I", low=0.0)
+    token_step: str = opt("active", "mini-batch, token inputs: the first layer's block step "
+                          "solves for the token columns of the batch's tokens only, the "
+                          "others keep their weights (active: a block-coordinate step whose "
+                          "cost follows the batch, not the vocabulary) or for every token "
+                          "column (all: the exact coupled solve, O(vocab) per step)",
+                          choices=("active", "all"))
     trust_radius: float | str = opt("auto", "mini-batch: cap of each block's change per step "
                                     "(Frobenius norm), times sqrt(|O|) with a label per "
                                     "step (0: none; auto: the batch rule, 0.25 at batch 64)",
@@ -270,13 +294,17 @@ class AdmmConfig:
             raise ConfigError(f"config key 'admm.dual_step' must be in (0, 2]; "
                               f"got {self.dual_step!r}")
 
-    def for_batch(self, n_train: int, ranks: int = 1) -> AdmmConfig:
-        """These settings with every ``auto`` replaced by :func:`batch_rule` for the
-        samples of one block step: the global batch ``min(batch_size, n_train)`` (a batch
-        is at most the training set) from the ``n_train`` samples, both divided by
-        ``ranks`` for the local steps of the consensus modes."""
+    def for_batch(self, n_train: int, *, weights: int, rows: int,
+                  ranks: int = 1) -> AdmmConfig:
+        """These settings with every ``auto`` replaced: the block step's by
+        :func:`batch_rule` for the samples of one block step, the global batch
+        ``min(batch_size, n_train)`` (a batch is at most the training set) from the
+        ``n_train`` samples, both divided by ``ranks`` for the local steps of the
+        consensus modes; ``nu`` by :func:`size_rule` for the model's ``weights`` and the
+        training set's ``rows`` output rows (global: the same on every rank)."""
         batch = min(self.batch_size, n_train) if self.batch_size else n_train
         rule = batch_rule(max(1, batch // ranks), max(1, n_train // ranks))
+        rule["nu"] = size_rule(weights, rows)
         return dataclasses.replace(self, **{k: v for k, v in rule.items()
                                             if getattr(self, k) == "auto"})
 

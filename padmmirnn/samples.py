@@ -27,6 +27,11 @@ class DatasetInfo:
     many_to_many: bool
     has_lengths: bool = False  # the file carries a ``lengths`` dataset
 
+    def output_rows(self, n: int) -> int:
+        """Labelled targets of ``n`` samples: one each, or T each when many-to-many (the
+        padded steps of sequences with lengths counted too)."""
+        return n * (self.steps if self.many_to_many else 1)
+
 
 @dataclass
 class LocalData:

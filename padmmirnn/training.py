@@ -226,6 +226,7 @@ class TrainingRun:
         self._log_start()
         self.trainer: Trainer
         self.trainer, self.control = self._build(saved)
+        self._log_rules()
         self.schedule = Schedule.from_config(cfg, self.control.asynchronous)
         self.out = RunOutput(self.out_dir, comm.rank == 0,
                              resume_after=self.trainer.iteration if self.resumed else None)
@@ -265,16 +266,22 @@ class TrainingRun:
                       if val else "",
                       f"; test: {test.info.path} ({test.info.n})" if test else
                       "; no test split")
-        a = self.cfg.admm
-        if self.cfg.train.algo == "admm" and a.batch_size:
+
+    def _log_rules(self) -> None:
+        """The values in force of the ADMM settings that default to a rule (``auto``)."""
+        rule = getattr(self.trainer, "a", None) or getattr(self.trainer, "acfg", None)
+        if rule is None:
+            return
+        if rule.batch_size:
             local = self.ranks.size if self.cfg.consensus() != "none" else 1
-            rule = a.for_batch(info.n, local)
             self.log.info("mini-batch ADMM at global batch %d%s: cov_decay %.3g, trust_radius "
                           "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g "
-                          "(auto: the batch rule)", min(a.batch_size, info.n),
-                          f" ({local} ranks' local steps)" if local > 1 else "", rule.cov_decay,
-                          rule.trust_radius, rule.output_factor, rule.block_momentum,
-                          rule.output_trust)
+                          "(auto: the batch rule)", min(rule.batch_size, self.train.info.n),
+                          f" ({local} ranks' local steps)" if local > 1 else "",
+                          rule.cov_decay, rule.trust_radius, rule.output_factor,
+                          rule.block_momentum, rule.output_trust)
+        self.log.info("ADMM weight decay nu = %.3g%s", rule.nu,
+                      " (auto: the size rule)" if self.cfg.admm.nu == "auto" else "")
 
     def _build(self, saved: tuple | None):
         """The trainer and its control, from the checkpoint's contents when resuming."""

@@ -14,7 +14,7 @@ from padmmirnn.admm.blockstep import RunningGram
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.cli import main
 from padmmirnn.comm import SerialComm
-from padmmirnn.config import build_config
+from padmmirnn.config import build_config, size_rule
 from padmmirnn.nn import forward, gradients, loss_sums
 
 
@@ -24,16 +24,23 @@ def _trainer(data, n=None, **admm):
     return MinibatchAdmm(cfg, data, n or data.n, SerialComm())
 
 
-@pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
-def test_step_with_the_batch_gram_is_the_exact_block_minimiser(kind, m2m):
+@pytest.mark.parametrize("kind,m2m,token_step", [("dense", False, "all"),
+                                                 ("tokens", True, "all"),
+                                                 ("tokens", True, "active")])
+def test_step_with_the_batch_gram_is_the_exact_block_minimiser(kind, m2m, token_step):
     """With C the batch's own Gram matrix (decay 0), no decay of weights or cap, one
     step is the minimiser of the batch's augmented Lagrangian over each block:
     Theta - (1/rho) grad (G / rows)^-1, grad the gradient of the mean loss (BPTT, checked
-    against finite differences elsewhere) and G = sum z z^T from a forward pass."""
+    against finite differences elsewhere) and G = sum z z^T from a forward pass. Token
+    4 never occurs: ``admm.token_step = all`` solves for its column too (its Gram row is
+    the damping alone), ``active`` minimises over the batch's token columns only, the
+    principal sub-block of G on them, and leaves the absent token's column as it was."""
     data = make_local(kind, m2m, n=10, steps=4, dim=5, classes=3, seed=2)
+    if kind == "tokens":
+        data.inputs[...] = data.inputs % 4
     damping = 1e-3  # one-hot rows sum to the ones row: the token Gram alone is singular
     tr = _trainer(data, batch_size=10, cov_decay=0.0, damping=damping, nu=0.0,
-                  trust_radius=0.0, rho1=2.0, rho3=4.0)
+                  trust_radius=0.0, rho1=2.0, rho3=4.0, token_step=token_step)
     p = tr.params.copy()
     g = gradients(p, data, "tanh", "ce").grads
     states = forward(p, data, "tanh").states
@@ -49,7 +56,12 @@ def test_step_with_the_batch_gram_is_the_exact_block_minimiser(kind, m2m):
     G = np.einsum("tin,tjn->ij", z, z) / (steps * n)
     theta = np.concatenate([p.U, p.b[:, None], p.W], axis=1)
     grad = np.concatenate([g.U, g.b[:, None], g.W], axis=1)
-    expect_in = theta - grad @ np.linalg.inv(G + damping * np.eye(len(G))) / 2.0
+    cols = np.arange(len(G))
+    if token_step == "active":  # the absent token's column is not solved for
+        cols = cols[cols != 4]
+        G, grad = G[np.ix_(cols, cols)], grad[:, cols]
+    expect_in = theta.copy()
+    expect_in[:, cols] -= grad @ np.linalg.inv(G + damping * np.eye(len(G))) / 2.0
     s_out = states[1:] if m2m else states[-1:]
     zo = np.concatenate([s_out, np.ones((s_out.shape[0], 1, n))], axis=1)
     Go = np.einsum("tin,tjn->ij", zo, zo) / (s_out.shape[0] * n)
@@ -66,7 +78,7 @@ def test_step_with_the_batch_gram_is_the_exact_block_minimiser(kind, m2m):
 
 def test_token_gram_solve_equals_the_dense_solve():
     """The Schur-complement solve of the token Gram (diagonal counts block) equals a
-    dense solve of the same matrix."""
+    dense solve of the same matrix, also on a principal sub-block of token columns."""
     rng = np.random.default_rng(0)
     vocab, rest = 7, 4
     g = RunningGram(vocab + rest, vocab)
@@ -78,6 +90,23 @@ def test_token_gram_solve_equals_the_dense_solve():
     R = rng.standard_normal((3, vocab + rest))
     np.testing.assert_allclose(g.solve(R, 0.01), R @ np.linalg.inv(dense + 0.01 * np.eye(11)),
                                rtol=1e-10, atol=1e-12)
+    some = np.array([1, 4, 5])  # a principal sub-block: these token columns and the rest
+    sel = np.concatenate([some, vocab + np.arange(rest)])
+    Rs = R[:, sel]
+    np.testing.assert_allclose(g.solve(Rs, 0.01, tokens=some),
+                               Rs @ np.linalg.inv(dense[np.ix_(sel, sel)] + 0.01 * np.eye(7)),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_active_token_step_equals_the_full_one_when_every_token_occurs():
+    """When every batch holds every token, the active-token step is the full one."""
+    data = make_local("tokens", True, n=64, steps=5, dim=4, classes=3, seed=4)
+    runs = [_trainer(data, token_step=mode) for mode in ("all", "active")]
+    for tr in runs:
+        tr.step()
+    for k, v in runs[0].params.arrays().items():
+        np.testing.assert_allclose(runs[1].params.arrays()[k], v, rtol=1e-12, atol=1e-14)
+
 
 
 @pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
@@ -217,11 +246,13 @@ def test_the_batch_rule_keeps_the_tuned_defaults_at_64_and_yields_to_set_values(
     assert batch_rule(1024, 4000)["block_momentum"] > 0
     a = build_config(overrides={"admm.batch_size": 1024, "admm.cov_decay": 0.9}).admm
     assert a.cov_decay == 0.9 and a.trust_radius == "auto"
-    resolved = a.for_batch(4000)
+    size = {"weights": 6000, "rows": 4000}
+    resolved = a.for_batch(4000, **size)
     assert resolved.cov_decay == 0.9
     assert resolved.trust_radius == batch_rule(1024, 4000)["trust_radius"]
-    assert a.for_batch(500).trust_radius == batch_rule(500, 500)["trust_radius"]  # B <= N
-    assert a.for_batch(4000, ranks=4).trust_radius == batch_rule(256, 1000)["trust_radius"]
+    assert a.for_batch(500, **size).trust_radius == batch_rule(500, 500)["trust_radius"]
+    assert a.for_batch(4000, ranks=4, **size).trust_radius == batch_rule(256, 1000)[
+        "trust_radius"]
     with pytest.raises(ConfigError, match="admm.damping' must be of type float, got str"):
         build_config(overrides={"admm.damping": "auto"})
     with pytest.raises(ConfigError, match="admm.cov_decay' must be of type float or 'auto'"):
@@ -283,3 +314,22 @@ def test_block_momentum_adds_mu_times_the_last_change():
     for key in start.arrays():
         np.testing.assert_allclose(h1[key], p1[key], rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(h2[key], mu * p1[key] + p2[key], rtol=1e-9, atol=1e-13)
+
+
+def test_weight_decay_follows_the_model_size():
+    """``admm.nu = auto`` is 3e-3 min(1, p / R)^2: full for a model with as many weights
+    as targets, falling with the square of the ratio below; an explicit value stays;
+    every engine resolves it for its own model and data."""
+    assert size_rule(4000, 4000) == size_rule(10 ** 6, 4000) == 3e-3
+    assert size_rule(1000, 10000) == pytest.approx(3e-3 * 0.01)
+    assert size_rule(100, 10000) < size_rule(1000, 10000)
+    a = build_config().admm
+    assert a.nu == "auto" and a.for_batch(4000, weights=400, rows=4000).nu == \
+        pytest.approx(3e-5)
+    assert build_config(overrides={"admm.nu": 0.0}).admm.for_batch(
+        4000, weights=400, rows=4000).nu == 0.0
+    data = make_local("tokens", True, n=20, steps=5, dim=6, classes=3, seed=1)
+    tr = _trainer(data)
+    rows = 20 * 5  # many-to-many: a target per step
+    assert tr.a.nu == pytest.approx(size_rule(tr.params.size, rows))
+    assert tr.block.a.nu == tr.a.nu

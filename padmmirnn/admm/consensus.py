@@ -72,11 +72,12 @@ class ConsensusAdmm:
         """``ranks``: the (virtual) ranks and their reduction, or in asynchronous runs the
         window exchange offering the same ``size``, ``local`` and ``allreduce_sum``."""
         self.ranks = ranks or VirtualRanks(comm, comm.size)
-        self.cfg, self.a = cfg, cfg.admm.for_batch(n_global, self.ranks.size)
+        self.cfg = cfg
         self.data, self.n_global, self.comm = data, n_global, comm
         info = data.info
         self.net, self.block, params = self.model(cfg, info, n_global, self.ranks.size,
                                                   params)
+        self.a = self.block.a
         self.mode = cfg.consensus()
         P = self.ranks.size
         self.global_state = self.block.initial(params)  # z (duals), theta (outer, average)
@@ -109,8 +110,9 @@ class ConsensusAdmm:
         if params is None:
             params = net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                      m.w_init, m.init_scale)
-        return net, BlockStep(cfg.admm.for_batch(n_global, ranks), net, info, m.hidden, m.loss,
-                              cfg.train.dtype), params
+        a = cfg.admm.for_batch(n_global, weights=params.size,
+                               rows=info.output_rows(n_global), ranks=ranks)
+        return net, BlockStep(a, net, info, m.hidden, m.loss, cfg.train.dtype), params
 
     @staticmethod
     def buffer_size(cfg: Config, info, n_global: int, ranks: int) -> int:

@@ -101,7 +101,7 @@ class AdmmEngine:
 
     def __init__(self, cfg: Config, parts: list[LocalData], n_global: int, comm,
                  params: Params | None = None, *, reducer=None, loss_comm=None):
-        self.cfg, self.acfg = cfg, cfg.admm
+        self.cfg = cfg
         self.n_global, self.comm = n_global, comm
         self.reducer = comm if reducer is None else reducer
         self.loss_comm = comm if loss_comm is None else loss_comm
@@ -115,6 +115,9 @@ class AdmmEngine:
         h = cfg.model.hidden
         self.params = params if params is not None else init_params(
             info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
+        # the presets set nu; auto (admm.batch_size = 0 without one) is the size rule
+        self.acfg = cfg.admm.for_batch(n_global, weights=self.params.size,
+                                       rows=info.output_rows(n_global))
         self.iteration = 0
         # True while a, s, o are exactly the forward pass of the current weights
         # (after initialisation and every re-synchronisation; any block update clears it)

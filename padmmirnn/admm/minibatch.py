@@ -59,7 +59,7 @@ class MinibatchAdmm:
     def __init__(self, cfg: Config, data: LocalData, n_global: int, comm,
                  params: Params | None = None, parts: list[LocalData] | None = None,
                  ranks: VirtualRanks | None = None, lengths: np.ndarray | None = None):
-        self.cfg, self.a = cfg, cfg.admm.for_batch(n_global)
+        self.cfg = cfg
         self.lengths = lengths if cfg.train.bucket else None
         self.data, self.n_global, self.comm = data, n_global, comm
         self.ranks = ranks or VirtualRanks(comm, comm.size)
@@ -71,6 +71,8 @@ class MinibatchAdmm:
         if params is None:
             params = self.net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                           m.w_init, m.init_scale)
+        self.a = cfg.admm.for_batch(n_global, weights=params.size,
+                                    rows=info.output_rows(n_global))
         self.block = BlockStep(self.a, self.net, info, m.hidden, m.loss, cfg.train.dtype)
         self.state = self.block.initial(params)
         self.layout = self.block.layout
