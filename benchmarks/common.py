@@ -44,10 +44,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    """A markdown table of ``rows`` with the keys of the first (missing values: -)."""
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join("-" if r[k] is None else f"{r[k]:.4g}"
+        lines.append("| " + " | ".join("-" if r.get(k) is None else f"{r[k]:.4g}"
                                        if isinstance(r[k], float) else str(r[k])
                                        for k in keys) + " |")
     return "\n".join(lines)

@@ -113,9 +113,11 @@ def _time_to_target(folder: Path, summary: dict) -> float | None:
 
 def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: int,
                         dataset: str | None = None, repeats: int = 1,
-                        scenarios: tuple[str, ...] = tuple(STRAGGLERS)) -> list[dict]:
-    """Time to ``target`` on 2 ranks for each mode and straggler scenario (the median
-    of ``repeats`` runs), one row each, with its ratio to SP's time without a
+                        scenarios: tuple[str, ...] = tuple(STRAGGLERS),
+                        ranks: int = 2) -> list[dict]:
+    """Time to ``target`` on ``ranks`` ranks (more than the cores: oversubscribed, and
+    labelled so) for each mode and straggler scenario (the median of ``repeats`` runs;
+    the straggler is rank 1), one row each, with its ratio to SP's time without a
     straggler and, for the straggler scenarios, to SP's under the same straggler."""
     modes = [("SP", ["--parallel", "sync"]),
              ("SP rebalance", ["--parallel", "sync", "--set", "train.rebalance=true"]),
@@ -131,7 +133,7 @@ def consensus_straggler(out: Path, target: float, taus: list[int], max_passes: i
             for label, args in modes:
                 folder = out / f"{label.replace(' ', '-')}-{scenario}-{rep_}"
                 extra = ["--straggler", spec] if spec else []
-                summary = run_job([*common, *args, *extra], 2, folder)
+                summary = run_job([*common, *args, *extra], ranks, folder)
                 times.setdefault((label, scenario), []).append(
                     _time_to_target(folder, summary))
                 passes.setdefault((label, scenario), []).append(
@@ -169,6 +171,8 @@ def main() -> int:
     p.add_argument("--max-passes", type=int, default=12)
     p.add_argument("--dataset", default=None, help="consensus study: another training file")
     p.add_argument("--repeats", type=int, default=3, help="consensus study: runs per cell")
+    p.add_argument("--ranks", type=int, default=2, help="consensus study: ranks (more than "
+                   "the cores oversubscribes them: label such times as oversubscribed)")
     p.add_argument("--scenarios", default=",".join(STRAGGLERS),
                    help="consensus study: stragglers to run (none, persistent, transient)")
     a = p.parse_args()
@@ -178,7 +182,7 @@ def main() -> int:
     if a.consensus:
         result["consensus"] = consensus_straggler(
             out, a.target, [int(t) for t in a.taus.split(",")], a.max_passes, a.dataset,
-            a.repeats, tuple(a.scenarios.split(",")))
+            a.repeats, tuple(a.scenarios.split(",")), a.ranks)
         print(table(result["consensus"]))
         (out / "consensus.json").write_text(json.dumps(result, indent=2) + "\n")
         return 0
