@@ -73,7 +73,7 @@ class RunningGram:
         w = (1.0 - decay) / rows
         self.rest *= decay
         self.rest += w * stats["rest"]
-        if self.vocab:  # the batch's other tokens have zero rows: added only where not
+        if self.vocab:  # only the batch's tokens have nonzero rows: added there only
             seen = np.flatnonzero(stats["diag"])
             self.diag *= decay
             self.diag[seen] += w * stats["diag"][seen]
