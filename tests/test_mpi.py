@@ -167,6 +167,28 @@ def test_minibatch_sp_matches_serial(comm, kind, m2m, dtype):
                                                             rel=rtol)
 
 
+def test_minibatch_token_reduction_carries_the_batch_tokens_only(comm):
+    """Token inputs with a vocabulary of 300 and batches that use 6 of them: each batch
+    reduces its token counts, then the statistics of the tokens some rank holds only;
+    the weights equal the serial run's, and the bytes are a fraction of the full fields'."""
+    from padmmirnn.admm.minibatch import MinibatchAdmm
+
+    full = make_local("tokens", True, n=40, steps=5, dim=300, classes=4, seed=24)
+    full.inputs[...] = full.inputs % 6
+    cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10})
+    start, stop = partition(40, comm.size, comm.rank)
+    serial = MinibatchAdmm(cfg, full, 40, SerialComm())
+    sp = MinibatchAdmm(cfg, _slice(full, start, stop), 40, comm)
+    before = comm.ledger.bytes, comm.ledger.syncs
+    serial.step()
+    sp.step()
+    for name, value in serial.params.arrays().items():
+        np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
+    assert comm.ledger.syncs - before[1] == 2 * 4  # counts, then the compact fields
+    dense = 8 * sp.layout.size * 4
+    assert comm.ledger.bytes - before[0] < 0.2 * dense
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_minibatch_deterministic_reduction_is_bitwise_for_any_rank_count(comm, dtype):
     """With train.reduction = deterministic a mini-batch is a group of whole chunks, each

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from padmmirnn.admm.blockstep import BlockStep
+from padmmirnn.admm.blockstep import BlockStep, batch_layout
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
 from padmmirnn.nn import Network, Params
@@ -79,6 +79,7 @@ class MinibatchAdmm:
         self.iteration = 0  # passes done
         self.steps = 0  # weight updates done
         batches = ceil_div(n_global, self.a.batch_size)  # deterministic: fewer
+        # token inputs: at most (the reductions carry the batches' tokens only)
         self.bytes_per_step = 8 * self.layout.size * batches
         self.last: dict = {}
 
@@ -107,10 +108,7 @@ class MinibatchAdmm:
             for idx in self.batches(rng.permutation(self.n_global)):
                 stats = block.statistics(self.params, d.take(
                     idx[(idx >= d.start) & (idx < d.stop)] - d.start))
-                if self.ranks.size == 1:
-                    yield stats
-                else:
-                    yield layout.unpack(self.ranks.allreduce_sum([layout.pack(stats)]))
+                yield stats if self.ranks.size == 1 else self._reduce(stats)
             return
         chunk = self.cfg.train.chunk
         order = rng.permutation(-(-self.n_global // chunk))
@@ -126,6 +124,29 @@ class MinibatchAdmm:
             for row in rows[1:]:
                 total += row
             yield layout.unpack(total)
+
+    def _reduce(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global sums of a batch's statistics: one reduction; with token inputs two,
+        the ``[vocab]`` token counts, then every field with only the token columns that
+        some rank's samples hold (the others are zero on every rank): the same sums, for
+        the bytes of the batch's tokens instead of the vocabulary's (20 MB a batch at
+        19k words and h = 64)."""
+        layout, block = self.layout, self.block
+        if not block.vocab:
+            return layout.unpack(self.ranks.allreduce_sum([layout.pack(stats)]))
+        counts = self.ranks.allreduce_sum([stats["l0.diag"]])
+        seen = np.flatnonzero(counts)
+        compact = batch_layout(self.net, block.dz, len(seen), block.h, block.classes,
+                               block.factored)
+        mine = {**stats, "l0.diag": stats["l0.diag"][seen], "l0.cross": stats["l0.cross"][seen],
+                "l0.Dx": stats["l0.Dx"][:, seen]}
+        out = compact.unpack(self.ranks.allreduce_sum([compact.pack(mine)]))
+        cross = np.zeros((block.vocab, out["l0.cross"].shape[1]))
+        cross[seen] = out["l0.cross"]
+        Dx = np.zeros((out["l0.Dx"].shape[0], block.vocab))
+        Dx[:, seen] = out["l0.Dx"]
+        out.update({"l0.diag": counts, "l0.cross": cross, "l0.Dx": Dx})
+        return out
 
     def step(self, evaluate: bool = False) -> None:
         """One pass over the training set in global mini-batches, one reduction each."""
