@@ -189,6 +189,28 @@ def test_minibatch_token_reduction_carries_the_batch_tokens_only(comm):
     assert comm.ledger.bytes - before[0] < 0.2 * dense
 
 
+def test_adam_token_reduction_carries_the_batch_tokens_only(comm):
+    """Data-parallel Adam on token inputs reduces the columns of U that some rank's
+    samples touch only (after a reduction of the token indicator): the weights equal the
+    serial run's and the bytes are a fraction of the full gradient's."""
+    from padmmirnn.gradient.trainer import GradientTrainer
+
+    full = make_local("tokens", True, n=40, steps=5, dim=300, classes=4, seed=25)
+    full.inputs[...] = full.inputs % 6
+    cfg = build_config(overrides={"train.algo": "adam", "model.hidden": 32,
+                                  "optim.batch_size": 10})
+    start, stop = partition(40, comm.size, comm.rank)
+    serial = GradientTrainer(cfg, full, 40, SerialComm())
+    sp = GradientTrainer(cfg, _slice(full, start, stop), 40, comm)
+    before = comm.ledger.bytes, comm.ledger.syncs
+    serial.step()
+    sp.step()
+    for name, value in serial.params.arrays().items():
+        np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
+    assert comm.ledger.syncs - before[1] == 2 * 4
+    assert comm.ledger.bytes - before[0] < 0.2 * 8 * serial.params.size * 4
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_minibatch_deterministic_reduction_is_bitwise_for_any_rank_count(comm, dtype):
     """With train.reduction = deterministic a mini-batch is a group of whole chunks, each

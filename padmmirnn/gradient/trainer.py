@@ -90,7 +90,8 @@ class GradientTrainer:
         n_params = params.size
         if self.algo == "celgc":  # a weight average every `period` local steps, + the last
             self.bytes_per_step = 8 * n_params * _ceil_div(batches, self.o.celgc_period)
-        else:  # per batch: the gradient sums, the loss, rows, step norms, samples
+        else:  # per batch: the gradient sums, the loss, rows, step norms, samples (token
+            # inputs: at most, the reductions carry the batches' tokens' columns of U)
             self.bytes_per_step = 8 * (n_params + data.info.steps + 3) * batches
 
     def _average_params(self, p: Params) -> Params:
@@ -111,13 +112,39 @@ class GradientTrainer:
         else:
             zero = self.params.zeros_like()
             buf = _pack(zero, 0.0, [0.0] * (steps + 3))
-        self.comm.allreduce_sum(buf)
+        self._reduce(buf, batch)
         rows, samples = buf[-steps - 2], buf[-1]
         grads = Params.from_flat(buf / rows, self.params)
         clip = self.o.clip_norm
         norm = clip_by_norm(grads, clip) if clip > 0 else global_norm(grads)
         self.optimizer.step(self.params, grads)
         return buf[-steps - 3] / rows, norm, buf[-steps - 1:-1] / samples
+
+    def _reduce(self, buf: np.ndarray, batch: LocalData) -> None:
+        """Sum a batch's packed gradient over the ranks, in place: one reduction; with
+        token inputs two, the ``[vocab]`` indicator of the tokens each rank's samples
+        hold, then the buffer without the columns of the first layer's ``U`` that no
+        rank's samples touch (zero on every rank): the same sums, for the bytes of the
+        batch's tokens instead of the vocabulary's."""
+        if self.data.info.kind != "tokens" or self.comm.size == 1:
+            self.comm.allreduce_sum(buf)
+            return
+        vocab = self.data.info.dim
+        held = np.zeros(vocab)
+        if batch.targets.shape[1]:
+            held[np.unique(batch.inputs)] = 1.0
+        seen = np.flatnonzero(self.comm.allreduce_sum(held))
+        lo = 0  # where U starts in the packed buffer (Params.flat order)
+        for name, a in self.params.arrays().items():
+            if name == "U":
+                break
+            lo += a.size
+        U = self.params.U
+        cols = (lo + np.arange(U.shape[0])[:, None] * vocab + seen[None, :]).ravel()
+        keep = np.concatenate([np.arange(lo), cols, np.arange(lo + U.size, buf.size)])
+        part = buf[keep]
+        self.comm.allreduce_sum(part)
+        buf[keep] = part
 
     def _celgc_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
         res = self.net.gradients(self.params, batch, self.cfg.model.loss, self.dtype)
