@@ -13,6 +13,8 @@
                cells, and their ratios (issue 26)
     padding    time per pass and test accuracy on the Rotten Tomatoes snippets with
                lengths against the same data padded to T = 200 (issue 25)
+    adding     test accuracy against passes and time on the adding problem at T = 50 ...
+               400: Elman and LSTM, ADMM and Adam (and PyTorch), over seeds (issue 26)
 """
 
 import sys
@@ -28,7 +30,8 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 
 def main() -> int:
-    names = ("parallel", "kernels", "baselines", "lengths", "network", "cells", "padding")
+    names = ("parallel", "kernels", "baselines", "lengths", "network", "cells", "padding",
+             "adding")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(__doc__)
         return 2
@@ -45,6 +48,8 @@ def main() -> int:
         from benchmarks.cells import main as run
     elif name == "padding":
         from benchmarks.padding import main as run
+    elif name == "adding":
+        from benchmarks.adding import main as run
     else:
         from benchmarks.kernels import main as run
     return run()
