@@ -3,8 +3,9 @@
     parallel   SP speedup of 2 ranks over 1 and the communication share (issue 5), and
                AP against SP under a straggler (issue 7)
     kernels    GEMM rate, ADMM iteration cost against it and against a BPTT epoch (issue 10)
-    baselines  time per pass: Adam and mini-batch ADMM (float64, float32), and PyTorch's
-               nn.RNN + Adam with --torch-python (issue 15)
+    baselines  time per pass over cells, h, batch and dtype: Adam and mini-batch ADMM with
+               their counted GFLOP and share of the GEMM rate, and PyTorch's nn.RNN + Adam
+               with --torch-python (issues 15, 27)
     lengths    test accuracy of the faithful, full-batch and mini-batch configurations on
                the default digits cut into T = 1 ... 28 steps (issue 15)
     network    time to 85% on 2 ranks over a simulated interconnect of latency alpha:
