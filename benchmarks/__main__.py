@@ -16,6 +16,8 @@
                lengths against the same data padded to T = 200 (issue 25)
     adding     test accuracy against passes and time on the adding problem at T = 50 ...
                400: Elman and LSTM, ADMM and Adam (and PyTorch), over seeds (issue 26)
+    review     validation-selected test accuracy on a token split with lengths (the
+               review snippets): ADMM, Adam and PyTorch's nn.RNN/GRU/LSTM (issue 25)
 """
 
 import sys
@@ -32,7 +34,7 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 def main() -> int:
     names = ("parallel", "kernels", "baselines", "lengths", "network", "cells", "padding",
-             "adding")
+             "adding", "review")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(__doc__)
         return 2
@@ -51,6 +53,8 @@ def main() -> int:
         from benchmarks.padding import main as run
     elif name == "adding":
         from benchmarks.adding import main as run
+    elif name == "review":
+        from benchmarks.review import main as run
     else:
         from benchmarks.kernels import main as run
     return run()

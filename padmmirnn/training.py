@@ -24,7 +24,6 @@ from padmmirnn import balance, datafiles
 from padmmirnn._version import __version__
 from padmmirnn.admm import AdmmEngine, asynchronous
 from padmmirnn.admm.consensus import ConsensusAdmm
-from padmmirnn.admm.fullbatch import refuse_lengths
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.checkpoint import (
     find_latest,
@@ -209,8 +208,6 @@ class TrainingRun:
         if self.ranks.size > self.train.info.n:
             raise PadmmError(f"train.virtual_ranks = {self.ranks.size} is more than the "
                              f"{self.train.info.n} training samples (every rank needs one)")
-        if cfg.train.algo == "admm" and not cfg.admm.batch_size:  # the same on every rank
-            refuse_lengths(self.train.info, self.train.lengths)
         # the best evaluation on the validation split, early stopping
         self.best = BestSoFar(cfg.train.monitor, cfg.train.early_stopping) if self.val \
             else None

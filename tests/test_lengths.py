@@ -145,14 +145,85 @@ def _split(path, n=60, steps=8, dim=7, classes=3, seed=0, m2m=False):
     return lengths
 
 
-def test_fullbatch_refuses_data_shorter_than_t_in_one_line(tmp_path, capsys):
-    """The full-batch engine has no masked form: one line naming admm.batch_size."""
-    _split(tmp_path / "t_train.h5")
-    code = main(["train", "--dataset", str(tmp_path / "t_train.h5"), "--config", "fullbatch",
-                 "--out", str(tmp_path / "run"), "--iterations", "1"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "shorter than T = 8" in err and "admm.batch_size > 0" in err
+def _padded_further(data: LocalData, extra: int, seed: int) -> LocalData:
+    """The same sequences stored with ``extra`` more padded steps, of random values."""
+    rng = np.random.default_rng(seed)
+    steps, n = data.inputs.shape[:2]
+    shape = (steps + extra, *data.inputs.shape[1:])
+    if data.info.kind == "tokens":
+        inputs = rng.integers(0, data.info.dim, shape).astype(np.int32)
+    else:
+        inputs = rng.standard_normal(shape)
+    inputs[:steps] = data.inputs
+    targets = data.targets
+    if data.info.many_to_many:
+        targets = rng.integers(0, data.info.classes, (steps + extra, n)).astype(np.int32)
+        targets[:steps] = data.targets
+    info = dataclasses.replace(data.info, steps=steps + extra)
+    return LocalData(info, inputs, targets, data.start, data.stop, data.lengths)
+
+
+def _fullbatch(data: LocalData, preset: str, parts=None, comm=None, n_global=None):
+    from padmmirnn.admm import AdmmEngine
+    from padmmirnn.config import load_config
+
+    cfg = load_config(preset, {"model.hidden": H, "admm.nu": 1e-3})
+    return AdmmEngine(cfg, parts or [data], n_global or data.n, comm or SerialComm())
+
+
+@pytest.mark.parametrize("preset", ["fullbatch", "faithful"])
+@pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
+def test_fullbatch_admm_skips_the_padded_steps(preset, kind, m2m):
+    """Full-batch and faithful ADMM on data with lengths: the iterates do not depend on
+    the padding (the same sequences with 3 more padded steps of random values give the
+    same weights), the engine's own training loss is the masked forward pass's at its
+    weights (a many-to-one output read at each sequence's last real step), and with the
+    step control the training loss never increases."""
+    data = _data(kind, m2m, n=23, seed=7)
+    a = _fullbatch(data, preset)
+    b = _fullbatch(_padded_further(data, 3, seed=8), preset)
+    net = Network.build("rnn", "tanh", 1)
+    losses = []
+    for _ in range(5):
+        a.step()
+        b.step()
+        for name, value in a.params.arrays().items():
+            np.testing.assert_allclose(getattr(b.params, name), value, rtol=1e-12,
+                                       atol=1e-13)
+        if a.synced:
+            own = np.sum(a.train_loss_sums(), axis=0)
+            np.testing.assert_allclose(own, net.loss_sums(a.params, data, "ce"),
+                                       rtol=1e-10)
+            losses.append(own[0])
+    if preset == "fullbatch":
+        assert len(losses) == 5 and np.all(np.diff(losses) <= 1e-9 * losses[0]), losses
+
+
+def test_fullbatch_admm_with_lengths_resumes_on_other_parts():
+    """The checkpoint state of a run with lengths (per sample, sample-major, padded steps
+    zero) restored into an engine whose samples are cut into other parts continues as
+    the uninterrupted run."""
+    from padmmirnn.samples import split_parts
+
+    data = _data("dense", True, n=23, seed=9)
+    whole = _fullbatch(data, "fullbatch")
+    first = _fullbatch(data, "fullbatch")
+    for _ in range(2):
+        whole.step()
+        first.step()
+    state = first.state_dict()
+    assert state["per_sample"]["A"].shape == (23, STEPS, H)
+    short = data.lengths < STEPS
+    assert np.all(state["per_sample"]["A"][short, -1] == 0.0)  # a padded step: no state
+    again = _fullbatch(data, "fullbatch", parts=split_parts(data, 5), n_global=23)
+    again.params = first.params.copy()
+    again.load_state_dict(state)
+    for _ in range(3):
+        whole.step()
+        again.step()
+    for name, value in whole.params.arrays().items():
+        np.testing.assert_allclose(getattr(again.params, name), value, rtol=1e-10,
+                                   atol=1e-12)
 
 
 def _minibatch(data: LocalData, n_global: int, lengths, **over):
@@ -267,22 +338,23 @@ def test_consensus_local_batches_are_bucketed_within_each_rank():
 
 
 @pytest.mark.mpi
-def test_fullbatch_refusal_stops_every_rank_alike(comm, tmp_path):
-    """Under mpiexec -n 2 every rank holds the split's lengths and refuses the same way,
-    before the engine's first collective (no rank waits on another)."""
-    from padmmirnn.config import load_config
-    from padmmirnn.errors import ConfigError
-    from padmmirnn.training import run_training
-
-    path = tmp_path / "t_train.h5"
-    if comm.rank == 0:
-        _split(path)
-    path = comm.allgather(str(path) if comm.rank == 0 else None)[0]
-    cfg = load_config("fullbatch", {"data.dataset": path,
-                                     "output.dir": str(tmp_path / "run")})
-    with pytest.raises(ConfigError, match="admm.batch_size > 0"):
-        run_training(cfg, comm)
-    comm.barrier()
+@pytest.mark.parametrize("preset", ["fullbatch", "faithful"])
+def test_fullbatch_sp_with_lengths_matches_serial(comm, preset):
+    """Full-batch SP on data with lengths under mpiexec -n 2 (each rank's slice cut into
+    its own length groups) gives the serial run's iterates."""
+    data = _data("tokens", False, n=31, seed=11)
+    start, stop = partition(data.n, comm.size, comm.rank)
+    mine = LocalData(data.info, data.inputs[:, start:stop].copy(),
+                     data.targets[:, start:stop].copy(), start, stop,
+                     data.lengths[start:stop].copy())
+    serial = _fullbatch(data, preset)
+    sp = _fullbatch(mine, preset, comm=comm, n_global=data.n)
+    for _ in range(4):
+        serial.step()
+        sp.step()
+        for name, value in serial.params.arrays().items():
+            np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10,
+                                       atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])

@@ -281,18 +281,19 @@ def solve_UWb_joint(st, const, reg: float, count: float) -> tuple[np.ndarray, ..
     return theta[:, :d], theta[:, d:d + h], theta[:, -1].copy()
 
 
-def update_input_weights(p: Params, st, const, pen: Penalty, n_global: int, steps: int,
+def update_input_weights(p: Params, st, const, pen: Penalty, n_global: int, rows: float,
                          tokens: bool, joint: bool = False) -> None:
     """Blocks U, W, b one after the other (each an exact minimiser), in place;
-    ``joint`` (dense inputs only): [U W b] in one exact solve."""
+    ``joint`` (dense inputs only): [U W b] in one exact solve. ``rows``: the
+    regressor rows summed over, N T (the real sample-steps with lengths)."""
     reg = n_global * pen.nu / pen.rho1
     if joint and not tokens:
-        p.U, p.W, p.b = solve_UWb_joint(st, const, reg, n_global * steps)
+        p.U, p.W, p.b = solve_UWb_joint(st, const, reg, rows)
         return
     U = solve_U(p.W, p.b, st, const, reg, tokens)
     p.U = np.where(np.isnan(U), p.U, U)
     p.W = solve_W(p.U, p.b, st, reg)
-    p.b = solve_b(p.U, p.W, st, const, n_global * steps)
+    p.b = solve_b(p.U, p.W, st, const, rows)
 
 
 def solve_Vc_joint(st, reg: float, count: float) -> tuple[np.ndarray, np.ndarray]:
@@ -308,15 +309,15 @@ def solve_Vc_joint(st, reg: float, count: float) -> tuple[np.ndarray, np.ndarray
     return theta[:, :h], theta[:, -1].copy()
 
 
-def update_output_weights(p: Params, st, pen: Penalty, n_global: int, out_steps: int,
+def update_output_weights(p: Params, st, pen: Penalty, n_global: int, rows: float,
                           joint: bool = False) -> None:
     """Blocks V, c one after the other (each an exact minimiser), in place;
-    ``joint``: [V c] in one exact solve."""
+    ``joint``: [V c] in one exact solve. ``rows``: the output rows, N |O|."""
     if joint:
-        p.V, p.c = solve_Vc_joint(st, n_global * pen.nu / pen.rho3, n_global * out_steps)
+        p.V, p.c = solve_Vc_joint(st, n_global * pen.nu / pen.rho3, rows)
         return
     p.V = solve_V(p.c, st, n_global * pen.nu / pen.rho3)
-    p.c = solve_c(p.V, st, n_global * out_steps)
+    p.c = solve_c(p.V, st, rows)
 
 
 # ----------------------------------------------------------------------------- local blocks

@@ -32,7 +32,7 @@ losses over (every rank, or in asynchronous runs this rank alone).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,7 +42,6 @@ from padmmirnn.admm.blocks import forward_into
 from padmmirnn.admm.packed import Layout, constant_layout, input_layout, output_layout
 from padmmirnn.comm import sum_parts
 from padmmirnn.config import AdmmConfig, Config
-from padmmirnn.errors import ConfigError
 from padmmirnn.nn import (
     LOSSES,
     Params,
@@ -52,21 +51,32 @@ from padmmirnn.nn import (
     stacked_state,
     states_of,
 )
-from padmmirnn.samples import DatasetInfo, LocalData
+from padmmirnn.samples import LocalData
 from padmmirnn.trainer import TrainerState
 
 
-def refuse_lengths(info: DatasetInfo, lengths: np.ndarray | None) -> None:
-    """The full-batch engine keeps per-sample auxiliaries of all T steps and has no
-    masked form: refuse a training split with sequences shorter than T (``lengths``, the
-    split's global lengths, the same on every rank, so every rank refuses alike)."""
-    if lengths is None or not np.any(lengths < info.steps):
-        return
-    short = int(np.count_nonzero(lengths < info.steps))
-    raise ConfigError(f"{info.path}: {short} of {len(lengths)} sequences are shorter than "
-                      f"T = {info.steps} (lengths), and the full-batch ADMM (admm.batch_size "
-                      "= 0) runs every sequence over all T steps: use the mini-batch ADMM "
-                      "(admm.batch_size > 0, the default), whose passes skip padded steps")
+def length_groups(data: LocalData) -> list[tuple[LocalData, np.ndarray | None]]:
+    """A part cut into groups of equal length: per length L of ``data.lengths`` (in
+    increasing order) the samples of that length, truncated to their L real steps, and
+    their positions in ``data``. A group is then an unpadded split of T = L steps: the
+    auxiliaries, constraints and multipliers of the padded steps do not exist, a
+    many-to-one output reads s_L, a many-to-many loss has the L real targets. Without
+    lengths, or when every sample has all T steps: the part itself (positions None).
+    The groups depend on the part alone, so the ordered reduction stays the same for
+    any rank count."""
+    steps = data.inputs.shape[0]
+    if data.lengths is None or np.all(data.lengths == steps):
+        return [(data, None)]
+    groups = []
+    for length in np.unique(data.lengths):
+        pos = np.flatnonzero(data.lengths == length)
+        L = int(length)
+        targets = data.targets[:L] if data.info.many_to_many else data.targets
+        groups.append((LocalData(replace(data.info, steps=L),
+                                 np.ascontiguousarray(data.inputs[:L, pos]),
+                                 np.ascontiguousarray(targets[:, pos]),
+                                 data.start, data.start + len(pos)), pos))
+    return groups
 
 
 def _loss_only(loss: float) -> np.ndarray:
@@ -78,13 +88,17 @@ def _loss_only(loss: float) -> np.ndarray:
 
 @dataclass
 class Part:
-    """One block of samples with its ADMM state, a scratch ``[T, h, n]`` buffer and its
-    constant input statistics."""
+    """One block of samples of equal length with its ADMM state, a scratch ``[T, h, n]``
+    buffer and its constant input statistics; ``origin`` is the index of the part it was
+    cut from (:func:`length_groups`) and ``positions`` its samples' positions there
+    (None: all of them, in order)."""
 
     data: LocalData
     state: up.AdmmState
     work: np.ndarray
     const: dict
+    origin: int = 0
+    positions: np.ndarray | None = None
 
 
 class AdmmEngine:
@@ -110,8 +124,6 @@ class AdmmEngine:
         info = parts[0].info
         self.info = info
         self.tokens = info.kind == "tokens"
-        self.steps = info.steps
-        self.out_steps = info.steps if info.many_to_many else 1
         h = cfg.model.hidden
         self.params = params if params is not None else init_params(
             info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
@@ -130,10 +142,17 @@ class AdmmEngine:
         self._prev: Params | None = None  # weights before the last step (heavy ball)
         self._sums: list[np.ndarray] | None = None  # residual sums of the last step
         self.parts = []
-        for data in parts:
-            state = self._initial_state(data)
-            self.parts.append(Part(data, state, np.empty_like(state.A),
-                                   up.constant_stats(data)))
+        self.sizes = [data.n for data in parts]  # the parts as given (the checkpoint's)
+        for origin, whole in enumerate(parts):
+            for data, positions in length_groups(whole):
+                state = self._initial_state(data)
+                self.parts.append(Part(data, state, np.empty_like(state.A),
+                                       up.constant_stats(data), origin, positions))
+        # regressor rows of the input block (real sample-steps) and of the output block
+        rows = [np.array([p.data.n * p.data.info.steps,
+                          p.data.n * (p.data.info.steps if info.many_to_many else 1)],
+                         np.float64) for p in self.parts]
+        self.in_rows, self.out_rows = (float(r) for r in self.sum_parts(rows))
         self.in_layout = input_layout(info.dim, h)
         self.out_layout = output_layout(h, info.classes)
         const_layout = constant_layout(info.dim, self.tokens)
@@ -218,12 +237,12 @@ class AdmmEngine:
 
     def weights_in(self, st_in: dict, pen: up.Penalty) -> None:
         self.synced = False
-        up.update_input_weights(self.params, st_in, self.const, pen, self.n_global, self.steps,
-                                self.tokens, self.acfg.weight_solve == "joint")
+        up.update_input_weights(self.params, st_in, self.const, pen, self.n_global,
+                                self.in_rows, self.tokens, self.acfg.weight_solve == "joint")
 
     def weights_out(self, st_out: dict, pen: up.Penalty) -> None:
         self.synced = False
-        up.update_output_weights(self.params, st_out, pen, self.n_global, self.out_steps,
+        up.update_output_weights(self.params, st_out, pen, self.n_global, self.out_rows,
                                  self.acfg.weight_solve == "joint")
 
     def block_a(self, pen: up.Penalty) -> None:
@@ -452,7 +471,17 @@ class AdmmEngine:
         self._sums = self.iterate(want_sums=evaluate)
 
     def evaluation_terms(self) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
-        return self._sums, self.train_loss_sums()
+        """The kept residual sums and the training loss sums, one vector per part as
+        the engine was given them (its length groups added in their fixed order)."""
+        return self._by_origin(self._sums), self._by_origin(self.train_loss_sums())
+
+    def _by_origin(self, vectors: list[np.ndarray] | None) -> list[np.ndarray] | None:
+        if vectors is None or len(vectors) == len(self.sizes):
+            return vectors
+        out = [np.zeros_like(vectors[0]) for _ in self.sizes]
+        for p, v in zip(self.parts, vectors, strict=True):
+            out[p.origin] += v
+        return out
 
     def describe(self, reduced: np.ndarray | None) -> dict:
         return {} if reduced is None else self.summarize(reduced)
@@ -481,16 +510,34 @@ class AdmmEngine:
         """The inverse of :meth:`_sample_major`."""
         return np.moveaxis(a, 0, 1) if name in self.ROWS else a.transpose(1, 2, 0)
 
+    def _stored_steps(self, name: str) -> int:
+        """Steps of a state array in the checkpoint: T, or 1 for a many-to-one output."""
+        return 1 if name in self.ROWS and not self.info.many_to_many else self.info.steps
+
+    def _gathered(self, name: str) -> np.ndarray:
+        """This rank's samples' state array, sample-major and in sample order, the
+        padded steps of the groups zero."""
+        parts = [p for p in self.parts if self._state_arrays(p, name).size]
+        if not parts:
+            return np.zeros((0,))
+        first = self._sample_major(name, self._state_arrays(parts[0], name))
+        out = np.zeros((sum(self.sizes), self._stored_steps(name), first.shape[2]),
+                       first.dtype)
+        offsets = np.cumsum([0, *self.sizes])
+        for p in parts:
+            block = self._sample_major(name, self._state_arrays(p, name))
+            rows = (np.arange(p.data.n) if p.positions is None else p.positions)
+            out[offsets[p.origin] + rows, :block.shape[1]] = block
+        return out
+
     def state_dict(self) -> TrainerState:
         """``per_sample``: this rank's a, s, o and multipliers, sample-major, parts in
         order; ``arrays``: the step control's scalars, whether the auxiliaries are a
         forward pass of the weights, and the previous weights (heavy ball)."""
         per_sample = {}
         for name in self.STATE:
-            blocks = [self._state_arrays(p, name) for p in self.parts]
-            if blocks[0].size:
-                per_sample[name] = np.concatenate([self._sample_major(name, b)
-                                                   for b in blocks])
+            if self._state_arrays(self.parts[0], name).size:
+                per_sample[name] = self._gathered(name)
         arrays = {"alpha": np.float64(self.alpha), "streak": np.int64(self.streak),
                   "synced": np.int64(self.synced),
                   "loss": np.float64(np.nan if self._loss is None else self._loss)}
@@ -510,12 +557,14 @@ class AdmmEngine:
         if "prev.U" in arrays:
             self._prev = Params({k: np.asarray(arrays[f"prev.{k}"], np.float64)
                                  for k in self.params.names()})
-        lo = 0
+        offsets = np.cumsum([0, *self.sizes])
         for part in self.parts:
-            n = part.data.n
+            rows = offsets[part.origin] + (np.arange(part.data.n) if part.positions is None
+                                           else part.positions)
             for name in self.STATE:
                 target = self._state_arrays(part, name)
                 if target.size:
-                    target[...] = self._state_major(name, per_sample[name][lo:lo + n])
-            lo += n
+                    block = np.asarray(per_sample[name])[rows, :self._sample_major(
+                        name, target).shape[1]]
+                    target[...] = self._state_major(name, block)
         self.iteration = int(state["iteration"])
