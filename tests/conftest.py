@@ -85,3 +85,15 @@ def comm():
     c = MPIComm()
     yield c
     c.free()
+
+
+def bench_module(name: str):
+    """``benchmarks/NAME.py`` loaded as a module (the benchmarks are not a package that
+    the tests import; their parsing and selection code is tested without training)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

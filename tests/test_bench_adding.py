@@ -3,19 +3,14 @@ of a run's metrics.jsonl. Fast; no training."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 
 def _module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adding.py"
-    spec = importlib.util.spec_from_file_location("bench_adding", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("adding")
 
 
 def test_curve_and_summary(tmp_path):

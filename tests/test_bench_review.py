@@ -4,16 +4,11 @@ training."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from conftest import bench_module
 
 
 def _module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "review.py"
-    spec = importlib.util.spec_from_file_location("bench_review", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("review")
 
 
 def test_selection_takes_the_first_best_validation_pass():

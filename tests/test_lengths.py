@@ -171,6 +171,12 @@ def _fullbatch(data: LocalData, preset: str, parts=None, comm=None, n_global=Non
     return AdmmEngine(cfg, parts or [data], n_global or data.n, comm or SerialComm())
 
 
+def _assert_same_weights(ref, other, rtol: float, atol: float) -> None:
+    for name, value in ref.params.arrays().items():
+        np.testing.assert_allclose(getattr(other.params, name), value, rtol=rtol, atol=atol,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("preset", ["fullbatch", "faithful"])
 @pytest.mark.parametrize("kind,m2m", [("dense", False), ("tokens", True)])
 def test_fullbatch_admm_skips_the_padded_steps(preset, kind, m2m):
@@ -187,9 +193,7 @@ def test_fullbatch_admm_skips_the_padded_steps(preset, kind, m2m):
     for _ in range(5):
         a.step()
         b.step()
-        for name, value in a.params.arrays().items():
-            np.testing.assert_allclose(getattr(b.params, name), value, rtol=1e-12,
-                                       atol=1e-13)
+        _assert_same_weights(a, b, rtol=1e-12, atol=1e-13)
         if a.synced:
             own = np.sum(a.train_loss_sums(), axis=0)
             np.testing.assert_allclose(own, net.loss_sums(a.params, data, "ce"),
@@ -221,9 +225,7 @@ def test_fullbatch_admm_with_lengths_resumes_on_other_parts():
     for _ in range(3):
         whole.step()
         again.step()
-    for name, value in whole.params.arrays().items():
-        np.testing.assert_allclose(getattr(again.params, name), value, rtol=1e-10,
-                                   atol=1e-12)
+    _assert_same_weights(whole, again, rtol=1e-10, atol=1e-12)
 
 
 def _minibatch(data: LocalData, n_global: int, lengths, **over):
@@ -352,9 +354,7 @@ def test_fullbatch_sp_with_lengths_matches_serial(comm, preset):
     for _ in range(4):
         serial.step()
         sp.step()
-        for name, value in serial.params.arrays().items():
-            np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10,
-                                       atol=1e-12)
+        _assert_same_weights(serial, sp, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
