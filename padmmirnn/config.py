@@ -36,16 +36,20 @@ NU_RULE_MAX = 3e-3  # the weight decay of an over-parameterised model (size_rule
 
 
 def size_rule(weights: int, rows: int) -> float:
-    """The ``auto`` weight decay of ADMM (``admm.nu``) for a model of ``p`` = ``weights``
-    weights trained on ``R`` = ``rows`` output rows (labelled targets):
+    """The ``auto`` weight decay of ADMM (``admm.nu``) for a model whose first layer has
+    ``p`` = ``weights`` input weights (``U``: G h d, d the input size or the vocabulary)
+    trained on ``R`` = ``rows`` output rows (labelled targets):
 
         nu = 3e-3 min(1, p / R)^2
 
-    The decay is relative to the mean loss per target, so a model with fewer weights
-    than targets memorises little and gets almost none, one with as many or more the
-    full 3e-3 (docs/admm-convergence.md, "Weight decay from the model's size", has the
-    four tasks it comes from: the default digits p/R = 1.6, the review snippets 133,
-    full Fashion-MNIST 0.11, the character model 0.04)."""
+    The decay is relative to the mean loss per target. The input weights are the part of
+    the model that grows with the data's vocabulary, and with it the room to memorise:
+    a model with fewer of them than targets gets almost no decay, one with as many or
+    more the full 3e-3. The recurrent and output weights are set by h and are not
+    counted: counting them gave the LSTM on the adding problem (p / R = 1.8 with them,
+    0.05 without) the full decay, and that decay on W erased the long-range memory the
+    task needs (docs/admm-convergence.md, "Weight decay from the model's size", has the
+    five tasks the rule comes from)."""
     return NU_RULE_MAX * min(1.0, weights / max(rows, 1)) ** 2
 
 
@@ -192,8 +196,8 @@ class AdmmConfig:
                       strict=True)
     nu: float | str = opt("auto", "weight decay nu/2 (|U|^2 + |W|^2 + |V|^2), relative to "
                           "the mean loss per target (auto: the size rule, 3e-3 min(1, p / "
-                          "R)^2 for p weights and R training targets; 3e-3 at the default "
-                          "dataset)", low=0.0, auto=True)
+                          "R)^2 for p first-layer input weights and R training targets; "
+                          "6e-4 at the default dataset)", low=0.0, auto=True)
     multipliers: str = opt("all", "which constraints carry multipliers (none: pure penalty)",
                            choices=("all", "output", "none"))
     warmup: int = opt(0, "iterations without a multiplier update", low=0)
@@ -300,8 +304,9 @@ class AdmmConfig:
         :func:`batch_rule` for the samples of one block step, the global batch
         ``min(batch_size, n_train)`` (a batch is at most the training set) from the
         ``n_train`` samples, both divided by ``ranks`` for the local steps of the
-        consensus modes; ``nu`` by :func:`size_rule` for the model's ``weights`` and the
-        training set's ``rows`` output rows (global: the same on every rank)."""
+        consensus modes; ``nu`` by :func:`size_rule` for the model's first-layer input
+        ``weights`` (``U``'s size) and the training set's ``rows`` output rows (global:
+        the same on every rank)."""
         batch = min(self.batch_size, n_train) if self.batch_size else n_train
         rule = batch_rule(max(1, batch // ranks), max(1, n_train // ranks))
         rule["nu"] = size_rule(weights, rows)

@@ -317,9 +317,10 @@ def test_block_momentum_adds_mu_times_the_last_change():
 
 
 def test_weight_decay_follows_the_model_size():
-    """``admm.nu = auto`` is 3e-3 min(1, p / R)^2: full for a model with as many weights
-    as targets, falling with the square of the ratio below; an explicit value stays;
-    every engine resolves it for its own model and data."""
+    """``admm.nu = auto`` is 3e-3 min(1, p / R)^2 with p the first layer's input weights:
+    full for a model with as many input weights as targets, falling with the square of
+    the ratio below; an explicit value stays; every engine resolves it for its own model
+    and data, from U's size (not the recurrent or output weights)."""
     assert size_rule(4000, 4000) == size_rule(10 ** 6, 4000) == 3e-3
     assert size_rule(1000, 10000) == pytest.approx(3e-3 * 0.01)
     assert size_rule(100, 10000) < size_rule(1000, 10000)
@@ -331,5 +332,6 @@ def test_weight_decay_follows_the_model_size():
     data = make_local("tokens", True, n=20, steps=5, dim=6, classes=3, seed=1)
     tr = _trainer(data)
     rows = 20 * 5  # many-to-many: a target per step
-    assert tr.a.nu == pytest.approx(size_rule(tr.params.size, rows))
+    assert tr.a.nu == pytest.approx(size_rule(tr.params.U.size, rows))
+    assert tr.a.nu < size_rule(tr.params.size, rows)
     assert tr.block.a.nu == tr.a.nu

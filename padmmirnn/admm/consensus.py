@@ -110,7 +110,7 @@ class ConsensusAdmm:
         if params is None:
             params = net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                      m.w_init, m.init_scale)
-        a = cfg.admm.for_batch(n_global, weights=params.size,
+        a = cfg.admm.for_batch(n_global, weights=params.U.size,
                                rows=info.output_rows(n_global), ranks=ranks)
         return net, BlockStep(a, net, info, m.hidden, m.loss, cfg.train.dtype), params
 

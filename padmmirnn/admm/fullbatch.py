@@ -128,7 +128,7 @@ class AdmmEngine:
         self.params = params if params is not None else init_params(
             info.dim, h, info.classes, cfg.train.seed, cfg.model.w_init, cfg.model.init_scale)
         # the presets set nu; auto (admm.batch_size = 0 without one) is the size rule
-        self.acfg = cfg.admm.for_batch(n_global, weights=self.params.size,
+        self.acfg = cfg.admm.for_batch(n_global, weights=self.params.U.size,
                                        rows=info.output_rows(n_global))
         self.iteration = 0
         # True while a, s, o are exactly the forward pass of the current weights

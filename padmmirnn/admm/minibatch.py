@@ -71,7 +71,7 @@ class MinibatchAdmm:
         if params is None:
             params = self.net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                           m.w_init, m.init_scale)
-        self.a = cfg.admm.for_batch(n_global, weights=params.size,
+        self.a = cfg.admm.for_batch(n_global, weights=params.U.size,
                                     rows=info.output_rows(n_global))
         self.block = BlockStep(self.a, self.net, info, m.hidden, m.loss, cfg.train.dtype)
         self.state = self.block.initial(params)
