@@ -110,27 +110,31 @@ def test_sp_across_two_nodes_equals_serial(cluster, tmp_path):
     assert _weights(tmp_path / "det1") == _weights(tmp_path / "det2")
 
 
-def _on_two_nodes_and_one(cluster, args, tmp_path):
-    """The summaries of one 2-rank job across the two nodes and of the same job with
-    both ranks on one host."""
+def _on_two_nodes_and_one(cluster, args, tmp_path, one_args=None):
+    """The summaries of one 2-rank job across the two nodes and of the same job (or the
+    job ``one_args``) with both ranks on one host."""
     two = _train(cluster, args, tmp_path / "two")
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
     proc = cluster.run([mpiexec, "-n", "2", sys.executable, "-P", "-m", "padmmirnn", "train",
-                        *args, "--out", str(tmp_path / "one")], timeout=300)
+                        *(args if one_args is None else one_args),
+                        "--out", str(tmp_path / "one")], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return two, json.loads((tmp_path / "one" / "summary.json").read_text())
 
 
 def test_ap_across_two_nodes_matches_one_node(cluster, tmp_path):
     """AP, staleness 2, the full-batch preset, 60 iterations on the default dataset:
-    at most 1 point below the same job on one host; and rank 1's one-sided reads complete
-    while rank 0 (the window host) computes (its progress thread)."""
-    two, one = _on_two_nodes_and_one(cluster, ["--config", "fullbatch", "--parallel",
-                                               "async", "--staleness", "2",
-                                               "--iterations", "60"], tmp_path)
+    at most 1 point below the synchronous run of the same preset on one host; and rank
+    1's one-sided reads complete while rank 0 (the window host) computes (its progress
+    thread)."""
+    common = ["--config", "fullbatch", "--iterations", "60"]
+    two, one = _on_two_nodes_and_one(cluster, [*common, "--parallel", "async",
+                                               "--staleness", "2"], tmp_path, common)
     assert two["parallel"] == "async" and two["iterations"] == 60
-    # AP is not deterministic: across runs its accuracy varies by a point or two either
-    # way; the nodes must not cost more than 1 point
+    assert one["parallel"] == "sync"
+    # AP is not deterministic (on one host 87.9-88.4% over four runs, 2026-12-03): the
+    # reference is the deterministic synchronous run (87.9%), not a second AP run, whose
+    # own spread doubles the noise; the nodes must not cost more than 1 point
     assert two["test_accuracy"] >= one["test_accuracy"] - 0.01, (two, one)
     probe = _srun(cluster, [str(PROBE), "host_computes"])
     assert probe.returncode == 0, probe.stderr
