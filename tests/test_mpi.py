@@ -167,26 +167,33 @@ def test_minibatch_sp_matches_serial(comm, kind, m2m, dtype):
                                                             rel=rtol)
 
 
+def _one_token_step(comm, trainer, cfg, seed: int):
+    """One step of ``trainer`` serially and on this rank's slice of token inputs with a
+    vocabulary of 300 of which the batches use 6; the weights must agree. Returns the
+    SP trainer and the bytes and synchronisations that step added to the ledger."""
+    full = make_local("tokens", True, n=40, steps=5, dim=300, classes=4, seed=seed)
+    full.inputs[...] = full.inputs % 6
+    start, stop = partition(40, comm.size, comm.rank)
+    serial = trainer(cfg, full, 40, SerialComm())
+    sp = trainer(cfg, _slice(full, start, stop), 40, comm)
+    before = comm.ledger.bytes, comm.ledger.syncs
+    serial.step()
+    sp.step()
+    for name, value in serial.params.arrays().items():
+        np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
+    return sp, comm.ledger.bytes - before[0], comm.ledger.syncs - before[1]
+
+
 def test_minibatch_token_reduction_carries_the_batch_tokens_only(comm):
     """Token inputs with a vocabulary of 300 and batches that use 6 of them: each batch
     reduces its token counts, then the statistics of the tokens some rank holds only;
     the weights equal the serial run's, and the bytes are a fraction of the full fields'."""
     from padmmirnn.admm.minibatch import MinibatchAdmm
 
-    full = make_local("tokens", True, n=40, steps=5, dim=300, classes=4, seed=24)
-    full.inputs[...] = full.inputs % 6
     cfg = build_config(overrides={"model.hidden": 7, "admm.batch_size": 10})
-    start, stop = partition(40, comm.size, comm.rank)
-    serial = MinibatchAdmm(cfg, full, 40, SerialComm())
-    sp = MinibatchAdmm(cfg, _slice(full, start, stop), 40, comm)
-    before = comm.ledger.bytes, comm.ledger.syncs
-    serial.step()
-    sp.step()
-    for name, value in serial.params.arrays().items():
-        np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
-    assert comm.ledger.syncs - before[1] == 2 * 4  # counts, then the compact fields
-    dense = 8 * sp.layout.size * 4
-    assert comm.ledger.bytes - before[0] < 0.2 * dense
+    sp, nbytes, syncs = _one_token_step(comm, MinibatchAdmm, cfg, seed=24)
+    assert syncs == 2 * 4  # counts, then the compact fields
+    assert nbytes < 0.2 * 8 * sp.layout.size * 4
 
 
 def test_adam_token_reduction_carries_the_batch_tokens_only(comm):
@@ -195,20 +202,11 @@ def test_adam_token_reduction_carries_the_batch_tokens_only(comm):
     serial run's and the bytes are a fraction of the full gradient's."""
     from padmmirnn.gradient.trainer import GradientTrainer
 
-    full = make_local("tokens", True, n=40, steps=5, dim=300, classes=4, seed=25)
-    full.inputs[...] = full.inputs % 6
     cfg = build_config(overrides={"train.algo": "adam", "model.hidden": 32,
                                   "optim.batch_size": 10})
-    start, stop = partition(40, comm.size, comm.rank)
-    serial = GradientTrainer(cfg, full, 40, SerialComm())
-    sp = GradientTrainer(cfg, _slice(full, start, stop), 40, comm)
-    before = comm.ledger.bytes, comm.ledger.syncs
-    serial.step()
-    sp.step()
-    for name, value in serial.params.arrays().items():
-        np.testing.assert_allclose(getattr(sp.params, name), value, rtol=1e-10, atol=1e-12)
-    assert comm.ledger.syncs - before[1] == 2 * 4
-    assert comm.ledger.bytes - before[0] < 0.2 * 8 * serial.params.size * 4
+    sp, nbytes, syncs = _one_token_step(comm, GradientTrainer, cfg, seed=25)
+    assert syncs == 2 * 4
+    assert nbytes < 0.2 * 8 * sp.params.size * 4
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
