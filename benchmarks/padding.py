@@ -13,7 +13,10 @@ rest of a pass (the block solves, the optimiser's update, the reductions' packin
 the same per batch with or without padding. ``before`` is the ADMM pass as issue 25
 measured it: padded, and every token column of ``U`` (``[h, vocab]``) solved for at
 every step (``admm.token_step = all``; the default, ``active``, solves for the batch's
-tokens only, so that its cost follows the batch, not the vocabulary).
+tokens only, so that its cost follows the batch, not the vocabulary); Adam's ``before``
+is its padded epoch with every column of ``U`` and its moments updated at every step
+(``optim.token_update = dense``; the default, ``lazy``, updates the batch's tokens'
+columns only).
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def prepare(csv: Path, out: Path, steps: int, padding: str, vocab: int | None) -
     return path
 
 
-# the ADMM pass as the issue measured it: padded, every token column solved each step
-BEFORE = ("padded", "admm", {"admm.token_step": "all"})
+# the passes as the issue measured them: padded, every token column of U solved for (ADMM)
+# or updated with its moments (Adam) at every step
+BEFORE = {"admm": {"admm.token_step": "all"}, "adam": {"optim.token_update": "dense"}}
 
 
 def trainer(path: Path, algo: str, overrides: dict | None = None):
@@ -96,7 +100,7 @@ def measure(paths: dict[str, Path], repeats: int) -> dict[tuple[str, str, str], 
     """Median seconds of a pass (``pass``) and of its :func:`compute` (``compute``) of
     every (layout, algo), in interleaved rounds."""
     runs = {(lay, a): trainer(paths[lay], a) for lay in LAYOUTS for a in ALGOS}
-    runs["before", "admm"] = trainer(paths[BEFORE[0]], BEFORE[1], BEFORE[2])
+    runs.update({("before", a): trainer(paths["padded"], a, BEFORE[a]) for a in ALGOS})
     for tr in runs.values():
         tr.step()  # warm-up: compilation, caches
     times: dict[tuple[str, str, str], list[float]] = {}
@@ -137,14 +141,12 @@ def main() -> int:
                "compute_lengths_s": t["lengths", algo, "compute"],
                "compute_padded_s": t["padded", algo, "compute"],
                "compute_ratio": t["lengths", algo, "compute"] / t["padded", algo, "compute"],
-               "real_steps": float(L.sum() / (len(L) * a.steps))}
-        if algo == "admm":  # against the pass the issue measured
-            row["before_s"] = t["before", algo, "pass"]
-            row["ratio_to_before"] = row["lengths_s"] / row["before_s"]
+               "real_steps": float(L.sum() / (len(L) * a.steps)),
+               "before_s": t["before", algo, "pass"]}  # against the pass the issue measured
+        row["ratio_to_before"] = row["lengths_s"] / row["before_s"]
         setups = [(lay, paths[lay], []) for lay in LAYOUTS]
-        if algo == "admm":
-            setups.append(("before", paths[BEFORE[0]],
-                           [x for k, v in BEFORE[2].items() for x in ("--set", f"{k}={v}")]))
+        setups.append(("before", paths["padded"],
+                       [x for k, v in BEFORE[algo].items() for x in ("--set", f"{k}={v}")]))
         for lay, path, extra in setups if a.passes else ():
             test = str(path).replace("_train.h5", "_test.h5")
             summary = run_job(["--dataset", str(path), "--set", f"data.test={test}",

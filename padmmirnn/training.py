@@ -278,7 +278,7 @@ class TrainingRun:
                           rule.cov_decay, rule.trust_radius, rule.output_factor,
                           rule.block_momentum, rule.output_trust)
         self.log.info("ADMM weight decay nu = %.3g%s", rule.nu,
-                      " (auto: the size rule)" if self.cfg.admm.nu == "auto" else "")
+                      " (auto: the decay rule)" if self.cfg.admm.nu == "auto" else "")
 
     def _build(self, saved: tuple | None):
         """The trainer and its control, from the checkpoint's contents when resuming."""

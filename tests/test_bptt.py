@@ -341,3 +341,125 @@ def test_epoch_is_the_shuffled_minibatch_loop():
                                        atol=1e-14)
     assert trainer.iteration == 3 and opt.t == 15
     assert mean_loss(trainer.params, data, "tanh", "ce") < 0.8 * first
+
+
+# -- token inputs: the gradient and the update on the batch's tokens' columns ------------------
+
+
+def token_batch(n: int = 9, steps: int = 6, vocab: int = 40, used: int = 12,
+                seed: int = 4) -> LocalData:
+    """Token inputs from the first ``used`` ids of ``vocab``, with lengths 1..steps."""
+    data = make_data(n, steps, vocab, 3, "tokens", False, seed=seed)
+    lengths = np.random.default_rng(seed).integers(1, steps + 1, n).astype(np.int32)
+    return LocalData(data.info, data.inputs % used, data.targets, 0, n, lengths)
+
+
+def real_tokens(batch: LocalData) -> np.ndarray:
+    steps = batch.inputs.shape[0]
+    return np.unique(batch.inputs[np.arange(steps)[:, None] < batch.lengths[None, :]])
+
+
+def test_token_gradient_on_columns_is_the_dense_gradient_there():
+    """The first layer's U gradient on ``columns`` (the batch's real tokens and two ids
+    it lacks) equals the dense gradient's columns; every other dense column is zero and
+    the other weights' gradients are the dense ones."""
+    from padmmirnn.nn.network import Network
+
+    batch = token_batch()
+    p = make_params(40, 5, 3)
+    net = Network.of(p, "tanh")
+    dense = net.gradients(p, batch, "ce")
+    real = real_tokens(batch)
+    cols = np.union1d(real, [20, 33])
+    part = net.gradients(p, batch, "ce", columns=cols)
+    np.testing.assert_allclose(part.grads.U, dense.grads.U[:, cols], rtol=1e-13, atol=1e-15)
+    assert np.all(np.abs(dense.grads.U[:, real]).max(axis=0) > 0)
+    assert not dense.grads.U[:, np.setdiff1d(np.arange(40), real)].any()
+    for k in ("W", "b", "V", "c"):
+        np.testing.assert_array_equal(getattr(part.grads, k), getattr(dense.grads, k))
+    assert part.loss == dense.loss
+
+
+COLUMN_STEPS = ([1, 4, 5], [0, 4, 11], [4, 5])
+
+
+def column_gradients(p: Params, seed: int = 8) -> list[Params]:
+    """Random gradients, their U on the columns of each of :data:`COLUMN_STEPS`."""
+    rng = np.random.default_rng(seed)
+    return [Params({k: rng.standard_normal((v.shape[0], len(cols)) if k == "U" else v.shape)
+                    for k, v in p.arrays().items()}) for cols in COLUMN_STEPS]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_column_step_equals_the_dense_step_where_zero_changes_nothing(name):
+    """SGD and Adagrad on the batch's columns equal their dense step on the gradient
+    that is zero elsewhere, bitwise."""
+    p = make_params(12, 4, 3)
+    q = p.copy()
+    dense, lazy = OPTIMIZERS[name](), OPTIMIZERS[name]()
+    for g, cols in zip(column_gradients(p), COLUMN_STEPS, strict=True):
+        full = np.zeros_like(p.U)
+        full[:, cols] = g.U
+        dense.step(p, g.replace(U=full))
+        lazy.step(q, g, {"U": np.array(cols)})
+    for k in ELMAN:
+        np.testing.assert_array_equal(getattr(q, k), getattr(p, k))
+
+
+def test_lazy_adam_moves_the_batch_columns_only():
+    """Adam on columns: a column of U follows Adam's recursion over the steps that
+    touched it, with t and the bias correction counted over every step (torch's
+    SparseAdam); a column no step touched, and its moments, stay as they were; the
+    other weights take the dense update."""
+    lr, b1, b2, eps = 0.05, 0.9, 0.999, 1e-8
+    p0 = make_params(12, 4, 3)
+    p, q = p0.copy(), p0.copy()
+    lazy, dense = bl.Adam(lr, b1, b2, eps), bl.Adam(lr, b1, b2, eps)
+    grads = column_gradients(p0)
+    for g, cols in zip(grads, COLUMN_STEPS, strict=True):
+        lazy.step(p, g, {"U": np.array(cols)})
+        dense.step(q, g.replace(U=np.zeros_like(p0.U)))
+    for j in range(12):
+        x, m, v = p0.U[:, j].copy(), 0.0, 0.0
+        for t, (g, cols) in enumerate(zip(grads, COLUMN_STEPS, strict=True), 1):
+            if j in cols:
+                gj = g.U[:, cols.index(j)]
+                m = b1 * m + (1 - b1) * gj
+                v = b2 * v + (1 - b2) * gj * gj
+                x = x - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        np.testing.assert_allclose(p.U[:, j], x, rtol=0, atol=1e-15)
+    untouched = [j for j in range(12) if not any(j in c for c in COLUMN_STEPS)]
+    assert untouched and not lazy.state["m"].U[:, untouched].any()
+    for k in ("W", "b", "V", "c"):
+        np.testing.assert_array_equal(getattr(p, k), getattr(q, k))
+
+
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
+def test_token_epoch_is_the_reference_loop(mode):
+    """An Adam epoch on token inputs with lengths equals the loop of dense BPTT
+    gradients, clipping and an Adam step: on the batch's real tokens' columns
+    (``optim.token_update = lazy``) or on every column (``dense``)."""
+    from padmmirnn.nn.network import Network
+
+    data = token_batch(n=40, steps=7, vocab=60, used=25, seed=6)
+    cfg = build_config(overrides={"train.algo": "adam", "model.hidden": 5, "train.seed": 2,
+                                  "optim.lr": 0.02, "optim.batch_size": 8,
+                                  "optim.clip_norm": 0.5, "optim.token_update": mode})
+    p = init_params(60, 5, 3, 1, "orthogonal", 0.5)
+    trainer = GradientTrainer(cfg, data, data.n, SerialComm(), p.copy())
+    q, opt, net = p.copy(), bl.Adam(0.02), Network.of(p, "tanh")
+    for epoch in range(2):
+        trainer.step()
+        order = np.random.default_rng([2, epoch]).permutation(data.n)
+        for lo in range(0, data.n, 8):
+            batch = data.take(order[lo:lo + 8])
+            grads = net.gradients(q, batch, "ce").grads
+            bl.clip_by_norm(grads, 0.5)
+            if mode == "dense":
+                opt.step(q, grads)
+            else:
+                cols = real_tokens(batch)
+                opt.step(q, grads.replace(U=grads.U[:, cols]), {"U": cols})
+        for k in ELMAN:
+            np.testing.assert_allclose(getattr(trainer.params, k), getattr(q, k), rtol=1e-12,
+                                       atol=1e-14)

@@ -4,6 +4,7 @@ with dense algebra, and it resumes bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from padmmirnn.admm.blockstep import RunningGram
 from padmmirnn.admm.minibatch import MinibatchAdmm
 from padmmirnn.cli import main
 from padmmirnn.comm import SerialComm
-from padmmirnn.config import build_config, size_rule
+from padmmirnn.config import build_config, decay_rule, size_rule
 from padmmirnn.nn import forward, gradients, loss_sums
 
 
@@ -316,22 +317,32 @@ def test_block_momentum_adds_mu_times_the_last_change():
         np.testing.assert_allclose(h2[key], mu * p1[key] + p2[key], rtol=1e-9, atol=1e-13)
 
 
-def test_weight_decay_follows_the_model_size():
+def test_weight_decay_follows_the_model_size_and_the_steps_per_pass():
     """``admm.nu = auto`` is 3e-3 min(1, p / R)^2 with p the first layer's input weights:
     full for a model with as many input weights as targets, falling with the square of
-    the ratio below; an explicit value stays; every engine resolves it for its own model
-    and data, from U's size (not the recurrent or output weights)."""
+    the ratio below; at least 6e-4 when a pass has at most 4 block steps (a batch of a
+    quarter of the set or more); an explicit value stays; every engine resolves it for
+    its own model and data, from U's size (not the recurrent or output weights)."""
     assert size_rule(4000, 4000) == size_rule(10 ** 6, 4000) == 3e-3
     assert size_rule(1000, 10000) == pytest.approx(3e-3 * 0.01)
     assert size_rule(100, 10000) < size_rule(1000, 10000)
+    assert decay_rule(400, 4000, 62.5) == size_rule(400, 4000)
+    assert decay_rule(400, 4000, 4.0) == decay_rule(400, 4000, 1.0) == 6e-4
+    assert decay_rule(4000, 4000, 1.0) == 3e-3
     a = build_config().admm
     assert a.nu == "auto" and a.for_batch(4000, weights=400, rows=4000).nu == \
         pytest.approx(3e-5)
+    fashion = {"weights": 64 * 28, "rows": 60000}
+    big = build_config(overrides={"admm.batch_size": 16384}).admm
+    assert big.for_batch(60000, **fashion).nu == 6e-4
+    assert big.for_batch(60000, ranks=64, **fashion).nu == 6e-4  # k is the global one
+    assert dataclasses.replace(big, batch_size=4096).for_batch(60000, **fashion).nu == \
+        pytest.approx(size_rule(64 * 28, 60000))
     assert build_config(overrides={"admm.nu": 0.0}).admm.for_batch(
         4000, weights=400, rows=4000).nu == 0.0
     data = make_local("tokens", True, n=20, steps=5, dim=6, classes=3, seed=1)
     tr = _trainer(data)
     rows = 20 * 5  # many-to-many: a target per step
-    assert tr.a.nu == pytest.approx(size_rule(tr.params.U.size, rows))
+    assert tr.a.nu == pytest.approx(decay_rule(tr.params.U.size, rows, 20 / 64))
     assert tr.a.nu < size_rule(tr.params.size, rows)
     assert tr.block.a.nu == tr.a.nu

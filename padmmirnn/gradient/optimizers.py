@@ -16,7 +16,7 @@ named ``"<buffer>.<param>"`` (e.g. ``"m.W"``), ready for a checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,16 +124,37 @@ class Optimizer:
         self.t = 0
         self.state: dict[str, Params] = {}
 
-    def step(self, params: Params, grads: Params) -> None:
+    def step(self, params: Params, grads: Params,
+             columns: Mapping[str, np.ndarray] | None = None) -> None:
+        """One update of every weight. ``columns`` names weights whose gradient holds
+        only some columns (``{name: sorted column ids}``, the gradient ``[rows,
+        len(ids)]``: a token input's ``U`` at the batch's tokens). Those weights and
+        their buffers change at these columns only, the others are left as they are:
+        exact for SGD and Adagrad (a zero gradient changes nothing), the lazy variant
+        of Momentum, RMSProp and Adam (the untouched columns' buffers do not decay
+        until their token comes back; torch's ``SparseAdam``, TensorFlow's
+        ``LazyAdam``), with t and the learning rate counted per step as in the dense
+        update."""
         for buf in self.buffers:
             if buf not in self.state:
                 self.state[buf] = params.zeros_like()
         lr = self.lr(self.t)
         self.t += 1
         for name in params.names():
-            self._update(name, getattr(params, name), getattr(grads, name), lr)
+            x, g = getattr(params, name), getattr(grads, name)
+            bufs = [getattr(self.state[b], name) for b in self.buffers]
+            cols = (columns or {}).get(name)
+            if cols is None:
+                self._update(x, g, lr, *bufs)
+                continue
+            xs, bs = x[:, cols], [b[:, cols] for b in bufs]
+            self._update(xs, g, lr, *bs)
+            x[:, cols] = xs
+            for b, v in zip(bufs, bs, strict=True):
+                b[:, cols] = v
 
-    def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
+    def _update(self, x: np.ndarray, g: np.ndarray, lr: float, *bufs: np.ndarray) -> None:
+        """Update ``x`` and the buffers (in :attr:`buffers` order) in place."""
         raise NotImplementedError
 
     def state_dict(self) -> State:
@@ -156,7 +177,7 @@ class Optimizer:
 class SGD(Optimizer):
     """``x <- x - lr g``."""
 
-    def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
+    def _update(self, x: np.ndarray, g: np.ndarray, lr: float, *bufs: np.ndarray) -> None:
         x -= lr * g
 
 
@@ -169,8 +190,8 @@ class Momentum(Optimizer):
         super().__init__(lr)
         self.mu = mu
 
-    def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
-        v = getattr(self.state["v"], name)
+    def _update(self, x: np.ndarray, g: np.ndarray, lr: float, *bufs: np.ndarray) -> None:
+        (v,) = bufs
         v *= self.mu
         v += g
         x -= lr * v
@@ -189,9 +210,8 @@ class Adam(Optimizer):
         super().__init__(lr)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
-    def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
-        m = getattr(self.state["m"], name)
-        v = getattr(self.state["v"], name)
+    def _update(self, x: np.ndarray, g: np.ndarray, lr: float, *bufs: np.ndarray) -> None:
+        m, v = bufs
         m *= self.beta1
         m += (1.0 - self.beta1) * g
         v *= self.beta2
@@ -211,8 +231,8 @@ class RMSProp(Optimizer):
         super().__init__(lr)
         self.alpha, self.eps = alpha, eps
 
-    def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
-        v = getattr(self.state["v"], name)
+    def _update(self, x: np.ndarray, g: np.ndarray, lr: float, *bufs: np.ndarray) -> None:
+        (v,) = bufs
         v *= self.alpha
         v += (1.0 - self.alpha) * g * g
         x -= lr * g / (np.sqrt(v) + self.eps)
@@ -227,8 +247,8 @@ class Adagrad(Optimizer):
         super().__init__(lr)
         self.eps = eps
 
-    def _update(self, name: str, x: np.ndarray, g: np.ndarray, lr: float) -> None:
-        G = getattr(self.state["G"], name)
+    def _update(self, x: np.ndarray, g: np.ndarray, lr: float, *bufs: np.ndarray) -> None:
+        (G,) = bufs
         G += g * g
         x -= lr * g / (np.sqrt(G) + self.eps)
 

@@ -91,7 +91,7 @@ class GradientTrainer:
         if self.algo == "celgc":  # a weight average every `period` local steps, + the last
             self.bytes_per_step = 8 * n_params * _ceil_div(batches, self.o.celgc_period)
         else:  # per batch: the gradient sums, the loss, rows, step norms, samples (token
-            # inputs: at most, the reductions carry the batches' tokens' columns of U)
+            # inputs: at most; the reduction carries the batch's tokens' columns of U)
             self.bytes_per_step = 8 * (n_params + data.info.steps + 3) * batches
 
     def _average_params(self, p: Params) -> Params:
@@ -104,47 +104,53 @@ class GradientTrainer:
 
     def _sync_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
         steps = self.data.info.steps
+        cols = self._columns(batch)
+        like = self.params if cols is None else self._compact(cols)
         if batch.targets.shape[1]:
-            res = self.net.gradients(self.params, batch, self.cfg.model.loss, self.dtype)
+            res = self.net.gradients(self.params, batch, self.cfg.model.loss, self.dtype, cols)
             n = batch.targets.shape[1]
             buf = _pack(res.grads, res.rows, [res.loss * res.rows, res.rows,
                                               *(res.step_norms * n), n])
         else:
-            zero = self.params.zeros_like()
-            buf = _pack(zero, 0.0, [0.0] * (steps + 3))
-        self._reduce(buf, batch)
+            buf = np.zeros(like.size + steps + 3)
+        self.comm.allreduce_sum(buf)
         rows, samples = buf[-steps - 2], buf[-1]
-        grads = Params.from_flat(buf / rows, self.params)
+        grads = Params.from_flat(buf / rows, like)
         clip = self.o.clip_norm
         norm = clip_by_norm(grads, clip) if clip > 0 else global_norm(grads)
-        self.optimizer.step(self.params, grads)
+        if cols is None:
+            self.optimizer.step(self.params, grads)
+        elif self.o.token_update == "lazy":
+            self.optimizer.step(self.params, grads, {"U": cols})
+        else:
+            dense = np.zeros_like(self.params.U)
+            dense[:, cols] = grads.U
+            self.optimizer.step(self.params, grads.replace(U=dense))
         return buf[-steps - 3] / rows, norm, buf[-steps - 1:-1] / samples
 
-    def _reduce(self, buf: np.ndarray, batch: LocalData) -> None:
-        """Sum a batch's packed gradient over the ranks, in place: one reduction; with
-        token inputs two, the ``[vocab]`` indicator of the tokens each rank's samples
-        hold, then the buffer without the columns of the first layer's ``U`` that no
-        rank's samples touch (zero on every rank): the same sums, for the bytes of the
-        batch's tokens instead of the vocabulary's."""
-        if self.data.info.kind != "tokens" or self.comm.size == 1:
-            self.comm.allreduce_sum(buf)
-            return
-        vocab = self.data.info.dim
-        held = np.zeros(vocab)
+    def _columns(self, batch: LocalData) -> np.ndarray | None:
+        """Token inputs: the sorted ids of the global batch's real tokens (None for
+        dense inputs), each rank's own joined over the ranks by one reduction of a
+        ``[vocab]`` indicator. The first layer's ``U`` gradient is zero in every other
+        column, so the gradient sums and their reduction carry these columns only: a
+        step costs the batch's tokens, not the vocabulary."""
+        if self.data.info.kind != "tokens":
+            return None
+        mine = np.empty(0, np.int64)
         if batch.targets.shape[1]:
-            held[np.unique(batch.inputs)] = 1.0
-        seen = np.flatnonzero(self.comm.allreduce_sum(held))
-        lo = 0  # where U starts in the packed buffer (Params.flat order)
-        for name, a in self.params.arrays().items():
-            if name == "U":
-                break
-            lo += a.size
+            real = batch.inputs if batch.lengths is None else batch.inputs[
+                np.arange(batch.inputs.shape[0])[:, None] < batch.lengths[None, :]]
+            mine = np.unique(real)
+        if self.comm.size == 1:
+            return mine
+        held = np.zeros(self.data.info.dim)
+        held[mine] = 1.0
+        return np.flatnonzero(self.comm.allreduce_sum(held))
+
+    def _compact(self, cols: np.ndarray) -> Params:
+        """The weights' shapes with the first layer's ``U`` cut to ``cols``."""
         U = self.params.U
-        cols = (lo + np.arange(U.shape[0])[:, None] * vocab + seen[None, :]).ravel()
-        keep = np.concatenate([np.arange(lo), cols, np.arange(lo + U.size, buf.size)])
-        part = buf[keep]
-        self.comm.allreduce_sum(part)
-        buf[keep] = part
+        return self.params.replace(U=np.empty((U.shape[0], len(cols))))
 
     def _celgc_step(self, batch: LocalData) -> tuple[float, float, np.ndarray]:
         res = self.net.gradients(self.params, batch, self.cfg.model.loss, self.dtype)

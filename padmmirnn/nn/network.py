@@ -330,14 +330,17 @@ class Network:
                 seeds = _input_seeds(p.layer(l).U, trace.delta_in, fwd.active)
                 every = True
 
-    def layer_sums(self, fwd: Forward, l: int, vocab: int = 0) -> dict[str, np.ndarray]:
+    def layer_sums(self, fwd: Forward, l: int, vocab: int = 0,
+                   columns: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The gradient sums of layer ``l`` after :meth:`adjoint` (float64):
 
         ``D`` ``[G h, dx + 1 + h]`` = ``sum_t delta_in_t [x_t; 1]^T`` beside
         ``sum_t delta_hh_t s_{t-1}^T`` (the columns of ``z_t``), i.e. ``[dU db dW]`` (dU
         empty for tokens); ``Dx`` ``[G h, vocab]`` the token segment sums (tokens);
         ``bh`` the candidate's recurrent bias sum (GRU). The sums run over the real
-        steps of every sample (:meth:`Forward.packed`)."""
+        steps of every sample (:meth:`Forward.packed`). ``columns`` (sorted token ids
+        holding every token of the batch): ``Dx`` is ``[G h, len(columns)]``, the
+        columns of those tokens only."""
         trace, h, dx = fwd.traces[l], fwd.h, fwd.dx[l]
         zc = fwd.packed(fwd.regressors(l))
         d_in = fwd.packed(trace.delta_in)
@@ -349,18 +352,24 @@ class Network:
             D[split, dx + 1:] = _gram(d_hh, zc[dx + 1:])
             out["bh"] = d_hh.sum(axis=1, dtype=np.float64)
         if l == 0 and fwd.tokens is not None:
-            out["Dx"] = kernels.segment_sum_columns(fwd.packed(fwd.tokens)[None], d_in[None],
-                                                    vocab)
+            tokens = fwd.packed(fwd.tokens)
+            if columns is not None:
+                tokens, vocab = np.searchsorted(columns, tokens), len(columns)
+            out["Dx"] = kernels.segment_sum_columns(tokens[None], d_in[None], vocab)
         return out
 
     def gradients(self, p: Params, batch: LocalData, loss: str,
-                  dtype: np.dtype = np.float64) -> Gradients:
+                  dtype: np.dtype = np.float64,
+                  columns: np.ndarray | None = None) -> Gradients:
         """Mean loss of ``batch`` and its BPTT gradient with respect to every weight:
         ``L = 1/R sum`` over the ``R`` real output rows (``n |O|`` without lengths) of
         ``l(o_t, y_t)``, from one forward pass and one adjoint recursion seeded with
         ``delta = dL/do``; the weight gradients are :meth:`layer_sums` and ``[dV dc] =
         sum_{t in O} delta_t [s_t; 1]^T``. Computed in ``dtype``, returned in float64.
-        With lengths, BPTT of every sequence over its own real steps."""
+        With lengths, BPTT of every sequence over its own real steps. Token inputs with
+        ``columns`` (sorted ids holding every token of the batch): the first layer's
+        ``U`` gradient is ``[G h, len(columns)]``, its columns at those tokens (the
+        others are zero), so that a step costs the batch's tokens, not the vocabulary."""
         info = batch.info
         batch = by_length(batch)
         steps, n = batch.inputs.shape[:2]
@@ -378,7 +387,7 @@ class Network:
         self.adjoint(pc, fwd, delta, many)
         grads = {}
         for l in range(self.layers):
-            sums = self.layer_sums(fwd, l, info.dim)
+            sums = self.layer_sums(fwd, l, info.dim, columns)
             D, dx = sums["D"], fwd.dx[l]
             dU = sums["Dx"] if "Dx" in sums else D[:, :dx]
             layer = Layer(np.ascontiguousarray(dU), D[:, dx + 1:].copy(), D[:, dx].copy(),

@@ -97,6 +97,13 @@ class Params:
     def arrays(self) -> dict[str, np.ndarray]:
         return dict(self._arrays)
 
+    def replace(self, **arrays: np.ndarray) -> Params:
+        """A new :class:`Params` with the named arrays swapped (the others shared)."""
+        for name in arrays:
+            if name not in self._arrays:
+                raise AttributeError(f"no weight array {name!r}")
+        return Params({**self._arrays, **arrays})
+
     def copy(self) -> Params:
         return Params({k: v.copy() for k, v in self._arrays.items()})
 
