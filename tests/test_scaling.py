@@ -229,9 +229,9 @@ def test_busiest_share_of_a_random_batch():
 
 
 def test_units_interpolate_in_log_log_and_the_fabric_cost():
-    from padmmirnn.scaling.accuracy import Method, parse_fabrics
+    from padmmirnn.scaling.accuracy import Method, busiest_share, parse_fabrics
 
-    m = Method("adam", c=1e-4, d=1e-3, bytes_per_step=1e6,
+    m = Method("adam", step_by_batch={64: 2e-3, 256: 6e-3, 4000: 0.2}, bytes_per_step=1e6,
                units_by_batch={64: 8, 256: 32, 4000: 100}, samples=4000)
     assert m.units(64) == 8 and m.units(128) == pytest.approx(16)  # slope 1 in log-log
     assert m.units(32) is None and m.units(8000) == pytest.approx(100)
@@ -240,10 +240,15 @@ def test_units_interpolate_in_log_log_and_the_fabric_cost():
     assert fabric.allreduce(1, 1e6) == 0
     assert fabric.allreduce(2, 1e6) == pytest.approx(50e-6 + 1e6 / 1.25e9)
     assert fabric.allreduce(8, 1e6) == pytest.approx(3 * 50e-6 + 2 * 7 / 8 * 1e6 / 1.25e9)
+    # the step cost: measured at 64, 256 and 4000, linear between, proportional outside
+    assert m.step_at(64) == 2e-3 and m.step_at(160) == pytest.approx(4e-3)
+    assert m.step_at(32) == pytest.approx(1e-3) and m.step_at(8000) == pytest.approx(0.4)
     units, seconds = m.time(128, 2, fabric)
     steps = math.ceil(4000 / 128)
-    share = m.step(128, 2) - m.d
-    assert seconds == pytest.approx(units * steps * (share + m.d + fabric.allreduce(2, 1e6)))
+    share = busiest_share(128, 2, 4000)
+    assert 64 < share < 80 and m.step(128, 2) == pytest.approx(m.step_at(share))
+    assert seconds == pytest.approx(units * steps * (m.step_at(share)
+                                                     + fabric.allreduce(2, 1e6)))
 
 
 @pytest.mark.parametrize("args,message", [
