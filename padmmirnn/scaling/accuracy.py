@@ -167,7 +167,7 @@ def busiest_share(batch: int, ranks: int, samples: int, draws: int = 256) -> flo
 
 @dataclass(frozen=True)
 class Method:
-    """A method's fitted step cost and its units to the target against global batch."""
+    """A method's measured step cost and its units to the target against global batch."""
 
     algo: str
     step_by_batch: dict[int, float]  # measured seconds of one step at each batch
