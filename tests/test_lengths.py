@@ -364,7 +364,8 @@ def test_the_memory_estimate_covers_a_step_with_lengths(cell, layers, kind, m2m)
     """Network.bytes_per_sample with lengths (the reordered inputs, the packed copies of
     the regressors and adjoints) against tracemalloc's peak of a mini-batch ADMM step's
     statistics and a BPTT gradient: the peak at most 6% above the estimate, and at least
-    70% of it in the worst case (every length T)."""
+    70% of it in the worst case (every length T but one: with all of them T the lengths
+    are dropped and the passes without them run, below the estimate)."""
 
     n, h = 100, 16
     data = make_local(kind, m2m, n=n, steps=20, dim=12, classes=5, seed=3)
@@ -373,9 +374,29 @@ def test_the_memory_estimate_covers_a_step_with_lengths(cell, layers, kind, m2m)
     p = net.init_params(12, h, 5, 0, "gaussian", 1.0)
     estimate = net.bytes_per_sample(info, h, 8) * n
     rng = np.random.default_rng(0)
-    for lengths, low in ((np.full(n, 20, np.int32), 0.7), (rng.integers(1, 21, n), 0.0)):
+    worst = np.full(n, 20, np.int32)
+    worst[-1] = 19
+    for lengths, low in ((worst, 0.7), (rng.integers(1, 21, n), 0.0)):
         d = dataclasses.replace(data, info=info, lengths=lengths.astype(np.int32))
         for run in (lambda d=d: batch_statistics(net, p, d, "ce", np.dtype(np.float64)),
                     lambda d=d: net.gradients(p, d, "ce")):
             peak = traced_peak(run)
             assert low * estimate <= peak <= 1.06 * estimate, peak / estimate
+
+
+@pytest.mark.parametrize("cell,layers,kind,m2m", CASES[::3])
+def test_a_batch_of_equal_lengths_drops_them_and_keeps_the_layout(cell, layers, kind, m2m):
+    """Every length L < T: by_length drops the lengths; the gradient (the mean over the
+    samples run alone) and its per-step norms keep the layout of T steps (zero past L),
+    which the ranks' reductions rely on whatever lengths their batches hold."""
+    net, p = _net(cell, layers)
+    data = dataclasses.replace(_data(kind, m2m), lengths=np.full(9, 3, np.int32))
+    assert by_length(data).lengths is None
+    res = net.gradients(p, data, "ce")
+    parts = [net.gradients(p, _truncated(data, i), "ce") for i in range(data.n)]
+    assert res.step_norms.shape == (STEPS,) and not res.step_norms[3:].any()
+    np.testing.assert_allclose(res.step_norms[:3], np.mean([g.step_norms[:3] for g in parts], 0),
+                               rtol=1e-10)
+    np.testing.assert_allclose(res.loss, np.mean([g.loss for g in parts]), rtol=1e-12)
+    np.testing.assert_allclose(res.grads.flat(), np.mean([g.grads.flat() for g in parts], 0),
+                               rtol=1e-9, atol=1e-13)

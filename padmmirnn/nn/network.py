@@ -118,13 +118,17 @@ def by_length(data: LocalData) -> LocalData:
     """``data`` with its samples ordered by decreasing length (stable; unchanged when
     they already are, or without lengths) and its steps cut to the longest sequence:
     the layout the passes with lengths need (the active samples of a step are a prefix
-    of the columns). Sums over samples do not depend on the order."""
+    of the columns). Sums over samples do not depend on the order. When every sample
+    has the same length the lengths are dropped (every step's columns are all active:
+    the passes without lengths, with no packed copies or masks, compute the same)."""
     L = data.lengths
     if L is None or not len(L):
         return data
     steps = int(L.max())
     inputs = data.inputs[:steps]
     targets = data.targets[:steps] if data.info.many_to_many else data.targets
+    if int(L.min()) == steps:
+        return LocalData(data.info, inputs, targets, data.start, data.stop, None)
     if np.any(L[1:] > L[:-1]):
         order = np.argsort(-L, kind="stable")
         inputs, targets, L = (np.take(inputs, order, axis=1), np.take(targets, order, axis=1),
@@ -377,7 +381,9 @@ class Network:
         if outs not in (1, steps) or batch.targets.shape[1] != n:
             raise ValueError(f"targets shape {batch.targets.shape} does not fit inputs "
                              f"{batch.inputs.shape}")
-        many = outs == steps and steps > 1 or info.many_to_many and batch.lengths is not None
+        # info.has_lengths, not batch.lengths (by_length drops equal lengths): the same
+        # layout on every rank, whatever lengths its batch holds
+        many = outs == steps and steps > 1 or info.many_to_many and info.has_lengths
         pc = p.astype(np.dtype(dtype))
         fwd = self.forward(pc, batch, side_by_side_layout=True)
         delta = fwd.outputs(pc, many)
@@ -397,10 +403,10 @@ class Network:
         grads["V"] = _gram(side_by_side(delta.transpose(0, 2, 1)), side_by_side(s_out))
         grads["c"] = delta.reshape(-1, delta.shape[-1]).sum(axis=0, dtype=np.float64)
         d_top = fwd.traces[-1].delta_in
+        norms = np.zeros(info.steps)  # 0 past the batch's longest sequence
         if fwd.active is None:
-            norms = np.sqrt(np.einsum("thn,thn->tn", d_top, d_top)).sum(axis=1)
-        else:  # the real steps' columns; 0 past the batch's longest sequence
-            norms = np.zeros(info.steps)
+            norms[:steps] = np.sqrt(np.einsum("thn,thn->tn", d_top, d_top)).sum(axis=1)
+        else:  # the real steps' columns
             for t, (a, _) in enumerate(spans(steps, n, fwd.active)):
                 d = d_top[t, :, :a]
                 norms[t] = np.sqrt(np.einsum("hn,hn->n", d, d)).sum()
