@@ -18,6 +18,8 @@
                400: Elman and LSTM, ADMM and Adam (and PyTorch), over seeds (issue 26)
     review     validation-selected test accuracy on a token split with lengths (the
                review snippets): ADMM, Adam and PyTorch's nn.RNN/GRU/LSTM (issue 25)
+    charmodel  test loss at equal training time on a character model: ADMM with the
+               Elman, GRU and LSTM cells against PyTorch's nn.RNN/GRU/LSTM + Adam (issue 26)
 """
 
 import sys
@@ -34,7 +36,7 @@ import padmmirnn  # noqa: E402,F401  (pins BLAS/OpenMP/Numba threads before nump
 
 def main() -> int:
     names = ("parallel", "kernels", "baselines", "lengths", "network", "cells", "padding",
-             "adding", "review")
+             "adding", "review", "charmodel")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(__doc__)
         return 2
@@ -55,6 +57,8 @@ def main() -> int:
         from benchmarks.adding import main as run
     elif name == "review":
         from benchmarks.review import main as run
+    elif name == "charmodel":
+        from benchmarks.charmodel import main as run
     else:
         from benchmarks.kernels import main as run
     return run()
