@@ -1,18 +1,22 @@
 """Test loss at equal training time on a character model (issue 26): padmmirnn's default
 mini-batch ADMM with the Elman, GRU and LSTM cells against PyTorch's ``nn.RNN`` /
-``nn.GRU`` / ``nn.LSTM`` + Adam, on the same token files, serially, one thread each.
+``nn.GRU`` / ``nn.LSTM`` + Adam, on the same token files, on the same cores: serially
+and one thread each, or ``--ranks R``: padmmirnn on R ranks (SP) and PyTorch with R
+threads.
 
 The inputs are a many-to-many token split (``padmmirnn data prepare text``: every
 sequence's next-character targets). Each padmmirnn run is ``padmmirnn train --set
 model.cell=C`` with every other setting at its default (h = 64) for ``--passes`` passes;
 its curve is the test loss after each pass against the cumulative training seconds,
-``t_compute_s + t_comm_s`` of metrics.jsonl (evaluation excluded).
+``t_compute_s + t_comm_s`` of metrics.jsonl (evaluation excluded; on several ranks the
+slowest rank's compute plus the longest communication, at least the pass's time).
 
 The PyTorch reference (a separate Python with torch and h5py, never a dependency) is the
 cell (``h``, one layer, batch-first) on one-hot inputs with a linear head at every step,
 cross-entropy over every character, Adam at each rate of ``--torch-lr`` with gradient
 clipping by global norm at 1, batch 64 drawn by a seeded permutation, float32, one
-thread, for ``--epochs`` epochs; its training seconds exclude the evaluation too.
+thread (``--ranks``: threads), for ``--epochs`` epochs; its training seconds exclude
+the evaluation too.
 
 The equal-time table reads every run at its last evaluation within each of
 ``--budgets`` training seconds, and names at each budget the best PyTorch gated run
@@ -33,9 +37,9 @@ from pathlib import Path
 TORCH_SCRIPT = r"""
 import sys, json, time
 import h5py, numpy as np, torch
-torch.set_num_threads(1)
-train, test, cell, lr, epochs, h, seed, out = sys.argv[1:9]
+train, test, cell, lr, epochs, h, seed, threads, out = sys.argv[1:10]
 lr, epochs, h, seed = float(lr), int(epochs), int(h), int(seed)
+torch.set_num_threads(int(threads))
 def load(path):
     with h5py.File(path) as f:
         return (np.asarray(f["inputs"], np.int64), np.asarray(f["targets"], np.int64),
@@ -75,10 +79,11 @@ json.dump(curve, open(out, "w"))
 
 
 def padmmirnn_run(cell: str, args, out: Path) -> list[dict]:
-    """A serial default ``padmmirnn train`` with ``model.cell = cell``; its curve."""
-    run = out / f"padmmirnn-{cell}-s{args.seed}"
+    """A default ``padmmirnn train`` with ``model.cell = cell`` on ``args.ranks``
+    processes (SP: the serial run's passes); its curve."""
+    run = out / f"padmmirnn-{cell}-s{args.seed}{suffix(args)}"
     if not (run / "summary.json").exists():
-        cmd = [sys.executable, "-P", "-m", "padmmirnn", "train", "--dataset",
+        cmd = [*launcher(args.ranks), sys.executable, "-P", "-m", "padmmirnn", "train", "--dataset",
                str(args.train), "--iterations", str(args.passes), "--seed", str(args.seed),
                "--out", str(run), "--set", f"data.test={args.test}",
                "--set", f"model.cell={cell}", "--set", f"model.hidden={args.hidden}"]
@@ -95,14 +100,27 @@ def padmmirnn_run(cell: str, args, out: Path) -> list[dict]:
 
 def torch_run(cell: str, lr: float, args, out: Path) -> list[dict]:
     """The PyTorch reference on the same files; its curve."""
-    result = out / f"torch-{cell}-lr{lr:g}-s{args.seed}.json"
+    result = out / f"torch-{cell}-lr{lr:g}-s{args.seed}{suffix(args)}.json"
     if not result.exists():
         script = out / "torch_charmodel.py"
         script.write_text(TORCH_SCRIPT)
         subprocess.run([args.torch_python, str(script), str(args.train), str(args.test),
                         cell, str(lr), str(args.epochs), str(args.hidden), str(args.seed),
-                        str(result)], check=True, timeout=args.timeout)
+                        str(args.ranks), str(result)], check=True, timeout=args.timeout)
     return json.loads(result.read_text())
+
+
+def suffix(args) -> str:
+    """Result names of runs on more than one core carry their count."""
+    return "" if args.ranks == 1 else f"-p{args.ranks}"
+
+
+def launcher(ranks: int) -> list[str]:
+    if ranks == 1:
+        return []
+    from benchmarks.common import mpiexec
+
+    return [mpiexec(), "-n", str(ranks)]
 
 
 def at(curve: list[dict], budget: float) -> dict | None:
@@ -127,6 +145,8 @@ def main() -> int:
     p.add_argument("--budgets", default="30,60,90", help="training seconds compared")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ranks", type=int, default=1, help="cores of each run: padmmirnn's "
+                   "ranks (SP) and PyTorch's threads")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +176,7 @@ def main() -> int:
                 if r["run"] in gated and r[f"at_{b:g}s"]]
         best[f"{b:g}"] = min(read) if read else None
     report = {"budgets_s": budgets, "best_torch_gated": best, "rows": rows, "curves": runs}
-    (args.out / "charmodel.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"charmodel{suffix(args)}.json").write_text(json.dumps(report, indent=1))
     print("test loss (nats/char) at equal training seconds (pass or epoch; ended: the run "
           "stopped before this budget and is read at its end)")
     print("| run | " + " | ".join(f"{b:g} s" for b in budgets) + " | final (pass, seconds) |")

@@ -20,7 +20,7 @@ def test_the_clock_counts_training_seconds_and_the_budget_takes_the_last_evaluat
     lines = [{"iteration": k, "wall_time_s": 10.0 * k, "t_compute_s": 2.0, "t_comm_s": 0.5,
               "test_loss": 3.0 - k} for k in (1, 2, 3)]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
-    curve = charmodel.padmmirnn_run("lstm", SimpleNamespace(seed=0), tmp_path)
+    curve = charmodel.padmmirnn_run("lstm", SimpleNamespace(seed=0, ranks=1), tmp_path)
     assert [m["seconds"] for m in curve] == [2.5, 5.0, 7.5]  # not the wall time
     assert charmodel.at(curve, 6.0)["pass"] == 2
     assert charmodel.at(curve, 7.5)["pass"] == 3
