@@ -116,6 +116,7 @@ def suffix(args) -> str:
 
 
 def launcher(ranks: int) -> list[str]:
+    """The command prefix that starts padmmirnn on ``ranks`` processes."""
     if ranks == 1:
         return []
     from benchmarks.common import mpiexec
@@ -182,10 +183,10 @@ def main() -> int:
     print("| run | " + " | ".join(f"{b:g} s" for b in budgets) + " | final (pass, seconds) |")
     print("|" + " --- |" * (len(budgets) + 2))
     for r in rows:
-        cells = ["-" if r[f"at_{b:g}s"] is None else
-                 f"{r[f'at_{b:g}s']['test_loss']:.3f} ({r[f'at_{b:g}s']['pass']}"
-                 f"{', ended' if r['seconds'] < b else ''})" for b in budgets]
-        print(f"| {r['run']} | " + " | ".join(cells) +
+        read_at = ["-" if r[f"at_{b:g}s"] is None else
+                   f"{r[f'at_{b:g}s']['test_loss']:.3f} ({r[f'at_{b:g}s']['pass']}"
+                   f"{', ended' if r['seconds'] < b else ''})" for b in budgets]
+        print(f"| {r['run']} | " + " | ".join(read_at) +
               f" | {r['final_test_loss']:.3f} ({r['final_pass']}, {r['seconds']:.0f} s) |")
     lstm = next((r for r in rows if r["run"] == "padmmirnn ADMM lstm"), None)
     for b in budgets:
