@@ -346,3 +346,26 @@ def test_weight_decay_follows_the_model_size_and_the_steps_per_pass():
     assert tr.a.nu == pytest.approx(decay_rule(tr.params.U.size, rows, 20 / 64))
     assert tr.a.nu < size_rule(tr.params.size, rows)
     assert tr.block.a.nu == tr.a.nu
+
+
+def test_the_penalty_growth_follows_the_labels_per_sequence():
+    """``admm.rho_growth = auto`` is 1.05^(1/sqrt(|O|)): exactly 1.05 for one label per
+    sequence (every many-to-one run keeps its schedule), slower with a label per step;
+    an explicit value stays; each engine resolves it from its own data, so the pass-k
+    penalty scale of a many-to-many run is 1.05^((k-1)/sqrt(T))."""
+    from padmmirnn.admm.minibatch import penalty_scale
+    from padmmirnn.config import growth_rule
+
+    assert growth_rule(1.0) == 1.05
+    assert growth_rule(100.0) == pytest.approx(1.05 ** 0.1)
+    assert 1.0 < growth_rule(100.0) < growth_rule(4.0) < growth_rule(1.0)
+    a = build_config().admm
+    assert a.rho_growth == "auto"
+    assert a.for_batch(4000, weights=400, rows=4000).rho_growth == 1.05
+    assert a.for_batch(3600, weights=77, rows=360000).rho_growth == pytest.approx(
+        1.05 ** 0.1)
+    assert build_config(overrides={"admm.rho_growth": 1.2}).admm.for_batch(
+        3600, weights=77, rows=360000).rho_growth == 1.2
+    tr = _trainer(make_local("tokens", True, n=20, steps=4, dim=6, classes=3, seed=1))
+    assert tr.a.rho_growth == pytest.approx(1.05 ** 0.5)  # T = 4 labels per sequence
+    assert penalty_scale(tr.a, 3) == pytest.approx(1.05 ** 1.5)
