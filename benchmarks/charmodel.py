@@ -83,11 +83,12 @@ def padmmirnn_run(cell: str, args, out: Path) -> list[dict]:
     processes (SP: the serial run's passes); its curve."""
     run = out / f"padmmirnn-{cell}-s{args.seed}{suffix(args)}"
     if not (run / "summary.json").exists():
-        cmd = [*launcher(args.ranks), sys.executable, "-P", "-m", "padmmirnn", "train", "--dataset",
-               str(args.train), "--iterations", str(args.passes), "--seed", str(args.seed),
-               "--out", str(run), "--set", f"data.test={args.test}",
-               "--set", f"model.cell={cell}", "--set", f"model.hidden={args.hidden}"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=args.timeout)
+        from benchmarks.common import run_job
+
+        run_job(["--dataset", str(args.train), "--iterations", str(args.passes),
+                 "--seed", str(args.seed), "--set", f"data.test={args.test}",
+                 "--set", f"model.cell={cell}", "--set", f"model.hidden={args.hidden}"],
+                args.ranks, run, args.timeout)
     curve, spent = [], 0.0
     for line in (run / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
@@ -115,15 +116,6 @@ def suffix(args) -> str:
     return "" if args.ranks == 1 else f"-p{args.ranks}"
 
 
-def launcher(ranks: int) -> list[str]:
-    """The command prefix that starts padmmirnn on ``ranks`` processes."""
-    if ranks == 1:
-        return []
-    from benchmarks.common import mpiexec
-
-    return [mpiexec(), "-n", str(ranks)]
-
-
 def at(curve: list[dict], budget: float) -> dict | None:
     """The last evaluation within ``budget`` training seconds (None: the first pass took
     longer)."""
@@ -132,6 +124,8 @@ def at(curve: list[dict], budget: float) -> dict | None:
 
 
 def main() -> int:
+    from benchmarks.common import table
+
     p = argparse.ArgumentParser(prog="python -m benchmarks charmodel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, type=Path, help="a many-to-many token split")
@@ -180,14 +174,12 @@ def main() -> int:
     (args.out / f"charmodel{suffix(args)}.json").write_text(json.dumps(report, indent=1))
     print("test loss (nats/char) at equal training seconds (pass or epoch; ended: the run "
           "stopped before this budget and is read at its end)")
-    print("| run | " + " | ".join(f"{b:g} s" for b in budgets) + " | final (pass, seconds) |")
-    print("|" + " --- |" * (len(budgets) + 2))
-    for r in rows:
-        read_at = ["-" if r[f"at_{b:g}s"] is None else
-                   f"{r[f'at_{b:g}s']['test_loss']:.3f} ({r[f'at_{b:g}s']['pass']}"
-                   f"{', ended' if r['seconds'] < b else ''})" for b in budgets]
-        print(f"| {r['run']} | " + " | ".join(read_at) +
-              f" | {r['final_test_loss']:.3f} ({r['final_pass']}, {r['seconds']:.0f} s) |")
+    print(table([{"run": r["run"],
+                  **{f"{b:g} s": None if r[f"at_{b:g}s"] is None else
+                     f"{r[f'at_{b:g}s']['test_loss']:.3f} ({r[f'at_{b:g}s']['pass']}"
+                     f"{', ended' if r['seconds'] < b else ''})" for b in budgets},
+                  "final (pass, seconds)": f"{r['final_test_loss']:.3f} ({r['final_pass']}, "
+                                           f"{r['seconds']:.0f} s)"} for r in rows]))
     lstm = next((r for r in rows if r["run"] == "padmmirnn ADMM lstm"), None)
     for b in budgets:
         ref = best[f"{b:g}"]

@@ -279,6 +279,10 @@ class TrainingRun:
                           rule.block_momentum, rule.output_trust)
         self.log.info("ADMM weight decay nu = %.3g%s", rule.nu,
                       " (auto: the decay rule)" if self.cfg.admm.nu == "auto" else "")
+        if rule.rho_schedule == "geometric":
+            self.log.info("ADMM penalty growth %.4g per pass%s", rule.rho_growth,
+                          " (auto: the growth rule)" if self.cfg.admm.rho_growth == "auto"
+                          else "")
 
     def _build(self, saved: tuple | None):
         """The trainer and its control, from the checkpoint's contents when resuming."""
