@@ -4,7 +4,7 @@ and logs.
 A :class:`Trainer` (the ADMM engine, the gradient trainer) is the whole contract
 between an algorithm and the loop, in the manner of an optimizer's ``step`` /
 ``state_dict`` / ``load_state_dict``: the loop calls :meth:`Trainer.step` once per
-iteration (ADMM) or epoch (gradient methods), reads :attr:`Trainer.params`, and
+iteration (ADMM) or epoch (gradient methods), evaluates :attr:`Trainer.model`, and
 saves and restores the algorithm through :meth:`Trainer.state_dict` and
 :meth:`Trainer.load_state_dict`. The weights themselves are not part of the state
 dict: the checkpoint stores them once, and a trainer is built from them.
@@ -41,7 +41,15 @@ class Trainer(Protocol):
     bytes_per_step: int
 
     @property
-    def params(self) -> Params: ...
+    def params(self) -> Params:
+        """The iterate: what the next step continues from, and what a checkpoint stores
+        as the weights."""
+
+    @property
+    def model(self) -> Params:
+        """The weights the loop evaluates and saves as the trained model: the iterate,
+        or (mini-batch ADMM, ``admm.average``) the average of the iterates, which the
+        trainer's state dict then carries."""
 
     def step(self, evaluate: bool) -> None:
         """One iteration or epoch; ``evaluate``: the loop evaluates after it (a trainer

@@ -272,11 +272,12 @@ class TrainingRun:
         if rule.batch_size:
             local = self.ranks.size if self.cfg.consensus() != "none" else 1
             self.log.info("mini-batch ADMM at global batch %d%s: cov_decay %.3g, trust_radius "
-                          "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g "
+                          "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g%s "
                           "(auto: the batch rule)", min(rule.batch_size, self.train.info.n),
                           f" ({local} ranks' local steps)" if local > 1 else "",
                           rule.cov_decay, rule.trust_radius, rule.output_factor,
-                          rule.block_momentum, rule.output_trust)
+                          rule.block_momentum, rule.output_trust,
+                          "" if local > 1 else f", average {rule.average:.3g}")
         self.log.info("ADMM weight decay nu = %.3g%s", rule.nu,
                       " (auto: the decay rule)" if self.cfg.admm.nu == "auto" else "")
         if rule.rho_schedule == "geometric":
@@ -426,12 +427,12 @@ class TrainingRun:
 
     def _evaluate(self, k: int, t_iter: float, t_comm: float) -> None:
         extra, train_sums = self.trainer.evaluation_terms()
-        self.metrics, reduced = evaluate_run(self.trainer.params, self.cfg, self.comm,
+        self.metrics, reduced = evaluate_run(self.trainer.model, self.cfg, self.comm,
                                              self.train, self.test, extra, train_sums,
                                              self.val)
         self.metrics.update(self.trainer.describe(reduced))
         if self.best is not None:
-            self.best.update(k, self.metrics, self.trainer.params)
+            self.best.update(k, self.metrics, self.trainer.model)
         t_max = self.comm.allreduce_max(np.array([t_iter - t_comm, t_comm, t_comm - t_iter,
                                                   *self.ledger]))
         self.out.metrics({"iteration": k, "wall_time_s": self._elapsed(), **self.metrics,
@@ -506,7 +507,7 @@ class TrainingRun:
             # not a scheduled evaluation: it does not count for the best-so-far state
             # (a run resumed from the stop checkpoint must pick what an uninterrupted
             # run picks)
-            self.metrics, _ = evaluate_run(trainer.params, self.cfg, comm, self.train,
+            self.metrics, _ = evaluate_run(trainer.model, self.cfg, comm, self.train,
                                            self.test, validation=self.val)
             if not asynchronous_run:
                 self.metrics.update(trainer.describe(None))
@@ -545,7 +546,7 @@ class TrainingRun:
         best = self.best
         if best is not None and self.cfg.train.restore_best and best.params is not None:
             return best.params
-        return self.trainer.params
+        return self.trainer.model
 
     def _best_summary(self) -> dict:
         """The summary keys of the validation split: the best evaluation (iteration,

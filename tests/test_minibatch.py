@@ -235,7 +235,7 @@ def test_the_batch_rule_keeps_the_tuned_defaults_at_64_and_yields_to_set_values(
     from padmmirnn.errors import ConfigError
 
     tuned = {"cov_decay": 0.95, "trust_radius": 0.25, "output_factor": 0.0,
-             "block_momentum": 0.0, "output_trust": 1.0}
+             "block_momentum": 0.0, "output_trust": 1.0, "average": 0.99}
     for b, n in ((64, 4000), (64, 60000), (16, 60000)):
         assert batch_rule(b, n) == tuned
     rules = [batch_rule(b, 60000) for b in (64, 128, 1024, 4096, 16384, 60000)]

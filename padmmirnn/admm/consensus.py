@@ -75,8 +75,8 @@ class ConsensusAdmm:
         self.cfg = cfg
         self.data, self.n_global, self.comm = data, n_global, comm
         info = data.info
-        self.net, self.block, params = self.model(cfg, info, n_global, self.ranks.size,
-                                                  params)
+        self.net, self.block, params = self.components(cfg, info, n_global, self.ranks.size,
+                                                       params)
         self.a = self.block.a
         self.mode = cfg.consensus()
         P = self.ranks.size
@@ -102,7 +102,8 @@ class ConsensusAdmm:
         self.last: dict = {}
 
     @staticmethod
-    def model(cfg: Config, info, n_global: int, ranks: int, params: Params | None = None):
+    def components(cfg: Config, info, n_global: int, ranks: int,
+                   params: Params | None = None):
         """The network, its block step (the batch rule for the local steps of ``ranks``
         ranks on ``n_global`` training samples) and the (initial) weights."""
         m = cfg.model
@@ -117,13 +118,19 @@ class ConsensusAdmm:
     @staticmethod
     def buffer_size(cfg: Config, info, n_global: int, ranks: int) -> int:
         """The float64 words one rank contributes to a join (:meth:`_buffer`)."""
-        _, block, params = ConsensusAdmm.model(cfg, info, n_global, ranks)
+        _, block, params = ConsensusAdmm.components(cfg, info, n_global, ranks)
         return block.initial(params).flat().size
 
     @property
     def params(self) -> Params:
         """The joined weights (the consensus ``z``, or the global ``theta``)."""
         return self.global_state.params
+
+    @property
+    def model(self) -> Params:
+        """The weights evaluated and saved: the joined weights (the consensus modes do
+        not average the iterates)."""
+        return self.params
 
     def adopt(self, total: np.ndarray) -> None:
         """Every rank's state from a sum over the ranks of their :meth:`_buffer` (an

@@ -465,6 +465,11 @@ class AdmmEngine:
 
     # --------------------------------------------------------------------- trainer
 
+    @property
+    def model(self) -> Params:
+        """The weights evaluated and saved: the iterate."""
+        return self.params
+
     def step(self, evaluate: bool = False) -> None:
         """One iteration; with ``evaluate`` (or when the multiplier step needs them) the
         residual sums of the new point are kept for :meth:`evaluation_terms`."""

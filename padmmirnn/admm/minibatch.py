@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from padmmirnn.admm.averaging import IterateAverage
 from padmmirnn.admm.blockstep import BlockStep, batch_layout
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
@@ -76,6 +77,11 @@ class MinibatchAdmm:
         self.block = BlockStep(self.a, self.net, info, m.hidden, m.loss, cfg.train.dtype)
         self.state = self.block.initial(params)
         self.layout = self.block.layout
+        # the token columns a step moves, when it moves no others (the lazy average)
+        self.sparse = bool(self.block.vocab and self.a.token_step == "active"
+                           and not self.a.block_momentum)
+        self.average = (IterateAverage(self.a.average, params, "U" if self.sparse else None)
+                        if self.a.average else None)
         self.iteration = 0  # passes done
         self.steps = 0  # weight updates done
         batches = ceil_div(n_global, self.a.batch_size)  # deterministic: fewer
@@ -86,6 +92,12 @@ class MinibatchAdmm:
     @property
     def params(self) -> Params:
         return self.state.params
+
+    @property
+    def model(self) -> Params:
+        """The weights evaluated and saved: the average of the iterates
+        (``admm.average``), else the last iterate."""
+        return self.params if self.average is None else self.average.mean
 
     def batches(self, order: np.ndarray) -> list[np.ndarray]:
         """The pass's global mini-batches (global sample indices) from its permutation
@@ -153,9 +165,17 @@ class MinibatchAdmm:
         scale = penalty_scale(self.a, self.iteration)
         rng = np.random.default_rng([self.cfg.train.seed, self.iteration])
         losses = []
+        avg = self.average
         for stats in self._batches(rng):
+            cols = np.flatnonzero(stats["l0.diag"]) if self.sparse else None
+            if avg is not None:
+                avg.before(self.params, cols)
             losses.append(self.block.apply(self.state, stats, scale))
+            if avg is not None:
+                avg.after(self.params, cols)
             self.steps += 1
+        if avg is not None:
+            avg.finish(self.params)
         self.iteration += 1
         self.last = {"batch_loss": float(np.mean(losses))}
 
@@ -167,10 +187,17 @@ class MinibatchAdmm:
 
     def state_dict(self) -> TrainerState:
         arrays = {"steps": np.int64(self.steps), **self.state.state()}
+        if self.average is not None:
+            arrays.update(self.average.state())
         return {"iteration": self.iteration, "arrays": arrays, "per_sample": {}}
 
     def load_state_dict(self, state: TrainerState) -> None:
         arrays = state["arrays"]
         self.state.load(arrays)
+        if self.average is not None:
+            if "average.steps" in arrays:
+                self.average.load(arrays)
+            else:  # a checkpoint of a run without the average: it starts here
+                self.average = IterateAverage(self.a.average, self.params, self.average.lazy)
         self.steps = int(arrays["steps"])
         self.iteration = int(state["iteration"])

@@ -169,6 +169,11 @@ class GradientTrainer:
         rng = np.random.default_rng([self.cfg.train.seed, self.iteration, 0x42])
         return bucketed_batches(order, self.lengths, B, self.cfg.train.bucket_window, rng)
 
+    @property
+    def model(self) -> Params:
+        """The weights evaluated and saved: the iterate."""
+        return self.params
+
     def step(self, evaluate: bool = False) -> None:
         """One pass over the training set; :meth:`describe` then gives its mean batch
         loss, gradient norms and per-step gradient norms."""
