@@ -15,7 +15,10 @@ setting of the PyTorch reference: 3e-3). With ``--torch-python`` (PyTorch is nev
 dependency of the project) ``torch.nn.RNN`` and ``torch.nn.LSTM`` + Adam (lr 3e-3,
 gradient clipping by global norm at 1, batch 64, h = 64, float32, one thread, the
 many-to-one head on the last step) train on the same HDF5 files for ``--epochs``
-epochs, timed the same way (an epoch without its evaluation).
+epochs, timed the same way (an epoch without its evaluation); ``torch-adam-avg`` is
+the same run evaluated on the moving average of Adam's iterates with the rule of
+padmmirnn's ``admm.average`` (decay min(0.99, (1 + t) / (10 + t)) after step t), so
+that the two methods are compared with the same filter on their iterates.
 
 Per run the table gives the test accuracy after pass 1, 5, 10, 20 (40), the best, the
 first pass reaching the class prior + 10 points (the prior: the share of the test
@@ -51,6 +54,7 @@ import numpy as np
 
 CELLS = ("rnn", "lstm")
 CHECKPOINTS = (1, 5, 10, 20, 40)
+AVERAGE = 0.99  # torch-adam-avg: padmmirnn's default admm.average, on Adam's iterates
 # the step of the ADMM with its preconditioner removed: C + 1000 I ~ 1000 I, and rho1 =
 # rho3 = 0.5 / 1000 keep the step length 2 D / R, capped and decayed as the default's
 NO_PRECONDITIONER = ["--set", "admm.damping=1000", "--set", "admm.rho1=0.0005",
@@ -60,8 +64,8 @@ TORCH_SCRIPT = r"""
 import sys, time, json
 import h5py, numpy as np, torch
 torch.set_num_threads(1)
-train, test, cell, epochs, seed, out = sys.argv[1:7]
-epochs, seed = int(epochs), int(seed)
+train, test, cell, epochs, seed, out, average = sys.argv[1:8]
+epochs, seed, average = int(epochs), int(seed), float(average)
 def load(path):
     with h5py.File(path) as f:
         return (torch.tensor(np.asarray(f["inputs"], np.float32)),
@@ -75,6 +79,10 @@ head = torch.nn.Linear(64, 10)
 params = list(rnn.parameters()) + list(head.parameters())
 opt = torch.optim.Adam(params, lr=3e-3)
 loss_fn = torch.nn.CrossEntropyLoss()
+# the moving average of the iterates, as padmmirnn's admm.average: decay
+# min(average, (1 + t) / (10 + t)) after step t (0: the last iterate)
+mean = [p.detach().clone() for p in params]
+steps = 0
 spent = 0.0
 with open(out, "w") as f:
     for k in range(epochs):
@@ -87,11 +95,23 @@ with open(out, "w") as f:
             opt.zero_grad(); loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            steps += 1
+            if average:
+                d = min(average, (1 + steps) / (10 + steps))
+                with torch.no_grad():
+                    for m, p in zip(mean, params):
+                        m.mul_(d).add_(p, alpha=1 - d)
         dt = time.perf_counter() - t0
         spent += dt
         with torch.no_grad():
+            last = [p.detach().clone() for p in params]
+            if average:
+                for m, p in zip(mean, params):
+                    p.copy_(m)
             o, _ = rnn(xt)
             acc = float((head(o[:, -1]).argmax(1) == yt).float().mean())
+            for m, p in zip(last, params):
+                p.copy_(m)
         f.write(json.dumps({"iteration": k + 1, "test_accuracy": acc, "t_compute_s": dt,
                             "wall_time_s": spent}) + "\n")
         f.flush()
@@ -161,7 +181,7 @@ def methods(a) -> list[tuple[str, str]]:
     if a.adam_lr:
         out.append((f"adam-lr{a.adam_lr:g}", "project"))
     if a.torch_python:
-        out.append(("torch-adam", "torch"))
+        out += [("torch-adam", "torch"), ("torch-adam-avg", "torch")]
     if a.no_precond:
         out.append(("admm-noprecond", "project"))
     return [m for m in out if m[0] in a.methods or not a.methods]
@@ -180,7 +200,8 @@ def run_one(a, out: Path, train: Path, steps: int, samples: int, seed: int, cell
     test = test_path(train)
     if kind == "torch":
         cmd = [a.torch_python, "-c", TORCH_SCRIPT, str(train), str(test), cell,
-               str(a.epochs), str(seed), str(metrics)]
+               str(a.epochs), str(seed), str(metrics),
+               str(AVERAGE if method.endswith("-avg") else 0.0)]
     else:
         algo = "admm" if method.startswith("admm") else "adam"
         cmd = [sys.executable, "-P", "-m", "padmmirnn", "train", "--algo", algo,
@@ -415,7 +436,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--cells", default="rnn,lstm")
     p.add_argument("--methods", default="", help="only these methods (comma-separated: "
-                   "admm, adam, adam-lrX, torch-adam, admm-noprecond; default: all given)")
+                   "admm, adam, adam-lrX, torch-adam, torch-adam-avg, admm-noprecond; "
+                   "default: all given)")
     p.add_argument("--samples", type=int, default=10000, help="training sequences")
     p.add_argument("--test-samples", type=int, default=1000)
     p.add_argument("--passes", type=int, default=20, help="ADMM passes")

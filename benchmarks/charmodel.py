@@ -16,7 +16,10 @@ cell (``h``, one layer, batch-first) on one-hot inputs with a linear head at eve
 cross-entropy over every character, Adam at each rate of ``--torch-lr`` with gradient
 clipping by global norm at 1, batch 64 drawn by a seeded permutation, float32, one
 thread (``--ranks``: threads), for ``--epochs`` epochs; its training seconds exclude
-the evaluation too.
+the evaluation too. Each epoch it is evaluated twice: its last iterate, and the moving
+average of its iterates by the rule of padmmirnn's ``admm.average`` (decay min(0.99, (1
++ t) / (10 + t)) after step t), the filter padmmirnn's ADMM evaluates by default; both
+count as PyTorch references (runs of an earlier version hold the first only).
 
 The equal-time table reads every run at its last evaluation within each of
 ``--budgets`` training seconds, and names at each budget the best PyTorch gated run
@@ -62,6 +65,19 @@ def test_loss():
         total = sum(float(loss(xt[lo:lo + 500], yt[lo:lo + 500])) * len(xt[lo:lo + 500])
                     for lo in range(0, len(xt), 500))
     return total / len(xt)
+def averaged_test_loss():
+    with torch.no_grad():
+        last = [q.detach().clone() for q in params]
+        for m, q in zip(mean, params):
+            q.copy_(m)
+        out = test_loss()
+        for m, q in zip(last, params):
+            q.copy_(m)
+    return out
+# the moving average of the iterates, as padmmirnn's admm.average: decay
+# min(0.99, (1 + t) / (10 + t)) after step t
+mean = [q.detach().clone() for q in params]
+steps = 0
 curve, spent = [], 0.0
 for epoch in range(1, epochs + 1):
     t0 = time.perf_counter()
@@ -72,8 +88,14 @@ for epoch in range(1, epochs + 1):
         loss(x[idx], y[idx]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        steps += 1
+        d = min(0.99, (1 + steps) / (10 + steps))
+        with torch.no_grad():
+            for m, q in zip(mean, params):
+                m.mul_(d).add_(q, alpha=1 - d)
     spent += time.perf_counter() - t0
-    curve.append({"pass": epoch, "test_loss": test_loss(), "seconds": spent})
+    curve.append({"pass": epoch, "test_loss": test_loss(),
+                  "test_loss_avg": averaged_test_loss(), "seconds": spent})
 json.dump(curve, open(out, "w"))
 """
 
@@ -153,9 +175,13 @@ def main() -> int:
         for c in cells:
             for lr in (float(v) for v in args.torch_lr.split(",")):
                 name = f"PyTorch nn.{c.upper()} + Adam lr {lr:g}"
-                runs[name] = torch_run(c, lr, args, args.out)
+                runs[name] = curve = torch_run(c, lr, args, args.out)
+                names = [name]
+                if all("test_loss_avg" in m for m in curve):  # the same run, averaged
+                    names.append(f"{name}, averaged iterates")
+                    runs[names[-1]] = [{**m, "test_loss": m["test_loss_avg"]} for m in curve]
                 if c != "rnn":
-                    gated.append(name)
+                    gated += names
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     for name, curve in runs.items():

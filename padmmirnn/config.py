@@ -400,6 +400,15 @@ class OptimConfig:
                             choices=("lazy", "dense"))
     celgc_gamma: float = opt(1.0, "CELGC clipping threshold gamma", low=0.0, strict=True)
     celgc_period: int = opt(4, "CELGC local steps between weight averages", low=1)
+    average: float = opt(0.0, "evaluate and save the moving average of the iterates, decay "
+                         "min(average, (1 + t) / (10 + t)) after step t, in [0, 1), as "
+                         "admm.average does for ADMM (0: the last iterate; not for CELGC)",
+                         low=0.0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.average < 1.0:
+            raise ConfigError(f"config key 'optim.average' must be in [0, 1); "
+                              f"got {self.average!r}")
 
 
 @dataclass(frozen=True)
@@ -612,6 +621,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.rebalance is for synchronous runs with global mini-batches: "
                           "mini-batch ADMM without consensus, or a gradient method other than "
                           "CELGC, with train.reduction = fast and no virtual ranks")
+    if cfg.optim.average and t.algo == "celgc":
+        raise ConfigError("optim.average is for the synchronous gradient methods (CELGC's "
+                          "ranks hold different weights between their averages)")
     if t.virtual_ranks and t.parallel == "async":
         raise ConfigError("train.virtual_ranks is for synchronous runs (async ranks run "
                           "at their own pace: run real ranks)")

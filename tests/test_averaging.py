@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import make_local
 
-from padmmirnn.admm.averaging import RAMP, IterateAverage
 from padmmirnn.admm.minibatch import MinibatchAdmm
+from padmmirnn.averaging import RAMP, IterateAverage
 from padmmirnn.comm import SerialComm
 from padmmirnn.config import batch_rule, build_config
 from padmmirnn.errors import ConfigError
@@ -129,3 +129,38 @@ def test_the_average_follows_the_steps_per_pass():
     assert a.for_batch(4000, weights=100, rows=4000).average == 0.5
     with pytest.raises(ConfigError, match="admm.average' must be in"):
         build_config(overrides={"admm.average": 1.0})
+
+
+def test_the_gradient_methods_average_their_iterates_the_same_way():
+    """``optim.average``: Adam's model after two epochs is the same recursion over its
+    optimizer steps' iterates; its state dict resumes it bit for bit; off by default;
+    not for CELGC."""
+    from padmmirnn.gradient.trainer import GradientTrainer
+
+    data = _data("dense")
+    over = {"train.algo": "adam", "model.hidden": 5, "optim.batch_size": 8}
+    cfg = build_config(overrides={**over, "optim.average": 0.8})
+    tr = GradientTrainer(cfg, data, data.n, SerialComm())
+    start = tr.params.flat()
+    iterates = []
+    sync_step = tr._sync_step
+
+    def recorded(batch):
+        out = sync_step(batch)
+        iterates.append(tr.params.flat())
+        return out
+
+    tr._sync_step = recorded
+    tr.step()
+    state = tr.state_dict()
+    resumed = GradientTrainer(cfg, data, data.n, SerialComm(), tr.params.copy())
+    resumed.load_state_dict(state)
+    tr.step()
+    resumed.step()
+    np.testing.assert_allclose(tr.model.flat(), _reference(iterates, start, 0.8),
+                               rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(resumed.model.flat(), tr.model.flat())
+    plain = GradientTrainer(build_config(overrides=over), data, data.n, SerialComm())
+    assert plain.model is plain.params
+    with pytest.raises(ConfigError, match="optim.average is for the synchronous"):
+        build_config(overrides={"train.algo": "celgc", "optim.average": 0.9})

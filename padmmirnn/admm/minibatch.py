@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from padmmirnn.admm.averaging import IterateAverage
 from padmmirnn.admm.blockstep import BlockStep, batch_layout
+from padmmirnn.averaging import IterateAverage
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
 from padmmirnn.nn import Network, Params

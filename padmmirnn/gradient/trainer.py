@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from padmmirnn.averaging import IterateAverage
 from padmmirnn.config import Config
 from padmmirnn.gradient.optimizers import (
     CELGC,
@@ -85,6 +86,7 @@ class GradientTrainer:
         else:
             kwargs = {"mu": self.o.momentum} if self.algo == "momentum" else {}
             self.optimizer = OPTIMIZERS[self.algo](schedule, **kwargs)
+        self.average = IterateAverage(self.o.average, params) if self.o.average else None
         self.iteration = 0  # epochs done
         self.last: dict = {}
         n_params = params.size
@@ -171,8 +173,9 @@ class GradientTrainer:
 
     @property
     def model(self) -> Params:
-        """The weights evaluated and saved: the iterate."""
-        return self.params
+        """The weights evaluated and saved: the average of the iterates
+        (``optim.average``), else the last iterate."""
+        return self.params if self.average is None else self.average.mean
 
     def step(self, evaluate: bool = False) -> None:
         """One pass over the training set; :meth:`describe` then gives its mean batch
@@ -197,6 +200,8 @@ class GradientTrainer:
         else:
             for idx in self.batches(order):
                 loss, norm, sn = self._sync_step(self._local_batch(idx))
+                if self.average is not None:
+                    self.average.after(self.params, None)
                 losses.append(loss)
                 norms.append(norm)
                 step_norms += sn
@@ -212,11 +217,18 @@ class GradientTrainer:
         return dict(self.last)
 
     def state_dict(self) -> TrainerState:
-        return {"iteration": self.iteration, "per_sample": {},
-                "arrays": {k: np.asarray(v) for k, v in self.optimizer.state_dict().items()}}
+        arrays = {k: np.asarray(v) for k, v in self.optimizer.state_dict().items()}
+        if self.average is not None:
+            arrays.update(self.average.state())
+        return {"iteration": self.iteration, "per_sample": {}, "arrays": arrays}
 
     def load_state_dict(self, state: TrainerState) -> None:
         self.optimizer.load_state_dict(state["arrays"])
+        if self.average is not None:
+            if "average.steps" in state["arrays"]:
+                self.average.load(state["arrays"])
+            else:  # a checkpoint of a run without the average: it starts here
+                self.average = IterateAverage(self.o.average, self.params)
         self.iteration = int(state["iteration"])
 
     def _sync_weights(self) -> None:

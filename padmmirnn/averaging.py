@@ -1,7 +1,9 @@
-"""The average of the mini-batch ADMM's iterates: the weights a run evaluates and
-saves (``admm.average``; docs/design.md, section 5).
+"""The average of a trainer's iterates: the weights a run evaluates and saves
+(``admm.average`` for the mini-batch ADMM, ``optim.average`` for the synchronous
+gradient methods; docs/design.md, section 5).
 
-After block step ``t`` (``t = 1, 2, ...`` over the whole run) the average is
+After step ``t`` (a block step or an optimizer step; ``t = 1, 2, ...`` over the whole
+run) the average is
 
     theta_bar_t = d_t theta_bar_{t-1} + (1 - d_t) theta_t,   d_t = min(decay, (1 + t) / (10 + t)),
 
