@@ -311,7 +311,7 @@ class AdmmConfig:
     output_trust: float | str = opt("auto", "mini-batch: the output block's trust radius, a "
                                     "multiple of the input blocks' (auto: the batch rule, "
                                     "1 at batch 64)", low=0.0, strict=True, auto=True)
-    average: float | str = opt("auto", "mini-batch, consensus none: the weights evaluated "
+    average: float | str = opt("auto", "mini-batch: the weights evaluated "
                                "and saved (weights.h5, the best so far) are the moving "
                                "average of the iterates, decay min(average, (1 + t) / (10 + t)) "
                                "after block step t, in [0, 1) (0: the last iterate; auto: "

@@ -164,3 +164,46 @@ def test_the_gradient_methods_average_their_iterates_the_same_way():
     assert plain.model is plain.params
     with pytest.raises(ConfigError, match="optim.average is for the synchronous"):
         build_config(overrides={"train.algo": "celgc", "optim.average": 0.9})
+
+
+@pytest.mark.parametrize("kind,mode", [("dense", "duals"), ("tokens", "average")])
+def test_consensus_averages_the_ranks_mean_iterate(kind, mode):
+    """Consensus on 2 virtual ranks, joined every 2 local steps: the model is the
+    moving average of the ranks' mean iterate over the local steps (the joins average
+    the ranks' averages; all ranks share the decays), and the state dict resumes it bit
+    for bit."""
+    from padmmirnn.admm.consensus import ConsensusAdmm
+    from padmmirnn.comm.virtual import VirtualRanks
+
+    data = _data(kind)
+    cfg = build_config(overrides={"model.hidden": 5, "admm.batch_size": 8,
+                                  "admm.consensus": mode, "admm.sync_every": 2,
+                                  "admm.average": 0.8})
+    comm = SerialComm()
+
+    def build(params=None):
+        return ConsensusAdmm(cfg, data, data.n, comm, params, VirtualRanks(comm, 2))
+
+    tr = build()
+    assert tr.sparse == (kind == "tokens")
+    start, current = tr.params.flat(), []
+    apply = tr.block.apply
+
+    def recorded(state, *args):
+        loss = apply(state, *args)
+        current.append(state.params.flat())
+        return loss
+
+    tr.block.apply = recorded
+    tr.step()
+    state = tr.state_dict()
+    resumed = build(tr.params.copy())
+    resumed.load_state_dict(state)
+    tr.step()
+    resumed.step()
+    means = [(a + b) / 2 for a, b in zip(current[::2], current[1::2], strict=True)]
+    assert len(means) == 2 * tr.local_steps
+    np.testing.assert_allclose(tr.model.flat(), _reference(means, start, 0.8),
+                               rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(resumed.model.flat(), tr.model.flat())
+    assert np.abs(tr.model.flat() - tr.params.flat()).max() > 1e-3

@@ -139,10 +139,9 @@ class ConsensusControl(WindowControl):
     evaluates_alone = True
 
     def snapshot_params(self) -> Params:
-        """The consensus weights of the window's current contents (this rank alone)."""
-        total = self.exchange.window_sum()
-        n = self.trainer.params.size
-        return Params.from_flat(total[:n] / self.exchange.size, self.trainer.params)
+        """The model (consensus weights, or their average) of the window's current
+        contents (this rank alone)."""
+        return self.trainer.model_from(self.exchange.window_sum())
 
     def quiesce(self) -> None:
         """Once every rank has published its last join, the window holds the sum of every

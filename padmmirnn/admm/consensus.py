@@ -27,7 +27,14 @@ length. The running Grams are averaged at every join.
   (Nesterov; ``lr = admm.outer_lr``, ``mu = admm.outer_momentum``; lr 1 and mu 0 is
   ``average``).
 
-One join reduces the packed ``[theta_r (+ u_r), Grams]`` of every rank once. With
+With ``admm.average`` (on by the batch rule from 16 local steps per pass) each rank
+also keeps the moving average of its local iterates (:mod:`padmmirnn.averaging`), and
+a join averages the averages too: every rank leaves with the same average, the
+average of the ranks' mean iterate (all ranks take the same steps, so their decays
+agree). That average is the model the run evaluates and saves.
+
+One join reduces the packed ``[theta_r (+ u_r), Grams (, average_r)]`` of every rank
+once. With
 ``train.virtual_ranks = P`` a process runs several ranks in turn, each with its own
 samples, order, weights, Grams and duals, and their reduction is exact (see
 :mod:`padmmirnn.comm.virtual`): a study can count passes, synchronisations and bytes
@@ -42,6 +49,7 @@ import numpy as np
 
 from padmmirnn.admm.blockstep import BlockState, BlockStep
 from padmmirnn.admm.minibatch import ceil_div, penalty_scale
+from padmmirnn.averaging import IterateAverage
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
 from padmmirnn.nn import Network, Params
@@ -52,12 +60,14 @@ from padmmirnn.trainer import TrainerState
 @dataclass
 class Worker:
     """One (virtual) rank: its samples (global ``[start, start + data.n)``), its block
-    state and, with duals, its dual ``u_r`` (flat, as :meth:`Params.flat`)."""
+    state, with duals its dual ``u_r`` (flat, as :meth:`Params.flat`), and the average
+    of its iterates (``admm.average``)."""
 
     data: LocalData
     start: int
     state: BlockState
     dual: np.ndarray | None = None
+    average: IterateAverage | None = None
 
 
 class ConsensusAdmm:
@@ -82,6 +92,10 @@ class ConsensusAdmm:
         P = self.ranks.size
         self.global_state = self.block.initial(params)  # z (duals), theta (outer, average)
         self.velocity = np.zeros(params.size) if self.mode == "outer" else None
+        # the token columns a local step moves, when it moves no others (lazy average)
+        self.sparse = bool(self.block.vocab and self.a.token_step == "active"
+                           and not self.a.block_momentum)
+        self.average = params.copy() if self.a.average else None  # the joined average
         self.workers = []
         for v in self.ranks.local:
             lo, hi = partition(n_global, P, v)
@@ -90,7 +104,7 @@ class ConsensusAdmm:
                               None if data.lengths is None else data.lengths[cut])
             self.workers.append(Worker(shard, lo, self.global_state.copy(),
                                        np.zeros(params.size) if self.mode == "duals"
-                                       else None))
+                                       else None, self._new_average(params)))
         self.local_batch = max(1, self.a.batch_size // P)
         # every rank takes the local steps of the largest slice (smaller ones wrap)
         self.local_steps = ceil_div(ceil_div(n_global, P), self.local_batch)
@@ -115,11 +129,17 @@ class ConsensusAdmm:
                                rows=info.output_rows(n_global), ranks=ranks)
         return net, BlockStep(a, net, info, m.hidden, m.loss, cfg.train.dtype), params
 
+    def _new_average(self, params: Params) -> IterateAverage | None:
+        if not self.a.average:
+            return None
+        return IterateAverage(self.a.average, params, "U" if self.sparse else None)
+
     @staticmethod
     def buffer_size(cfg: Config, info, n_global: int, ranks: int) -> int:
         """The float64 words one rank contributes to a join (:meth:`_buffer`)."""
         _, block, params = ConsensusAdmm.components(cfg, info, n_global, ranks)
-        return block.initial(params).flat().size
+        extra = params.size if block.a.average else 0
+        return block.initial(params).flat().size + extra
 
     @property
     def params(self) -> Params:
@@ -128,33 +148,60 @@ class ConsensusAdmm:
 
     @property
     def model(self) -> Params:
-        """The weights evaluated and saved: the joined weights (the consensus modes do
-        not average the iterates)."""
-        return self.params
+        """The weights evaluated and saved: the joined average of the iterates
+        (``admm.average``), else the joined weights."""
+        return self.params if self.average is None else self.average
+
+    def model_from(self, total: np.ndarray) -> Params:
+        """The model of a sum over the ranks of their :meth:`_buffer` (a window)."""
+        n = self.params.size
+        part = total[-n:] if self.average is not None else total[:n]
+        return Params.from_flat(part / self.ranks.size, self.params)
+
+    def _split(self, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A mean of :meth:`_buffer` as the block state's flat part and the average."""
+        if self.average is None:
+            return mean, None
+        n = self.params.size
+        return mean[:-n], mean[-n:]
+
+    def _adopt_average(self, mean_average: np.ndarray | None) -> None:
+        """Every rank's average is the joined one."""
+        if mean_average is None:
+            return
+        self.average = Params.from_flat(mean_average, self.params)
+        for w in self.workers:
+            w.average.mean = self.average.copy()
 
     def adopt(self, total: np.ndarray) -> None:
         """Every rank's state from a sum over the ranks of their :meth:`_buffer` (an
-        asynchronous run's final window): the joined weights and Grams, duals kept."""
-        mean = total / self.ranks.size
+        asynchronous run's final window): the joined weights, Grams and average, duals
+        kept."""
+        mean, mean_average = self._split(total / self.ranks.size)
         self.global_state.load_flat(mean)
         for w in self.workers:
             w.state.load_flat(mean)
+        self._adopt_average(mean_average)
 
     # ------------------------------------------------------------------ joins
 
     def _buffer(self, w: Worker) -> np.ndarray:
-        """What rank ``w`` contributes to a join: ``theta_r (+ u_r)`` and its Grams."""
+        """What rank ``w`` contributes to a join: ``theta_r (+ u_r)``, its Grams (and the
+        average of its iterates, brought up to date)."""
         flat = w.state.flat()
         if w.dual is not None:
             n = w.state.params.size
             flat[:n] += w.dual
-        return flat
+        if w.average is None:
+            return flat
+        w.average.finish(w.state.params)  # before the join moves every column
+        return np.concatenate([flat, w.average.mean.flat()])
 
     def _join(self) -> None:
         """One reduction: the mean of every rank's :meth:`_buffer`, then the mode's
         update of the weights (every rank leaves with the joined weights)."""
-        mean = self.ranks.allreduce_sum([self._buffer(w) for w in self.workers])
-        mean /= self.ranks.size
+        total = self.ranks.allreduce_sum([self._buffer(w) for w in self.workers])
+        mean, mean_average = self._split(total / self.ranks.size)
         n = self.params.size
         g = self.global_state
         g.load_grams(mean[n:])
@@ -172,6 +219,7 @@ class ConsensusAdmm:
             if w.dual is not None:
                 w.dual += w.state.params.flat() - z
             w.state.load_flat(np.concatenate([z, mean[n:]]))
+        self._adopt_average(mean_average)
 
     # ------------------------------------------------------------------ a pass
 
@@ -187,8 +235,13 @@ class ConsensusAdmm:
                 idx = order[k % len(order)]
                 stats = self.block.statistics(w.state.params, w.data.take(idx))
                 anchor = anchors.get(id(w))
+                cols = np.flatnonzero(stats["l0.diag"]) if self.sparse else None
+                if w.average is not None:
+                    w.average.before(w.state.params, cols)
                 losses.append(self.block.apply(w.state, stats, scale, anchor,
                                                self.a.consensus_rho if anchor else 0.0))
+                if w.average is not None:
+                    w.average.after(w.state.params, cols)
             self.steps += 1
             if (k + 1) % self.every == 0 or k + 1 == self.local_steps:
                 self._join()
@@ -232,6 +285,8 @@ class ConsensusAdmm:
         arrays = {"steps": np.int64(self.steps), **self.global_state.state()}
         if self.velocity is not None:
             arrays["velocity"] = self.velocity.copy()
+        if self.average is not None:  # every rank's, after the pass's last join
+            arrays.update(self.workers[0].average.state())
         per_rank = {}
         if self.mode == "duals":
             per_rank["dual"] = np.stack([w.dual for w in self.workers])
@@ -243,6 +298,13 @@ class ConsensusAdmm:
         self.global_state.load(arrays)
         if self.velocity is not None:
             self.velocity[...] = arrays["velocity"]
+        if self.average is not None:
+            fresh = "average.steps" not in arrays  # a checkpoint without the average
+            for w in self.workers:
+                w.average = self._new_average(self.params)
+                if not fresh:
+                    w.average.load(arrays)
+            self.average = self.workers[0].average.mean.copy()
         for i, w in enumerate(self.workers):
             w.state = self.global_state.copy()
             if w.dual is not None:
