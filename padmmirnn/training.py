@@ -272,12 +272,12 @@ class TrainingRun:
         if rule.batch_size:
             local = self.ranks.size if self.cfg.consensus() != "none" else 1
             self.log.info("mini-batch ADMM at global batch %d%s: cov_decay %.3g, trust_radius "
-                          "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g%s "
+                          "%.3g, output_factor %.3g, block_momentum %.3g, output_trust %.3g, "
+                          "average %.3g "
                           "(auto: the batch rule)", min(rule.batch_size, self.train.info.n),
                           f" ({local} ranks' local steps)" if local > 1 else "",
                           rule.cov_decay, rule.trust_radius, rule.output_factor,
-                          rule.block_momentum, rule.output_trust,
-                          "" if local > 1 else f", average {rule.average:.3g}")
+                          rule.block_momentum, rule.output_trust, rule.average)
         self.log.info("ADMM weight decay nu = %.3g%s", rule.nu,
                       " (auto: the decay rule)" if self.cfg.admm.nu == "auto" else "")
         if rule.rho_schedule == "geometric":

@@ -120,11 +120,14 @@ def test_a_resumed_average_continues_bit_for_bit(kind):
 
 def test_the_average_follows_the_steps_per_pass():
     """auto: 0.99 with at least 16 block steps per pass, off below (its window would lag
-    behind a run of few steps); a value set by hand wins; [0, 1) only."""
+    behind a run of few steps) and in the consensus modes; a value set by hand wins;
+    [0, 1) only."""
     assert batch_rule(64, 4000)["average"] == 0.99
     assert batch_rule(256, 4096)["average"] == 0.99
     assert batch_rule(1024, 4000)["average"] == 0.0
     assert batch_rule(4000, 4000)["average"] == 0.0
+    assert build_config().admm.for_batch(4000, weights=100, rows=4000,
+                                         consensus=True).average == 0.0  # joins average
     a = build_config(overrides={"admm.average": 0.5}).admm
     assert a.for_batch(4000, weights=100, rows=4000).average == 0.5
     with pytest.raises(ConfigError, match="admm.average' must be in"):

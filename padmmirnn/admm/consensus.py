@@ -27,7 +27,8 @@ length. The running Grams are averaged at every join.
   (Nesterov; ``lr = admm.outer_lr``, ``mu = admm.outer_momentum``; lr 1 and mu 0 is
   ``average``).
 
-With ``admm.average`` (on by the batch rule from 16 local steps per pass) each rank
+With ``admm.average`` set (``auto`` is 0 here: see
+:meth:`padmmirnn.config.AdmmConfig.for_batch`) each rank
 also keeps the moving average of its local iterates (:mod:`padmmirnn.averaging`), and
 a join averages the averages too: every rank leaves with the same average, the
 average of the ranks' mean iterate (all ranks take the same steps, so their decays
@@ -126,7 +127,7 @@ class ConsensusAdmm:
             params = net.init_params(info.dim, m.hidden, info.classes, cfg.train.seed,
                                      m.w_init, m.init_scale)
         a = cfg.admm.for_batch(n_global, weights=params.U.size,
-                               rows=info.output_rows(n_global), ranks=ranks)
+                               rows=info.output_rows(n_global), ranks=ranks, consensus=True)
         return net, BlockStep(a, net, info, m.hidden, m.loss, cfg.train.dtype), params
 
     def _new_average(self, params: Params) -> IterateAverage | None:
