@@ -94,7 +94,14 @@ class IterateAverage:
         out["average.log_prod"] = np.float64(self.log_prod)
         return out
 
-    def load(self, arrays: dict) -> None:
+    def load(self, arrays: dict, params: Params) -> None:
+        """Restore :meth:`state` from checkpoint arrays; from those of a run without the
+        average, start it again at ``params``."""
+        if "average.steps" not in arrays:
+            self.mean, self.steps, self.log_prod = params.copy(), 0, 0.0
+            if self.synced is not None:
+                self.synced[:] = 0.0
+            return
         for name in self.mean.names():
             setattr(self.mean, name, np.array(arrays[f"average.{name}"], np.float64))
         self.steps = int(arrays["average.steps"])

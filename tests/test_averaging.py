@@ -76,7 +76,7 @@ def test_the_model_is_the_moving_average_of_the_iterates(kind):
     the last iterate as the model."""
     data = _data(kind)
     tr = _trainer(data, average=0.7)
-    assert tr.sparse == (kind == "tokens")
+    assert tr.block.sparse == (kind == "tokens")
     start = tr.params.flat()
     iterates = []
     apply = tr.block.apply
@@ -188,7 +188,7 @@ def test_consensus_averages_the_ranks_mean_iterate(kind, mode):
         return ConsensusAdmm(cfg, data, data.n, comm, params, VirtualRanks(comm, 2))
 
     tr = build()
-    assert tr.sparse == (kind == "tokens")
+    assert tr.block.sparse == (kind == "tokens")
     start, current = tr.params.flat(), []
     apply = tr.block.apply
 

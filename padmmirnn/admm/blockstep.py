@@ -49,6 +49,7 @@ import numpy as np
 
 from padmmirnn import kernels
 from padmmirnn.admm.packed import Field, Layout
+from padmmirnn.averaging import IterateAverage
 from padmmirnn.config import AdmmConfig
 from padmmirnn.nn import Network, Params, layer_name
 from padmmirnn.nn.cells.base import side_by_side
@@ -289,6 +290,20 @@ class BlockStep:
         self.layout = batch_layout(net, self.dz, self.vocab, h, info.classes,
                                    self.factored)
         self.classes = info.classes
+        # a step moves only the first layer's columns of the batch's tokens
+        self.sparse = bool(self.vocab and a.token_step == "active" and not a.block_momentum)
+
+    def moved_columns(self, st: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The columns of ``U`` a step on the statistics ``st`` moves when it moves no
+        others (:attr:`sparse`), else None (all)."""
+        return np.flatnonzero(st["l0.diag"]) if self.sparse else None
+
+    def average(self, params: Params) -> IterateAverage | None:
+        """The average of the iterates from ``params`` (``admm.average``; None: off),
+        lazy on the columns of ``U`` when :attr:`sparse`."""
+        if not self.a.average:
+            return None
+        return IterateAverage(self.a.average, params, "U" if self.sparse else None)
 
     def initial(self, params: Params) -> BlockState:
         """``params`` with every running Gram at the identity (the output-side factors,

@@ -93,9 +93,6 @@ class ConsensusAdmm:
         P = self.ranks.size
         self.global_state = self.block.initial(params)  # z (duals), theta (outer, average)
         self.velocity = np.zeros(params.size) if self.mode == "outer" else None
-        # the token columns a local step moves, when it moves no others (lazy average)
-        self.sparse = bool(self.block.vocab and self.a.token_step == "active"
-                           and not self.a.block_momentum)
         self.average = params.copy() if self.a.average else None  # the joined average
         self.workers = []
         for v in self.ranks.local:
@@ -105,7 +102,7 @@ class ConsensusAdmm:
                               None if data.lengths is None else data.lengths[cut])
             self.workers.append(Worker(shard, lo, self.global_state.copy(),
                                        np.zeros(params.size) if self.mode == "duals"
-                                       else None, self._new_average(params)))
+                                       else None, self.block.average(params)))
         self.local_batch = max(1, self.a.batch_size // P)
         # every rank takes the local steps of the largest slice (smaller ones wrap)
         self.local_steps = ceil_div(ceil_div(n_global, P), self.local_batch)
@@ -129,11 +126,6 @@ class ConsensusAdmm:
         a = cfg.admm.for_batch(n_global, weights=params.U.size,
                                rows=info.output_rows(n_global), ranks=ranks, consensus=True)
         return net, BlockStep(a, net, info, m.hidden, m.loss, cfg.train.dtype), params
-
-    def _new_average(self, params: Params) -> IterateAverage | None:
-        if not self.a.average:
-            return None
-        return IterateAverage(self.a.average, params, "U" if self.sparse else None)
 
     @staticmethod
     def buffer_size(cfg: Config, info, n_global: int, ranks: int) -> int:
@@ -236,7 +228,7 @@ class ConsensusAdmm:
                 idx = order[k % len(order)]
                 stats = self.block.statistics(w.state.params, w.data.take(idx))
                 anchor = anchors.get(id(w))
-                cols = np.flatnonzero(stats["l0.diag"]) if self.sparse else None
+                cols = self.block.moved_columns(stats)
                 if w.average is not None:
                     w.average.before(w.state.params, cols)
                 losses.append(self.block.apply(w.state, stats, scale, anchor,
@@ -300,11 +292,8 @@ class ConsensusAdmm:
         if self.velocity is not None:
             self.velocity[...] = arrays["velocity"]
         if self.average is not None:
-            fresh = "average.steps" not in arrays  # a checkpoint without the average
             for w in self.workers:
-                w.average = self._new_average(self.params)
-                if not fresh:
-                    w.average.load(arrays)
+                w.average.load(arrays, self.params)
             self.average = self.workers[0].average.mean.copy()
         for i, w in enumerate(self.workers):
             w.state = self.global_state.copy()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 
 from padmmirnn.admm.blockstep import BlockStep, batch_layout
-from padmmirnn.averaging import IterateAverage
 from padmmirnn.comm.virtual import VirtualRanks
 from padmmirnn.config import Config
 from padmmirnn.nn import Network, Params
@@ -77,11 +76,7 @@ class MinibatchAdmm:
         self.block = BlockStep(self.a, self.net, info, m.hidden, m.loss, cfg.train.dtype)
         self.state = self.block.initial(params)
         self.layout = self.block.layout
-        # the token columns a step moves, when it moves no others (the lazy average)
-        self.sparse = bool(self.block.vocab and self.a.token_step == "active"
-                           and not self.a.block_momentum)
-        self.average = (IterateAverage(self.a.average, params, "U" if self.sparse else None)
-                        if self.a.average else None)
+        self.average = self.block.average(params)
         self.iteration = 0  # passes done
         self.steps = 0  # weight updates done
         batches = ceil_div(n_global, self.a.batch_size)  # deterministic: fewer
@@ -167,7 +162,7 @@ class MinibatchAdmm:
         losses = []
         avg = self.average
         for stats in self._batches(rng):
-            cols = np.flatnonzero(stats["l0.diag"]) if self.sparse else None
+            cols = self.block.moved_columns(stats)
             if avg is not None:
                 avg.before(self.params, cols)
             losses.append(self.block.apply(self.state, stats, scale))
@@ -195,9 +190,6 @@ class MinibatchAdmm:
         arrays = state["arrays"]
         self.state.load(arrays)
         if self.average is not None:
-            if "average.steps" in arrays:
-                self.average.load(arrays)
-            else:  # a checkpoint of a run without the average: it starts here
-                self.average = IterateAverage(self.a.average, self.params, self.average.lazy)
+            self.average.load(arrays, self.params)
         self.steps = int(arrays["steps"])
         self.iteration = int(state["iteration"])

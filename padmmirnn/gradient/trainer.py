@@ -225,10 +225,7 @@ class GradientTrainer:
     def load_state_dict(self, state: TrainerState) -> None:
         self.optimizer.load_state_dict(state["arrays"])
         if self.average is not None:
-            if "average.steps" in state["arrays"]:
-                self.average.load(state["arrays"])
-            else:  # a checkpoint of a run without the average: it starts here
-                self.average = IterateAverage(self.o.average, self.params)
+            self.average.load(state["arrays"], self.params)
         self.iteration = int(state["iteration"])
 
     def _sync_weights(self) -> None:
