@@ -111,7 +111,7 @@ def batch_rule(batch: int, n_train: int) -> dict[str, float]:
         output_trust   = 2 if B >= 2048 else 1            the output block's larger cap
         average        = 0.99 if k >= 16 else 0           the evaluated weights average
                                                           the iterates of the last ~100
-                                                          steps (:mod:`padmmirnn.admm.averaging`)
+                                                          steps (:mod:`padmmirnn.averaging`)
 
     With B = 64 and N >= 4000 these are the defaults tuned there (0.95, 0.25, off, off,
     1, 0.99). The average filters mini-batch noise; with few steps per pass there is
