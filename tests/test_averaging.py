@@ -1,7 +1,7 @@
-"""The average of the mini-batch ADMM's iterates (padmmirnn/admm/averaging.py): the
-model a run evaluates and saves is the moving average of the block steps' iterates,
-the lazy token columns equal the dense recursion, and a resumed run equals an
-uninterrupted one bit for bit."""
+"""The average of a trainer's iterates (padmmirnn/averaging.py): the model a run
+evaluates and saves is the moving average of its steps' iterates (mini-batch ADMM,
+consensus, the gradient methods), the lazy token columns equal the dense recursion,
+and a resumed run equals an uninterrupted one bit for bit."""
 
 from __future__ import annotations
 
