@@ -54,7 +54,6 @@ import numpy as np
 
 CELLS = ("rnn", "lstm")
 CHECKPOINTS = (1, 5, 10, 20, 40)
-AVERAGE = 0.99  # torch-adam-avg: padmmirnn's default admm.average, on Adam's iterates
 # the step of the ADMM with its preconditioner removed: C + 1000 I ~ 1000 I, and rho1 =
 # rho3 = 0.5 / 1000 keep the step length 2 D / R, capped and decayed as the default's
 NO_PRECONDITIONER = ["--set", "admm.damping=1000", "--set", "admm.rho1=0.0005",
@@ -64,8 +63,8 @@ TORCH_SCRIPT = r"""
 import sys, time, json
 import h5py, numpy as np, torch
 torch.set_num_threads(1)
-train, test, cell, epochs, seed, out, average = sys.argv[1:8]
-epochs, seed, average = int(epochs), int(seed), float(average)
+train, test, cell, epochs, seed, out, average, ramp = sys.argv[1:9]
+epochs, seed, average, ramp = int(epochs), int(seed), float(average), float(ramp)
 def load(path):
     with h5py.File(path) as f:
         return (torch.tensor(np.asarray(f["inputs"], np.float32)),
@@ -80,7 +79,7 @@ params = list(rnn.parameters()) + list(head.parameters())
 opt = torch.optim.Adam(params, lr=3e-3)
 loss_fn = torch.nn.CrossEntropyLoss()
 # the moving average of the iterates, as padmmirnn's admm.average: decay
-# min(average, (1 + t) / (10 + t)) after step t (0: the last iterate)
+# min(average, (1 + t) / (1 + ramp + t)) after step t (0: the last iterate)
 mean = [p.detach().clone() for p in params]
 steps = 0
 spent = 0.0
@@ -97,21 +96,22 @@ with open(out, "w") as f:
             opt.step()
             steps += 1
             if average:
-                d = min(average, (1 + steps) / (10 + steps))
+                d = min(average, (1 + steps) / (1 + ramp + steps))
                 with torch.no_grad():
                     for m, p in zip(mean, params):
                         m.mul_(d).add_(p, alpha=1 - d)
         dt = time.perf_counter() - t0
         spent += dt
         with torch.no_grad():
-            last = [p.detach().clone() for p in params]
-            if average:
+            if average:  # evaluate the average: swap it in, and the iterate back after
+                last = [p.detach().clone() for p in params]
                 for m, p in zip(mean, params):
                     p.copy_(m)
             o, _ = rnn(xt)
             acc = float((head(o[:, -1]).argmax(1) == yt).float().mean())
-            for m, p in zip(last, params):
-                p.copy_(m)
+            if average:
+                for q, p in zip(last, params):
+                    p.copy_(q)
         f.write(json.dumps({"iteration": k + 1, "test_accuracy": acc, "t_compute_s": dt,
                             "wall_time_s": spent}) + "\n")
         f.flush()
@@ -199,9 +199,12 @@ def run_one(a, out: Path, train: Path, steps: int, samples: int, seed: int, cell
     run.mkdir(parents=True, exist_ok=True)
     test = test_path(train)
     if kind == "torch":
+        from padmmirnn.averaging import RAMP
+        from padmmirnn.config import AVERAGE_DECAY
+
         cmd = [a.torch_python, "-c", TORCH_SCRIPT, str(train), str(test), cell,
                str(a.epochs), str(seed), str(metrics),
-               str(AVERAGE if method.endswith("-avg") else 0.0)]
+               str(AVERAGE_DECAY if method.endswith("-avg") else 0.0), str(RAMP)]
     else:
         algo = "admm" if method.startswith("admm") else "adam"
         cmd = [sys.executable, "-P", "-m", "padmmirnn", "train", "--algo", algo,

@@ -40,8 +40,9 @@ from pathlib import Path
 TORCH_SCRIPT = r"""
 import sys, json, time
 import h5py, numpy as np, torch
-train, test, cell, lr, epochs, h, seed, threads, out = sys.argv[1:10]
+train, test, cell, lr, epochs, h, seed, threads, out, average, ramp = sys.argv[1:12]
 lr, epochs, h, seed = float(lr), int(epochs), int(h), int(seed)
+average, ramp = float(average), float(ramp)
 torch.set_num_threads(int(threads))
 def load(path):
     with h5py.File(path) as f:
@@ -71,11 +72,11 @@ def averaged_test_loss():
         for m, q in zip(mean, params):
             q.copy_(m)
         out = test_loss()
-        for m, q in zip(last, params):
-            q.copy_(m)
+        for p, q in zip(last, params):
+            q.copy_(p)
     return out
 # the moving average of the iterates, as padmmirnn's admm.average: decay
-# min(0.99, (1 + t) / (10 + t)) after step t
+# min(average, (1 + t) / (1 + ramp + t)) after step t
 mean = [q.detach().clone() for q in params]
 steps = 0
 curve, spent = [], 0.0
@@ -89,7 +90,7 @@ for epoch in range(1, epochs + 1):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         steps += 1
-        d = min(0.99, (1 + steps) / (10 + steps))
+        d = min(average, (1 + steps) / (1 + ramp + steps))
         with torch.no_grad():
             for m, q in zip(mean, params):
                 m.mul_(d).add_(q, alpha=1 - d)
@@ -125,11 +126,15 @@ def torch_run(cell: str, lr: float, args, out: Path) -> list[dict]:
     """The PyTorch reference on the same files; its curve."""
     result = out / f"torch-{cell}-lr{lr:g}-s{args.seed}{suffix(args)}.json"
     if not result.exists():
+        from padmmirnn.averaging import RAMP
+        from padmmirnn.config import AVERAGE_DECAY
+
         script = out / "torch_charmodel.py"
         script.write_text(TORCH_SCRIPT)
         subprocess.run([args.torch_python, str(script), str(args.train), str(args.test),
                         cell, str(lr), str(args.epochs), str(args.hidden), str(args.seed),
-                        str(args.ranks), str(result)], check=True, timeout=args.timeout)
+                        str(args.ranks), str(result), str(AVERAGE_DECAY), str(RAMP)],
+                       check=True, timeout=args.timeout)
     return json.loads(result.read_text())
 
 
